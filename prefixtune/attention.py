@@ -1,0 +1,166 @@
+"""The injection: prefix keys/values concatenated in front of each layer's own.
+
+One function per base kernel (``sdpa``, ``eager``) is registered in transformers'
+``AttentionInterface`` under the name ``prefixtune_<kernel>``. The wrapped model's
+config points at it; it receives the prefix of the current call as the keyword argument
+``prefixtune`` (a :class:`PrefixBatch`), which transformers carries from the top-level
+``forward`` down to every attention call. Keyword arguments, unlike global state, are
+seen again when gradient checkpointing recomputes a layer.
+
+For each layer it computes ``K~ = [P_K; K]``, ``V~ = [P_V; V]`` and widens the mask by
+the prefix columns (all visible, except padding slots of rows whose prefix is shorter or
+absent), then calls the stock kernel. Without a ``prefixtune`` argument it is exactly
+the stock kernel.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .arch import ATTENTION_IMPLEMENTATIONS
+
+KWARG = "prefixtune"
+LAYER_ATTR = "prefixtune_layer"
+
+
+@dataclass
+class PrefixBatch:
+    """The prefix of one forward call, already laid out per row.
+
+    Args:
+        key_values: Per model layer, ``(k, v)`` each ``[B, kv_heads, L, head_dim]``, or
+            ``None`` where no row has a prefix in that layer.
+        valid: Per model layer, ``[B, L]`` bool marking real prefix slots, or ``None``
+            when every slot of every row is real (then no mask work is needed).
+        offsets: ``[B]`` position shift of each row (its prefix length, or 0).
+    """
+
+    key_values: list[tuple[torch.Tensor, torch.Tensor] | None]
+    valid: list[torch.Tensor | None]
+    offsets: torch.Tensor
+    used: set[int] = field(default_factory=set)
+
+    @property
+    def batch_size(self) -> int:
+        return self.offsets.shape[0]
+
+    def expand_rows(self, batch_size: int) -> "PrefixBatch":
+        """Repeat each row ``batch_size // B`` times, as beam search and
+        ``num_return_sequences`` do with ``repeat_interleave``."""
+        if batch_size == self.batch_size:
+            return self
+        if batch_size % self.batch_size:
+            raise ValueError(f"batch of {batch_size} rows cannot carry a prefix made for {self.batch_size} rows")
+        times = batch_size // self.batch_size
+
+        def rep(t):
+            return None if t is None else t.repeat_interleave(times, dim=0)
+
+        return PrefixBatch(
+            key_values=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.key_values],
+            valid=[rep(v) for v in self.valid],
+            offsets=rep(self.offsets),
+            used=self.used,
+        )
+
+
+def implementation_name(base: str) -> str:
+    """Register (once) and return the prefix-aware wrapper of kernel ``base``."""
+    if base not in ATTENTION_IMPLEMENTATIONS:
+        raise NotImplementedError(
+            f"attention implementation {base!r} cannot carry a prefix yet; load the model with "
+            f"attn_implementation in {ATTENTION_IMPLEMENTATIONS}"
+        )
+    name = f"prefixtune_{base}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _make_attention(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def _make_attention(base: str):
+    def prefix_attention(module, query, key, value, attention_mask, **kwargs):
+        prefix: PrefixBatch | None = kwargs.pop(KWARG, None)
+        kernel = _kernel(base, module)
+        layer = getattr(module, LAYER_ATTR, None)
+        if prefix is None or layer is None or prefix.key_values[layer] is None:
+            return kernel(module, query, key, value, attention_mask, **kwargs)
+        prefix_k, prefix_v = prefix.key_values[layer]  # [B, kv_heads, L, head_dim]
+        _check_shapes(layer, prefix_k, key)
+        attention_mask = extend_mask(
+            attention_mask, prefix.valid[layer], prefix_k.shape[2], query, key, getattr(module, "is_causal", True)
+        )
+        key = torch.cat([prefix_k.to(key.dtype), key], dim=2)
+        value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
+        prefix.used.add(layer)
+        return kernel(module, query, key, value, attention_mask, **kwargs)
+
+    prefix_attention.__name__ = f"prefixtune_{base}_attention"
+    return prefix_attention
+
+
+_EAGER: dict[type, object] = {}
+
+
+def _kernel(base: str, module):
+    """The stock kernel: ``sdpa`` from the registry, ``eager`` from the model's own module
+    (each family has its own, e.g. Gemma 2 soft-caps its scores there)."""
+    if base != "eager":
+        return ALL_ATTENTION_FUNCTIONS[base]
+    kind = type(module)
+    if kind not in _EAGER:
+        fn = getattr(sys.modules[kind.__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise NotImplementedError(f"{kind.__module__} has no eager_attention_forward to wrap")
+        _EAGER[kind] = fn
+    return _EAGER[kind]
+
+
+def _check_shapes(layer: int, prefix_k: torch.Tensor, key: torch.Tensor) -> None:
+    if prefix_k.shape[0] != key.shape[0] or prefix_k.shape[1] != key.shape[1] or prefix_k.shape[3] != key.shape[3]:
+        raise ValueError(
+            f"layer {layer}: prefix keys {tuple(prefix_k.shape)} do not fit the model's keys "
+            f"{tuple(key.shape)} ([batch, kv_heads, length, head_dim])"
+        )
+
+
+def extend_mask(mask, valid, prefix_len: int, query: torch.Tensor, key: torch.Tensor, causal: bool):
+    """The attention mask widened by ``prefix_len`` columns in front.
+
+    ``mask`` is what the model built for its own keys: ``None`` (no padding; the kernel
+    would rely on ``is_causal``), a bool ``[B|1, 1, T, S]`` (True = attend) or an additive
+    float one. Prefix columns are visible to every query except where ``valid`` says a
+    row has no prefix slot there. With a prefix, ``is_causal`` would align the diagonal
+    top-left, so a causal mask over the real keys is built explicitly (bottom-right:
+    queries are the last ``T`` of the ``S`` real keys).
+    """
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if mask is None:
+        if valid is None and (q_len == 1 or not causal):
+            return None
+        if causal and q_len > 1:
+            mask = _causal(q_len, kv_len, key.device)
+        else:
+            mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=key.device)
+    if valid is None:
+        cols = torch.ones(1, 1, 1, prefix_len, dtype=torch.bool, device=mask.device)
+    else:
+        cols = valid[:, None, None, :].to(mask.device)  # [B, 1, 1, L]
+    if mask.dtype != torch.bool:
+        zero = torch.zeros((), dtype=mask.dtype, device=mask.device)
+        cols = torch.where(cols, zero, torch.finfo(mask.dtype).min)
+    rows = max(mask.shape[0], cols.shape[0])
+    cols = cols.expand(rows, mask.shape[1], mask.shape[2], prefix_len)
+    return torch.cat([cols, mask.expand(rows, -1, -1, -1)], dim=-1)
+
+
+def _causal(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Bool ``[1, 1, T, S]``: query ``i`` sees keys ``j <= i + S - T`` (bottom-right aligned)."""
+    rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return (torch.arange(kv_len, device=device)[None, :] <= rows)[None, None]

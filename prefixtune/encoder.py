@@ -1,0 +1,101 @@
+"""The parameters of one prefix, and how they become per-layer keys and values.
+
+Two parameterizations (Li & Liang 2021, section 4.3):
+
+* flat: the key/values themselves are the parameters (P-Tuning v2, Liu et al. 2022);
+* reparameterized: ``P = MLP(E)`` with ``E`` an ``[L_p, hidden]`` embedding and the MLP
+  ``Linear -> Tanh -> Linear``; the paper found this more stable to train. After training
+  the MLP is folded away (``materialize``): inference only needs its output.
+
+The output layout is ``[n_layers, 2, kv_heads, L_p, head_dim]`` (index 0 = keys,
+1 = values) for the selected layers only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import PrefixConfig
+
+
+class PrefixEncoder(nn.Module):
+    """Produces the key/values of one named prefix.
+
+    Args:
+        config: The prefix's configuration.
+        layers: Model layer indices that get a prefix (already resolved).
+        num_kv_heads: Key/value heads per layer (grouped-query attention keeps fewer).
+        head_dim: Size of one head.
+    """
+
+    def __init__(self, config: PrefixConfig, layers: tuple[int, ...], num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.config = config
+        self.layers = layers
+        self.shape = (len(layers), 2, num_kv_heads, config.prefix_length, head_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        if config.reparameterize:
+            width = config.reparam_hidden_size
+            self.embedding = nn.Embedding(config.prefix_length, width)
+            self.mlp = nn.Sequential(
+                nn.Linear(width, width), nn.Tanh(), nn.Linear(width, math.prod(self.shape) // config.prefix_length)
+            )
+            self.key_values = None
+        else:
+            self.embedding = self.mlp = None
+            self.key_values = nn.Parameter(torch.randn(self.shape) * config.init_std)
+
+    @property
+    def reparameterized(self) -> bool:
+        return self.mlp is not None
+
+    def forward(self) -> torch.Tensor:
+        """The prefix key/values, ``[n_layers, 2, kv_heads, L_p, head_dim]``, dropout applied."""
+        return self.dropout(self.raw_key_values())
+
+    def raw_key_values(self) -> torch.Tensor:
+        """The key/values without dropout."""
+        if self.key_values is not None:
+            return self.key_values
+        layers, _, kv_heads, length, head_dim = self.shape
+        flat = self.mlp(self.embedding.weight)  # [L_p, n_layers * 2 * kv_heads * head_dim]
+        return flat.view(length, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4)
+
+    @torch.no_grad()
+    def materialize(self) -> None:
+        """Fold the MLP into fixed key/values: same outputs, no MLP left to run or store."""
+        if not self.reparameterized:
+            return
+        values = self.raw_key_values().detach().clone().contiguous()
+        self.embedding = self.mlp = None
+        self.key_values = nn.Parameter(values)
+
+    def fit(self, target: torch.Tensor) -> float:
+        """Make the encoder output ``target`` (shape as ``forward``); returns the relative error.
+
+        A flat prefix copies it. A reparameterized one trains its MLP and embedding by Adam
+        on the mean squared error (``config.init_fit_steps`` steps), which is how the paper's
+        "initialize with real words" carries over to the MLP.
+        """
+        target = target.detach().to(torch.float32)
+        if tuple(target.shape) != self.shape:
+            raise ValueError(f"prefix target has shape {tuple(target.shape)}, expected {self.shape}")
+        if not self.reparameterized:
+            with torch.no_grad():
+                self.key_values.copy_(target)
+            return 0.0
+        params = [*self.embedding.parameters(), *self.mlp.parameters()]
+        optimizer = torch.optim.Adam(params, lr=1e-3)
+        scale = target.pow(2).mean().clamp_min(1e-12)
+        with torch.enable_grad():
+            for _ in range(self.config.init_fit_steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = (self.raw_key_values() - target).pow(2).mean() / scale
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            return float(((self.raw_key_values() - target).pow(2).mean() / scale).sqrt())
+

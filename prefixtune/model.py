@@ -1,0 +1,393 @@
+"""PrefixModel: a frozen transformers model with any number of named prefixes.
+
+The wrapper never copies or edits the model's code. It freezes the weights, points the
+model's attention at the prefix-aware kernel of :mod:`prefixtune.attention`, tags each
+self-attention module with its layer index, and then, per call, turns ``prefix=`` (one
+name, or one name or ``None`` per row) into a :class:`PrefixBatch` passed down as a
+keyword argument. ``generate`` does the same through a forward pre-hook, because
+``generate()`` refuses keyword arguments that the model's ``forward`` does not name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from . import arch
+from .artifacts import read_prefix, write_prefix
+from .attention import KWARG, LAYER_ATTR, PrefixBatch, implementation_name
+from .config import PrefixConfig
+from .encoder import PrefixEncoder
+
+ACTIVE = "__active__"
+"""Default of ``prefix=``: the active prefix (the first one added, or ``set_active``)."""
+
+PrefixArg = str | None | Sequence[str | None]
+
+
+class PrefixModel(nn.Module):
+    """A frozen causal LM plus named prefixes. Build it with :meth:`wrap` or :meth:`from_pretrained`."""
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        super().__init__()
+        self.layout = arch.layout_for(model)
+        self.shape = arch.model_shape(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prefixes = nn.ModuleDict()
+        self.active: str | None = None
+        self._base_attention = model.config._attn_implementation
+        self._install()
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def wrap(cls, model: nn.Module, config: PrefixConfig | None = None, name: str = "default", tokenizer=None):
+        """Freeze ``model`` and add one prefix called ``name``.
+
+        Args:
+            model: A transformers causal LM of a family listed in ``prefixtune.arch.LAYOUTS``.
+            config: The prefix's configuration (defaults to ``PrefixConfig()``).
+            name: Name of this first prefix; it becomes the active one.
+            tokenizer: Needed only for ``init="text"``.
+        """
+        wrapped = cls(model, tokenizer=tokenizer)
+        wrapped.add_prefix(name, config or PrefixConfig())
+        return wrapped
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory, name: str = "default", tokenizer=None):
+        """Wrap ``model`` and load the prefix saved in ``directory`` under ``name``."""
+        wrapped = cls(model, tokenizer=tokenizer)
+        wrapped.load_prefix(directory, name=name)
+        return wrapped
+
+    def _install(self) -> None:
+        self.model.requires_grad_(False)
+        name = implementation_name(self._base_attention.removeprefix("prefixtune_"))
+        self.model.set_attn_implementation(name)
+        if self.model.config._attn_implementation != name:
+            raise NotImplementedError(
+                f"{type(self.model).__name__} would not switch its attention to {name!r}: it does not "
+                "call attention through transformers' AttentionInterface"
+            )
+        modules = arch.attention_modules(self.model, self.layout)
+        if len(modules) != self.shape.num_layers:
+            raise NotImplementedError(
+                f"found {len(modules)} attention modules but config says {self.shape.num_layers} layers"
+            )
+        for index, module in enumerate(modules):
+            setattr(module, LAYER_ATTR, index)
+
+    def unwrap(self) -> nn.Module:
+        """Give the base model back exactly as it was (attention kernel restored, untagged)."""
+        self.model.set_attn_implementation(self._base_attention)
+        for module in arch.attention_modules(self.model, self.layout):
+            if hasattr(module, LAYER_ATTR):
+                delattr(module, LAYER_ATTR)
+        return self.model
+
+    @property
+    def config(self):
+        """The base model's config."""
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        weight = self.model.get_input_embeddings().weight
+        return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
+    def add_prefix(self, name: str, config: PrefixConfig | None = None) -> None:
+        """Add a new trainable prefix ``name`` (initialized as ``config.init`` says)."""
+        config = config or PrefixConfig()
+        if not name or name == ACTIVE or name in self.prefixes:
+            raise ValueError(f"prefix name {name!r} is empty, reserved or already used")
+        layers = arch.resolve_layers(config.layers, self.shape.num_layers)
+        encoder = PrefixEncoder(config, layers, self.shape.num_kv_heads, self.shape.head_dim).to(self.device)
+        if config.init == "text":
+            self._init_from_text(encoder, config.init_text)
+        self._register(name, encoder)
+
+    def remove_prefix(self, name: str) -> None:
+        """Forget prefix ``name``."""
+        del self.prefixes[self._known(name)]
+        if self.active == name:
+            self.active = next(iter(self.prefixes), None)
+
+    def set_active(self, name: str) -> None:
+        """Make ``name`` the prefix used when a call gives no ``prefix=``."""
+        self.active = self._known(name)
+
+    def _register(self, name: str, encoder: PrefixEncoder) -> None:
+        self.prefixes[name] = encoder
+        if self.active is None:
+            self.active = name
+
+    def _known(self, name: str) -> str:
+        if name not in self.prefixes:
+            raise KeyError(f"no prefix named {name!r}; this model has: {', '.join(self.prefixes) or 'none'}")
+        return name
+
+    # ------------------------------------------------------------ key/values
+    def trainable_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """The parameters that train: those of prefix ``name``, or of all prefixes."""
+        modules = [self.prefixes[self._known(name)]] if name else list(self.prefixes.values())
+        return [p for module in modules for p in module.parameters()]
+
+    def prefix_key_values(self, name: str = ACTIVE) -> tuple:
+        """Per model layer, ``(k, v)`` each ``[kv_heads, L_p, head_dim]``; ``None`` for layers without it."""
+        encoder = self.prefixes[self._resolve(name)]
+        key_values = encoder.raw_key_values()
+        slot = {layer: i for i, layer in enumerate(encoder.layers)}
+        return tuple(
+            (key_values[slot[i], 0], key_values[slot[i], 1]) if i in slot else None
+            for i in range(self.shape.num_layers)
+        )
+
+    def set_prefix_key_values(self, key_values: Sequence, name: str = "default") -> None:
+        """Install fixed key/values (layout of ``prefix_key_values``) as a flat prefix ``name``."""
+        if len(key_values) != self.shape.num_layers:
+            raise ValueError(f"got key/values for {len(key_values)} layers, the model has {self.shape.num_layers}")
+        layers = tuple(i for i, kv in enumerate(key_values) if kv is not None)
+        if not layers:
+            raise ValueError("key/values are None for every layer")
+        target = torch.stack([torch.stack(key_values[i]) for i in layers])  # [n, 2, kv_heads, L, head_dim]
+        old = self.prefixes[name].config if name in self.prefixes else PrefixConfig()
+        config = old.replace(prefix_length=target.shape[3], reparameterize=False, layers=layers, init="random")
+        encoder = PrefixEncoder(config, layers, self.shape.num_kv_heads, self.shape.head_dim)
+        encoder.fit(target)
+        if name in self.prefixes:
+            del self.prefixes[name]
+        self._register(name, encoder.to(self.device))
+
+    @torch.no_grad()
+    def key_values_for_tokens(self, input_ids: torch.Tensor) -> tuple:
+        """The frozen model's own per-layer ``(k, v)`` for tokens ``input_ids`` (``[L]``), each
+        ``[kv_heads, L, head_dim]``: the prefix that makes the model act as if it had read them."""
+        with _eval_mode(self.model):
+            out = self.model(input_ids=input_ids.view(1, -1).to(self.device), use_cache=True)
+        cache = out.cache
+        return tuple((layer.keys[0], layer.values[0]) for layer in cache.layers[: self.shape.num_layers])
+
+    def _init_from_text(self, encoder: PrefixEncoder, text: str) -> None:
+        if self.tokenizer is None:
+            raise ValueError("init='text' needs a tokenizer: PrefixModel.wrap(model, config, tokenizer=tokenizer)")
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        if ids.numel() == 0:
+            raise ValueError(f"init_text {text!r} has no tokens")
+        length = encoder.config.prefix_length
+        ids = ids.repeat(-(-length // ids.numel()))[:length]
+        key_values = self.key_values_for_tokens(ids)
+        target = torch.stack([torch.stack(key_values[i]) for i in encoder.layers])
+        encoder.init_fit_error = encoder.fit(target.to(self.device))
+
+    @torch.no_grad()
+    def materialize(self, name: str | None = None) -> None:
+        """Fold the reparameterization MLP of ``name`` (or of every prefix) into fixed key/values."""
+        for key in [self._known(name)] if name else list(self.prefixes):
+            self.prefixes[key].materialize()
+
+    # ------------------------------------------------------------- per call
+    def prefix_batch(self, prefix: PrefixArg, rows: int) -> PrefixBatch | None:
+        """Lay out ``prefix`` (one name, or one name / ``None`` per row) for a batch of ``rows``."""
+        names = self._row_names(prefix, rows)
+        unique = list(dict.fromkeys(n for n in names if n is not None))
+        if not unique:
+            return None
+        encoders = [self.prefixes[n] for n in unique]
+        made = [encoder() for encoder in encoders]  # each [n_layers, 2, kv_heads, L_p, head_dim]
+        width = max(kv.shape[3] for kv in made)
+        row_index = torch.tensor([unique.index(n) if n is not None else len(unique) for n in names], device=self.device)
+        lengths = torch.tensor([e.config.prefix_length for e in encoders] + [0], device=self.device)
+        shifts = torch.tensor([e.config.prefix_length * e.config.shift_positions for e in encoders] + [0])
+        batch = PrefixBatch(key_values=[], valid=[], offsets=shifts.to(self.device)[row_index])
+        uniform = len(unique) == 1 and None not in names
+        for layer in range(self.shape.num_layers):
+            per_prefix = [_layer_slice(e, kv, layer) for e, kv in zip(encoders, made)]  # [2, kvh, L, hd] | None
+            if all(p is None for p in per_prefix):
+                batch.key_values.append(None)
+                batch.valid.append(None)
+            elif uniform:
+                pair = per_prefix[0].unsqueeze(1).expand(2, rows, *per_prefix[0].shape[1:])
+                batch.key_values.append((pair[0], pair[1]))
+                batch.valid.append(None)
+            else:
+                stacked, valid = _stack_padded(per_prefix, lengths[:-1], width)
+                gathered = stacked[row_index]  # [B, 2, kv_heads, width, head_dim]
+                batch.key_values.append((gathered[:, 0], gathered[:, 1]))
+                batch.valid.append(valid[row_index])
+        return batch
+
+    def _row_names(self, prefix: PrefixArg, rows: int) -> list[str | None]:
+        if prefix is None or isinstance(prefix, str):
+            return [self._resolve(prefix)] * rows if prefix is not None else [None] * rows
+        names = list(prefix)
+        if len(names) != rows:
+            raise ValueError(f"prefix= lists {len(names)} names for a batch of {rows} rows")
+        return [None if n is None else self._resolve(n) for n in names]
+
+    def _resolve(self, name: str) -> str:
+        if name == ACTIVE:
+            if self.active is None:
+                raise ValueError("this PrefixModel has no prefix yet; add one with add_prefix()")
+            return self.active
+        return self._known(name)
+
+    def _inject(self, batch: PrefixBatch, kwargs: dict) -> dict:
+        """``kwargs`` of a base-model call, plus the prefix and the shifted positions."""
+        tokens = kwargs.get("input_ids")
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"]
+        batch = batch.expand_rows(tokens.shape[0])
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = self._base_positions(tokens.shape[1], kwargs)
+        return {**kwargs, KWARG: batch, "position_ids": positions + batch.offsets[:, None].to(positions.device)}
+
+    def _base_positions(self, length: int, kwargs: dict) -> torch.Tensor:
+        """The positions the base model would give these tokens itself (see ``arch.Layout.positions``)."""
+        mask = kwargs.get("attention_mask")
+        if self.layout.positions == "mask" and mask is not None and mask.dim() == 2:
+            mask = mask.long()
+            return (mask.cumsum(-1) * mask - 1)[:, -length:]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None else 0
+        return torch.arange(past, past + length, device=self.device)[None]
+
+    @staticmethod
+    def _check_applied(batch: PrefixBatch | None) -> None:
+        """Refuse to return outputs computed without the prefix (PEFT's silent failure)."""
+        if batch is None:
+            return
+        expected = {i for i, kv in enumerate(batch.key_values) if kv is not None}
+        missing = sorted(expected - batch.used)
+        batch.used.clear()
+        if missing:
+            raise RuntimeError(
+                f"the prefix never reached the attention of layers {missing}: the model's attention "
+                "implementation was changed after wrapping, or this model does not call attention "
+                "through transformers' AttentionInterface"
+            )
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, prefix: PrefixArg = ACTIVE, **kwargs):
+        """The base model's forward with the prefix; returns the usual output (``.loss``, ``.logits``)."""
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        batch = self.prefix_batch(prefix, tokens.shape[0])
+        if batch is not None:
+            kwargs = self._inject(batch, kwargs)
+        out = self.model(**kwargs)
+        self._check_applied(batch)
+        return out
+
+    def generate(self, *args, prefix: PrefixArg = ACTIVE, **kwargs):
+        """``model.generate`` with the prefix, for every decoding strategy transformers offers.
+
+        The prefix key/values are computed once per call and handed to each decoding step
+        by a forward pre-hook; beam search's row expansion is mirrored row by row.
+        """
+        tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        with torch.no_grad():
+            batch = self.prefix_batch(prefix, tokens.shape[0])
+        if batch is None:
+            return self.model.generate(*args, **kwargs)
+
+        def hook(module, hook_args, hook_kwargs):
+            return hook_args, self._inject(batch, hook_kwargs)
+
+        handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            out = self.model.generate(*args, **kwargs)
+        finally:
+            handle.remove()
+        self._check_applied(batch)
+        return out
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute the frozen layers in backward to save memory (non-reentrant, so the
+        prefix, passed as a keyword argument, gets its gradients)."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ------------------------------------------------------------ artifacts
+    def save_prefix(self, directory, name: str = ACTIVE, keep_reparam: bool = False):
+        """Write prefix ``name`` as ``prefix_config.json`` + ``prefix.safetensors``.
+
+        The key/values are always stored (folded, ready for inference). With
+        ``keep_reparam=True`` the MLP and embedding are stored too, so training can resume.
+        """
+        encoder = self.prefixes[self._resolve(name)]
+        tensors = {"key_values": encoder.raw_key_values()}
+        keep = keep_reparam and encoder.reparameterized
+        if keep:
+            tensors.update({f"reparam.{k}": v for k, v in encoder.state_dict().items()})
+        meta = {
+            "prefix": encoder.config.to_dict(),
+            "layers": list(encoder.layers),
+            "base": self.shape.to_dict(),
+            "reparameterization_saved": keep,
+        }
+        return write_prefix(directory, meta, tensors)
+
+    def load_prefix(self, directory, name: str = "default") -> None:
+        """Load a prefix saved by :meth:`save_prefix` as ``name`` (replacing one of that name)."""
+        meta, tensors = read_prefix(directory)
+        saved = arch.ModelShape(**meta["base"])
+        problems = saved.mismatches(self.shape)
+        if problems:
+            raise ValueError(f"{directory}: this prefix was made for another model: " + "; ".join(problems))
+        if saved.name_or_path and self.shape.name_or_path and saved.name_or_path != self.shape.name_or_path:
+            warnings.warn(f"prefix was trained on {saved.name_or_path!r}, loading onto {self.shape.name_or_path!r}")
+        config = PrefixConfig.from_dict(meta["prefix"])
+        if not meta.get("reparameterization_saved"):
+            config = config.replace(reparameterize=False)
+        encoder = PrefixEncoder(config, tuple(meta["layers"]), self.shape.num_kv_heads, self.shape.head_dim)
+        _load_encoder(encoder, tensors, directory)
+        if name in self.prefixes:
+            del self.prefixes[name]
+        self._register(name, encoder.to(self.device))
+
+
+def _layer_slice(encoder: PrefixEncoder, key_values: torch.Tensor, layer: int) -> torch.Tensor | None:
+    if layer not in encoder.layers:
+        return None
+    return key_values[encoder.layers.index(layer)]
+
+
+def _stack_padded(per_prefix: list, lengths: torch.Tensor, width: int):
+    """Stack one layer's prefixes, ``[U + 1, 2, kv_heads, width, head_dim]``, zero-padded, with
+    a last all-invalid entry for rows without a prefix; and the ``[U + 1, width]`` validity."""
+    like = next(p for p in per_prefix if p is not None)
+    padded = [
+        torch.zeros_like(like[:, :, :1]).expand(*like.shape[:2], width, like.shape[3])
+        if p is None else nn.functional.pad(p, (0, 0, 0, width - p.shape[2]))
+        for p in per_prefix
+    ]
+    stacked = torch.stack(padded + [torch.zeros_like(padded[0])])
+    present = torch.tensor([p is not None for p in per_prefix] + [False], device=lengths.device)
+    valid = torch.arange(width, device=lengths.device)[None, :] < torch.cat([lengths, lengths.new_zeros(1)])[:, None]
+    return stacked, valid & present[:, None]
+
+
+def _load_encoder(encoder: PrefixEncoder, tensors: dict, directory) -> None:
+    if encoder.reparameterized:
+        state = {k.removeprefix("reparam."): v for k, v in tensors.items() if k.startswith("reparam.")}
+    else:
+        state = {"key_values": tensors.get("key_values")}
+    expected = encoder.state_dict()
+    bad = [k for k in expected if k not in state or state[k] is None or state[k].shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"{directory}: prefix tensors {bad} are missing or have the wrong shape")
+    encoder.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

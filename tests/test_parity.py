@@ -1,0 +1,117 @@
+"""The parity test of DESIGN.md on every architecture: a prefix equal to the frozen
+model's own key/values for tokens ``p`` makes it behave exactly as on ``p + x``."""
+
+import pytest
+import torch
+from tiny import ARCHS, tiny_model, tokens
+
+from prefixtune import PrefixConfig, PrefixModel
+
+ATOL = 1e-5
+L_P = 4
+
+
+def _wrap_with_own_kv(model, p, name="default"):
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=L_P, reparameterize=False), name=name)
+    pm.set_prefix_key_values(pm.key_values_for_tokens(p), name=name)
+    return pm
+
+
+def _plain_logits(model, p, x, mask=None, positions=None):
+    full = torch.cat([p.expand(x.shape[0], -1), x], dim=1)
+    if mask is not None:
+        mask = torch.cat([torch.ones(x.shape[0], p.shape[0], dtype=mask.dtype), mask], dim=1)
+    with torch.no_grad():
+        return model(input_ids=full, attention_mask=mask, position_ids=positions).logits[:, p.shape[0]:]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_of_own_key_values_equals_reading_the_tokens(arch):
+    model = tiny_model(arch)
+    p, x = tokens(1, L_P, seed=1)[0], tokens(3, 9, seed=2)
+    expected = _plain_logits(model, p, x)
+    pm = _wrap_with_own_kv(model, p)
+    with torch.no_grad():
+        got = pm(input_ids=x).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parity_holds_with_right_padding(arch):
+    model = tiny_model(arch)
+    p, x = tokens(1, L_P, seed=1)[0], tokens(3, 8, seed=3)
+    mask = torch.ones_like(x)
+    mask[1, 5:] = 0
+    mask[2, 2:] = 0
+    expected = _plain_logits(model, p, x, mask)
+    pm = _wrap_with_own_kv(model, p)
+    with torch.no_grad():
+        got = pm(input_ids=x, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parity_holds_with_left_padding_and_mask_positions(arch):
+    model = tiny_model(arch)
+    p, x = tokens(1, L_P, seed=1)[0], tokens(2, 7, seed=4)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0  # row 1 is left-padded
+    # the plain model reads [pads, p, real tokens]: the pads stay in front of p
+    full = torch.cat([x[:, :3], p.expand(2, -1), x[:, 3:]], dim=1)
+    full[0] = torch.cat([p, x[0]])  # row 0 has no padding
+    full_mask = torch.ones_like(full)
+    full_mask[1, :3] = 0
+    with torch.no_grad():
+        plain = model(input_ids=full, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0))
+    expected = [plain.logits[0, L_P:], plain.logits[1, 3 + L_P:]]
+    pm = _wrap_with_own_kv(model, p)
+    with torch.no_grad():
+        got = pm(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    torch.testing.assert_close(got[0], expected[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[1, 3:], expected[1], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen3"])
+def test_parity_holds_on_the_eager_kernel(arch):
+    model = tiny_model(arch, attn="eager")
+    p, x = tokens(1, L_P, seed=1)[0], tokens(2, 6, seed=5)
+    mask = torch.ones_like(x)
+    mask[1, 4:] = 0
+    expected = _plain_logits(model, p, x, mask)
+    pm = _wrap_with_own_kv(model, p)
+    with torch.no_grad():
+        got = pm(input_ids=x, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mixed_prefix_batch_equals_one_prefix_runs_row_by_row(arch):
+    model = tiny_model(arch)
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=3, reparameterize=False, init_std=1.0), name="a")
+    pm.add_prefix("b", PrefixConfig(prefix_length=6, reparameterize=True, reparam_hidden_size=16))
+    pm.add_prefix("c", PrefixConfig(prefix_length=2, reparameterize=False, init_std=1.0, layers=(1,)))
+    x = tokens(4, 7, seed=6)
+    mask = torch.ones_like(x)
+    mask[2, 5:] = 0
+    names = ["a", None, "b", "c"]
+    with torch.no_grad():
+        mixed = pm(input_ids=x, attention_mask=mask, prefix=names).logits
+        for row, name in enumerate(names):
+            alone = pm(input_ids=x[row:row + 1], attention_mask=mask[row:row + 1], prefix=name).logits
+            keep = mask[row].bool()
+            torch.testing.assert_close(mixed[row][keep], alone[0][keep], atol=ATOL, rtol=0)
+        base = model(input_ids=x[1:2]).logits
+    torch.testing.assert_close(mixed[1], base[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefix_none_for_every_row_is_exactly_the_base_model(arch):
+    model = tiny_model(arch)
+    x = tokens(2, 6, seed=7)
+    with torch.no_grad():
+        base = model(input_ids=x).logits
+        pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=3))
+        assert torch.equal(pm(input_ids=x, prefix=None).logits, base)
+        assert torch.equal(pm(input_ids=x, prefix=[None, None]).logits, base)

@@ -1,0 +1,52 @@
+"""Tiny random models of every supported family (2 layers, hidden 32): built from config
+classes, no downloads, a fraction of a second each."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 97
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+ROPE = dict(COMMON, intermediate_size=64, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+CONFIGS = {
+    "gpt2": lambda: tf.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+    "llama": lambda: tf.LlamaConfig(**ROPE),
+    "mistral": lambda: tf.MistralConfig(**ROPE, sliding_window=64),
+    "qwen2": lambda: tf.Qwen2Config(**ROPE),
+    "qwen3": lambda: tf.Qwen3Config(**ROPE, head_dim=16),  # head_dim != hidden / heads
+    "gemma": lambda: tf.GemmaConfig(**ROPE, head_dim=16),
+    "gemma2": lambda: tf.Gemma2Config(
+        **ROPE, head_dim=16, sliding_window=64, attn_logit_softcapping=20.0, final_logit_softcapping=15.0
+    ),
+    "phi3": lambda: tf.Phi3Config(**ROPE),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(
+        **COMMON, intermediate_size=64, rotary_pct=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        hidden_dropout=0.0, attention_dropout=0.0,
+    ),
+    "opt": lambda: tf.OPTConfig(
+        **COMMON, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    ),
+}
+
+ARCHS = sorted(CONFIGS)
+EAGER_ONLY = {"gemma2"}  # soft-capping lives in Gemma 2's own eager kernel
+
+
+def tiny_model(arch: str, attn: str | None = None, seed: int = 0):
+    """A tiny random causal LM of family ``arch`` in eval mode."""
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    attn = attn or ("eager" if arch in EAGER_ONLY else "sdpa")
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    return model.eval()
+
+
+def tokens(rows: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (rows, length), generator=generator)
