@@ -89,6 +89,8 @@ class PrefixEncoder(nn.Module):
             return 0.0
         params = [*self.embedding.parameters(), *self.mlp.parameters()]
         optimizer = torch.optim.Adam(params, lr=1e-3)
+        # annealed to zero: plain Adam at a fixed rate oscillates around the fit
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, self.config.init_fit_steps))
         scale = target.pow(2).mean().clamp_min(1e-12)
         with torch.enable_grad():
             for _ in range(self.config.init_fit_steps):
@@ -96,6 +98,7 @@ class PrefixEncoder(nn.Module):
                 loss = (self.raw_key_values() - target).pow(2).mean() / scale
                 loss.backward()
                 optimizer.step()
+                schedule.step()
         with torch.no_grad():
             return float(((self.raw_key_values() - target).pow(2).mean() / scale).sqrt())
 

@@ -306,10 +306,18 @@ class PrefixModel(nn.Module):
         self._check_applied(batch)
         return out
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute the frozen layers in backward to save memory (non-reentrant, so the
-        prefix, passed as a keyword argument, gets its gradients)."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    def gradient_checkpointing_enable(self, every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the frozen layers in backward to save memory.
+
+        Non-reentrant checkpointing, so the prefix (a keyword argument, not a layer input)
+        gets its gradients. ``every_n_layers`` and ``offload`` are passed to transformers.
+        """
+        kwargs = {"use_reentrant": False}
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is None:  # transformers before activation checkpointing was renamed
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
     # ------------------------------------------------------------ artifacts
     def save_prefix(self, directory, name: str = ACTIVE, keep_reparam: bool = False):

