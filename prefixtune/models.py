@@ -105,6 +105,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     bundled = name in (None, BUNDLED, BUNDLED_NAME)
+    if not bundled and _looks_local(name) and not Path(name).is_dir():
+        raise FileNotFoundError(f"model folder {name!r} does not exist (give a folder, a Hub id, or nothing for the bundled model)")
     source = bundled_folder() if bundled else name
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
@@ -119,3 +121,8 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id (``owner/name``): absolute, relative with ``.``, or existing."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
