@@ -206,7 +206,7 @@ def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
         ratio = "-" if row["vs_floor"] is None else f"{row['vs_floor']:.2f}x"
         print(f"{name:<12}{row['median_s']:>15.3f}{ratio:>10}")
     ratio = summary["prefixtune_vs_peft"]
-    print("prefixtune/peft: " + ("n/a" if ratio is None else f"{ratio:.2f}x"))
+    print("prefixtune/peft: " + ("n/a" if ratio is None else f"{ratio:.2f}x"), flush=True)
 
 
 def main(argv=None) -> None:
@@ -221,19 +221,23 @@ def main(argv=None) -> None:
     if not arms:
         raise SystemExit(f"every arm failed: {failed}")
     vocab_size = next(iter(arms.values()))[1].config.vocab_size
-    results = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    results["seq_len"] = {}
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    results = {"machine": info, "args": settings, "seq_len": {}}
     for seq_len in args.seq_len:
         ids, mask = make_batch(args.seed, args.batch_size, seq_len, vocab_size)
         times = run_interleaved(arms, failed, ids, mask, args.repeats, args.warmup)
         summary = summarize(times, failed)
         print_table(seq_len, args.batch_size, summary)
         results["seq_len"][str(seq_len)] = summary
-
+        if args.json:  # after every length, so a long run keeps what it has measured
+            write_json(args.json, results)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

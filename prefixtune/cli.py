@@ -1,91 +1,146 @@
 """The ``prefixtune`` command line: thin argument parsing over the library.
 
-Bad input ends in one clear line on stderr and exit code 2, never a traceback.
+Options are generated from the config dataclasses in :mod:`prefixtune.config`. Bad input
+ends in one clear line on stderr and a non-zero exit code, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+from pathlib import Path
 
-from . import __version__
+from . import __version__, options
+from .config import EvalConfig, GenerateConfig, TrainConfig
+
+COMMANDS = {
+    "train": (TrainConfig, "train a prefix (no arguments: a built-in demo task on the bundled model)",
+              "Train a prefix on --data (JSONL, CSV/TSV, Parquet or a datasets name) and evaluate it on "
+              "--eval-data against the base model. With no arguments it trains on a built-in demo task "
+              "(restaurant attributes -> one sentence) on the bundled SmolLM2-135M-Instruct, in a few minutes "
+              "on 2 CPU cores. The run's full configuration is written to OUTPUT_DIR/config.yaml; replay it with "
+              "--config OUTPUT_DIR/config.yaml, overriding any option on the command line."),
+    "eval": (EvalConfig, "score a saved prefix (or the base model) on a dataset",
+             "Loss, perplexity and generation metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr computed per distinct "
+             "prompt against all its references, as the E2E scorer does; accuracy for classification)."),
+    "generate": (GenerateConfig, "generate with a saved prefix",
+                 "Complete --prompt, or every prompt of --input, with the prefix in --prefix."),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
+    if args.command is None:
         parser.print_help()
         return 0
+    _quiet_logging()
     try:
-        return args.run(args) or 0
-    except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as err:
-        print(f"prefixtune {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        config = options.build(COMMANDS[args.command][0], args, args.config)
+        return RUNNERS[args.command](config) or 0
     except KeyboardInterrupt:
         print(f"prefixtune {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the command line shows a message, not a traceback
+        if not _expected(err):
+            raise
+        print(f"prefixtune {args.command}: error: {err}", file=sys.stderr)
+        return 1 if type(err).__name__ == "TrainingError" else 2
+
+
+def _expected(err: Exception) -> bool:
+    from .train import TrainingError
+
+    return isinstance(err, (ValueError, OSError, KeyError, NotImplementedError, TrainingError, TypeError))
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefixtune",
-        description="Prefix tuning (Li & Liang 2021) for Hugging Face transformers models: "
-        "the base model stays frozen; each attention layer gets a few trainable key/value positions.",
+        description="Prefix tuning (Li & Liang 2021) for Hugging Face transformers models: the base model stays "
+        "frozen; each attention layer gets a few trainable key/value positions.",
     )
     parser.add_argument("--version", action="version", version=f"prefixtune {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    demo = commands.add_parser(
-        "demo", help="train a prefix on a built-in demo task and compare it with the base model",
-        description="Train a prefix on the bundled SmolLM2-135M-Instruct (or --model) for a generated "
-        "table-to-text task (restaurant attributes -> one sentence), then print held-out loss, "
-        "perplexity and slot coverage (share of attribute values the output mentions) for the base "
-        "model and for the prefix. About two minutes on 2 CPU cores.",
-    )
-    demo.add_argument("--model", default=None, help="Hub id or local folder (default: the bundled SmolLM2-135M-Instruct)")
-    demo.add_argument("--steps", type=int, default=80, help="optimizer steps (default: 80)")
-    demo.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
-    demo.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--output-dir", default=None, help="save the trained prefix here (prefix_config.json + prefix.safetensors)")
-    demo.set_defaults(run=_demo)
-
-    info = commands.add_parser("info", help="list the supported model families",
-                               description="Print the version and the model families prefixtune can wrap.")
-    info.set_defaults(run=_info)
+    for name, (config_cls, summary, description) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=description)
+        sub.add_argument("--config", default=None, metavar="FILE",
+                         help="YAML/JSON file of options (a run's config.yaml); command-line options override it")
+        options.add_options(sub, config_cls)
     return parser
 
 
-def _demo(args) -> int:
-    from . import demo
+def _quiet_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _train(cfg: TrainConfig) -> int:
+    from .train import train
+
+    train(cfg)
+    return 0
+
+
+def _eval(cfg: EvalConfig) -> int:
+    from . import data, evaluate
+    from .train import split_list
+
+    if not cfg.data:
+        raise ValueError("--data is required: the examples to score")
+    pm, tokenizer = _load(cfg)
+    examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit)
+    metrics = split_list(cfg.metrics)
+    result = evaluate.score(pm, tokenizer, examples, cfg, prefix="default" if cfg.prefix else None, metrics=metrics)
+    print(evaluate.table({"with prefix" if cfg.prefix else "base model": result}, metrics))
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"metrics written to {cfg.output}")
+    return 0
+
+
+def _generate(cfg: GenerateConfig) -> int:
+    import torch
+
+    from . import data, evaluate
+
+    if (cfg.prompt is None) == (cfg.input is None):
+        raise ValueError("give exactly one of --prompt TEXT or --input FILE")
+    examples = ([data.Example(prompt=cfg.prompt, completion="", fields={"prompt": cfg.prompt}, where="--prompt")]
+                if cfg.prompt is not None else
+                data.load_examples(cfg.input, **cfg.source_fields(), require_completion=False))
+    pm, tokenizer = _load(cfg)
+    torch.manual_seed(cfg.seed)
+    sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p) if cfg.do_sample else {}
+    texts = evaluate.generate_texts(pm, tokenizer, examples, cfg, prefix="default" if cfg.prefix else None, **sampling)
+    lines = [json.dumps({"prompt": ex.prompt, "generation": t}) for ex, t in zip(examples, texts)]
+    if cfg.output:
+        Path(cfg.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"{len(lines)} generations written to {cfg.output}")
+    elif cfg.prompt is not None:
+        print(texts[0])
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def _load(cfg):
+    from .model import PrefixModel
     from .models import load_model
+    from .train import pick_device
 
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    model, tokenizer = load_model(args.model)
-    result = demo.run(model, tokenizer, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    before, after = result["before"], result["after"]
-    print(f"\nheld-out demo examples (24), trained {args.steps} steps in {result['seconds']:.0f}s")
-    print(f"{'':14}{'loss':>8}{'perplexity':>12}{'slot coverage':>15}")
-    for label, row in (("base model", before), ("with prefix", after)):
-        print(f"{label:14}{row['loss']:8.3f}{row['perplexity']:12.2f}{row['slot_coverage']:14.0%}")
-    print(f"\nbase model : {before['sample']}\nwith prefix: {after['sample']}")
-    if args.output_dir:
-        path = result["pm"].save_prefix(args.output_dir)
-        print(f"\nprefix saved to {path}")
-    return 0
+    model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+    model.to(pick_device(cfg.device))
+    pm = PrefixModel.from_pretrained(model, cfg.prefix) if cfg.prefix else PrefixModel(model)
+    return pm, tokenizer
 
 
-def _info(args) -> int:
-    from .arch import ATTENTION_IMPLEMENTATIONS, LAYOUTS
-
-    print(f"prefixtune {__version__}")
-    print("model families: " + ", ".join(sorted(LAYOUTS)))
-    print("attention kernels: " + ", ".join(ATTENTION_IMPLEMENTATIONS))
-    return 0
-
+RUNNERS = {"train": _train, "eval": _eval, "generate": _generate}
 
 if __name__ == "__main__":
     sys.exit(main())

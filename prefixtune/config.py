@@ -8,7 +8,7 @@ back without any pickle.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 INITS = ("random", "text")
 
@@ -98,3 +98,97 @@ class PrefixConfig:
     def replace(self, **changes) -> "PrefixConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _opt(default, help: str, **extra):
+    """A dataclass field whose help text becomes the command line's ``--help`` line."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class DataOptions:
+    """Where examples come from and how they become tokens (shared by train, eval and generate)."""
+
+    model: str | None = _opt(None, "Hub id or local folder of the base model (default: the bundled SmolLM2-135M-Instruct)")
+    prompt_field: str = _opt("prompt", "field/column holding the input text")
+    completion_field: str = _opt("completion", "field/column holding the target text")
+    text_field: str | None = _opt(None, "classification: field holding the text (use with --label-field)")
+    label_field: str | None = _opt(None, "classification: field holding the label, trained as the completion")
+    prompt_template: str | None = _opt(None, "format string for the prompt, e.g. 'Table: {prompt}\\nText:'; any field name works")
+    chat_template: bool = _opt(False, "wrap prompts in the model's chat template (chat 'messages' data always is)")
+    max_length: int = _opt(256, "maximum tokens of prompt + completion")
+    overflow: str = _opt("truncate", "longer examples: 'truncate' (cut the prompt's start, counted in the log) or 'fail'",
+                         choices=("truncate", "fail"))
+    first_line: bool = _opt(True, "keep only the first line of generated text (one-sentence tasks such as E2E)")
+    batch_size: int = _opt(8, "examples per step (train: the global batch, however accumulation and processes split it)")
+    max_new_tokens: int = _opt(64, "generation length limit")
+    num_beams: int = _opt(1, "beam size for generation (1 = greedy)")
+    device: str = _opt("auto", "cpu, cuda, cuda:1, ... or auto")
+    split: str = _opt("train", "split to read when --data is a Hugging Face datasets name")
+    attn_implementation: str = _opt("sdpa", "attention kernel of the base model: sdpa or eager (Gemma 2 needs eager)",
+                                    choices=("sdpa", "eager"))
+
+    def source_fields(self) -> dict:
+        """The keyword arguments of ``data.load_examples`` that these options set."""
+        return dict(prompt_field=self.prompt_field, completion_field=self.completion_field,
+                    text_field=self.text_field, label_field=self.label_field, split=self.split)
+
+
+@dataclass
+class TrainConfig(DataOptions):
+    """Everything ``prefixtune train`` does; written next to the results and replayable with ``--config``."""
+
+    data: str | None = _opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet file or datasets name (default: the built-in demo task)")
+    eval_data: str | None = _opt(None, "held-out data for evaluation during and after training")
+    output_dir: str = _opt("runs/prefix", "where the prefix, checkpoints, metrics.jsonl, curves.png and config.yaml go")
+    train_limit: int | None = _opt(None, "use only the first N training examples (the paper's low-data setting)")
+    eval_limit: int | None = _opt(None, "use only the first N evaluation examples")
+    prefix_length: int = _opt(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)")
+    reparameterize: bool = _opt(True, "produce the prefix through the paper's MLP (--no-reparameterize: train it directly)")
+    reparam_hidden_size: int = _opt(512, "width of the reparameterization MLP (the paper's mid_dim)")
+    prefix_dropout: float = _opt(0.0, "dropout on the prefix key/values while training")
+    init_text: str | None = _opt(None, "initialize the prefix from the model's activations for this text (the paper's 'real words')")
+    layers: str | None = _opt(None, "comma-separated layer indices that get a prefix (default: all)")
+    lr: float = _opt(3e-3, "peak AdamW learning rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
+    max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)")
+    micro_batch_size: int | None = _opt(None, "examples per forward pass (default: the whole batch); accumulates gradients")
+    schedule: str = _opt("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
+    warmup_steps: int = _opt(10, "steps of linear warmup from 0 to --lr")
+    max_grad_norm: float = _opt(1.0, "clip the prefix gradient to this norm (0 = no clipping)")
+    precision: str = _opt("fp32", "fp32, or bf16/fp16 autocast where the device supports it", choices=("fp32", "bf16", "fp16"))
+    gradient_checkpointing: bool = _opt(False, "recompute the frozen layers in backward to save memory")
+    seed: int = _opt(0, "seed for initialization, data order and dropout")
+    eval_every: int = _opt(0, "evaluate every N steps (0 = only at the end)")
+    save_every: int = _opt(50, "write a resumable checkpoint every N steps (0 = never)")
+    metric: str = _opt("loss", "metric that picks the best prefix and drives early stopping: loss, or a generation metric such as bleu")
+    metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics computed at evaluation")
+    patience: int = _opt(0, "stop after N evaluations without improvement of --metric (0 = never)")
+    eval_generate_limit: int = _opt(50, "distinct eval prompts decoded for generation metrics during training")
+    resume: bool = _opt(False, "continue from OUTPUT_DIR/checkpoint after a crash or Ctrl-C")
+
+
+@dataclass
+class EvalConfig(DataOptions):
+    """What ``prefixtune eval`` does."""
+
+    prefix: str | None = _opt(None, "folder of a saved prefix (a training run's --output-dir); omit to score the base model")
+    data: str | None = _opt(None, "evaluation data (same formats as train)")
+    metrics: str = _opt("bleu,rouge_l", "comma-separated: bleu, nist, meteor, rouge_l, cider, accuracy, exact_match (loss and perplexity always)")
+    limit: int | None = _opt(None, "score only the first N examples")
+    output: str | None = _opt(None, "write the metrics (and the generations) as JSON here")
+
+
+@dataclass
+class GenerateConfig(DataOptions):
+    """What ``prefixtune generate`` does."""
+
+    prefix: str | None = _opt(None, "folder of a saved prefix; omit to generate with the base model")
+    prompt: str | None = _opt(None, "one prompt to complete")
+    input: str | None = _opt(None, "file of prompts (same formats as train; completions not needed)")
+    output: str | None = _opt(None, "write {prompt, generation} JSON lines here instead of printing")
+    do_sample: bool = _opt(False, "sample instead of greedy/beam decoding")
+    temperature: float = _opt(1.0, "sampling temperature (with --do-sample)")
+    top_p: float = _opt(1.0, "nucleus sampling mass (with --do-sample)")
+    seed: int = _opt(0, "seed for sampling")

@@ -1,49 +1,117 @@
-"""The command line and the README it must not contradict."""
+"""The command line: every command end to end on a tiny model, each bad input ends in a
+clear message naming the file and line (exit code 2), and the README it must not contradict."""
 
+import json
 import re
 from pathlib import Path
 
 import pytest
+from tiny import tiny_model_folder
 
 from prefixtune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"n={i} ->", "completion": f" {i % 3}"}) + "\n" for i in range(12)))
+    out = folder / "out"
+    assert main(["train", "--model", model_dir, "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
+                 "--prefix-length", "2", "--reparam-hidden-size", "8", "--batch-size", "4"]) == 0
+    return data, out
+
+
 def test_ci_runs_the_readme_test_command_verbatim():
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"^(python3 -m venv .*)$", readme, flags=re.M)
     assert len(commands) == 2, "the README's quick start is exactly two commands"
-    assert "pytest" in commands[1]
+    assert commands[0].endswith("prefixtune train") and commands[1].endswith("pytest -q")
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
-
-
-def test_info_lists_the_families(capsys):
-    assert main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "llama" in out and "gpt2" in out
 
 
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
-    assert "demo" in capsys.readouterr().out
-
-
-def test_bad_demo_arguments_end_in_one_clear_line(capsys):
-    assert main(["demo", "--steps", "0"]) == 2
-    err = capsys.readouterr().err
-    assert err.strip() == "prefixtune demo: error: --steps must be at least 1"
-
-
-def test_missing_model_folder_is_a_clear_error(capsys, tmp_path):
-    assert main(["demo", "--model", str(tmp_path / "nope"), "--steps", "1"]) == 2
-    assert "prefixtune demo: error:" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flag", ["--help"])
-def test_demo_help_explains_every_option(capsys, flag):
-    with pytest.raises(SystemExit):
-        main(["demo", flag])
     out = capsys.readouterr().out
-    for option in ("--model", "--steps", "--batch-size", "--lr", "--seed", "--output-dir"):
-        assert option in out
+    assert all(cmd in out for cmd in ("train", "eval", "generate"))
+
+
+def test_train_help_has_a_line_for_every_required_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--model", "--data", "--eval-data", "--output-dir", "--prompt-field", "--completion-field",
+                   "--prefix-length", "--reparam-hidden-size", "--lr", "--epochs", "--max-steps", "--batch-size",
+                   "--max-length", "--seed", "--init-text", "--resume", "--config"):
+        assert re.search(rf"^\s+{option}\b.*\S", out, flags=re.M), option
+
+
+def test_eval_writes_metrics_json(model_dir, trained, tmp_path, capsys):
+    data, out = trained
+    target = tmp_path / "metrics.json"
+    assert main(["eval", "--model", model_dir, "--prefix", str(out), "--data", str(data), "--metrics", "bleu,accuracy",
+                 "--max-new-tokens", "3", "--output", str(target)]) == 0
+    result = json.loads(target.read_text())
+    assert {"loss", "perplexity", "bleu", "accuracy"} <= set(result) and len(result["generations"]) == 12
+    assert "with prefix" in capsys.readouterr().out
+
+
+def test_generate_from_a_prompt_and_from_a_file(model_dir, trained, tmp_path, capsys):
+    data, out = trained
+    assert main(["generate", "--model", model_dir, "--prefix", str(out), "--prompt", "n=5 ->",
+                 "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    target = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", model_dir, "--prefix", str(out), "--input", str(data),
+                 "--max-new-tokens", "3", "--output", str(target), "--num-beams", "2"]) == 0
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert len(lines) == 12 and all(set(line) == {"prompt", "generation"} for line in lines)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', r"bad\.jsonl:2"),
+    ('{"prompt": "a"}\n', r"bad\.jsonl:1.*completion"),
+    ("", r"bad\.jsonl.*no examples"),
+])
+def test_bad_training_data_is_named_with_file_and_line(model_dir, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    assert main(["train", "--model", model_dir, "--data", str(bad), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and re.search(message, err[-1]) and err[-1].startswith("prefixtune train: error:")
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_prompt_longer_than_max_length_fails_when_asked(model_dir, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "word " * 200, "completion": " end"}) + "\n")
+    assert main(["train", "--model", model_dir, "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                 "--max-length", "16", "--overflow", "fail"]) == 2
+    assert re.search(r"long\.jsonl:1.*16", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "missing.jsonl"], "missing.jsonl"),
+    (["train", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["eval"], "--data is required"),
+    (["generate"], "exactly one of --prompt TEXT or --input FILE"),
+    (["train", "--config", "nope.yaml"], "config file nope.yaml not found"),
+])
+def test_bad_arguments_end_in_one_clear_line(capsys, argv, message, model_dir):
+    assert main([*argv, "--model", model_dir]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 0.1\nlearning_rate: 3\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "unknown option(s) learning_rate" in capsys.readouterr().err

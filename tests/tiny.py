@@ -50,3 +50,19 @@ def tiny_model(arch: str, attn: str | None = None, seed: int = 0):
 def tokens(rows: int, length: int, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (rows, length), generator=generator)
+
+
+def tiny_model_folder(path):
+    """A tiny random Llama saved with the bundled model's tokenizer (real BPE, chat template),
+    for end-to-end runs of the command line in seconds."""
+    from transformers import AutoTokenizer
+
+    from prefixtune.models import bundled_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_folder())
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(**dict(ROPE, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,81 @@
+"""Resumable training checkpoints, as safetensors + JSON only (no pickle).
+
+A checkpoint folder holds the prefix with its MLP (``save_prefix(keep_reparam=True)``),
+``optimizer.safetensors`` (AdamW moments and the RNG state), and ``trainer_state.json``
+(step, best metric, optimizer hyper-parameters, scheduler counters). It is written to a
+temporary folder and swapped in with renames, so a crash mid-write leaves the previous
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import PrefixModel
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def save(directory: Path, pm: PrefixModel, optimizer, scheduler, state: dict) -> None:
+    """Write a checkpoint of everything needed to continue exactly where training is."""
+    directory = Path(directory)
+    staging = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    pm.save_prefix(staging, keep_reparam=True)
+    tensors, groups = _flatten_optimizer(optimizer.state_dict())
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(staging / OPTIMIZER_FILE))
+    meta = {"state": state, "param_groups": groups, "scheduler": scheduler.state_dict()}
+    (staging / STATE_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    old = directory.with_name(f".{directory.name}.old")
+    if directory.exists():  # else an interrupted swap left `old` as the only good copy: keep it until the end
+        shutil.rmtree(old, ignore_errors=True)
+        directory.rename(old)
+    staging.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find(directory: Path) -> Path | None:
+    """The checkpoint folder to resume from (the previous one if a swap was interrupted)."""
+    for candidate in (Path(directory), Path(directory).with_name(f".{Path(directory).name}.old")):
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
+
+
+def load_state(directory: Path) -> dict:
+    """The saved trainer state (step, best metric, ...). Load the prefix first with
+    ``pm.load_prefix(directory)``, build the optimizer over it, then call :func:`restore`."""
+    return json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))["state"]
+
+
+def restore(directory: Path, optimizer, scheduler) -> None:
+    """Restore optimizer moments, scheduler counters and the RNG from ``directory``."""
+    meta = json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))
+    tensors = load_file(str(Path(directory) / OPTIMIZER_FILE))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
+    scheduler.load_state_dict(meta["scheduler"])
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict, list]:
+    tensors = {}
+    for index, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+    return tensors, state_dict["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict, groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": groups}

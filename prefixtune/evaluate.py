@@ -1,0 +1,91 @@
+"""Decoding over a dataset and scoring it: loss, perplexity and task metrics.
+
+Loss is token-weighted over completion tokens (the same quantity training minimizes).
+Generation metrics are computed per distinct prompt against all of its references, as the
+E2E scorer does, after batched greedy or beam-search decoding with the prefix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import data
+from .config import DataOptions
+from .metrics import compute_metrics
+from .model import PrefixModel
+
+
+@torch.no_grad()
+def completion_loss(pm: PrefixModel, rows: list[dict], pad_id: int, *, batch_size: int, prefix) -> float:
+    """Mean loss per completion token over ``rows`` (from ``data.tokenize``)."""
+    pm.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(pm.device) for k, v in data.collate(rows[start:start + batch_size], pad_id).items()}
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        if tokens:
+            total += pm(**batch, prefix=prefix).loss.item() * tokens
+            count += tokens
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_texts(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions, *, prefix, **decoding) -> list[str]:
+    """Decode a completion for each example (left-padded batches of ``opts.batch_size``)."""
+    pm.eval()
+    outputs = []
+    for start in range(0, len(examples), opts.batch_size):
+        chunk = examples[start:start + opts.batch_size]
+        ids = [data.prompt_ids(ex, tokenizer, template=opts.prompt_template, chat_template=opts.chat_template,
+                               max_length=opts.max_length) for ex in chunk]
+        batch = _left_pad(ids, tokenizer.pad_token_id, pm.device)
+        out = pm.generate(**batch, prefix=prefix, max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams,
+                          pad_token_id=tokenizer.pad_token_id, **{"do_sample": False, **decoding})
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        outputs.extend(_clean(t, opts.first_line) for t in texts)
+    return outputs
+
+
+def score(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions, *, prefix, metrics: list[str],
+          generate_limit: int | None = None) -> dict:
+    """Loss and perplexity over ``examples``, plus ``metrics`` over the generations for their
+    distinct prompts (at most ``generate_limit`` of them)."""
+    rows, _ = data.tokenize(examples, tokenizer, max_length=opts.max_length, template=opts.prompt_template,
+                            chat_template=opts.chat_template, overflow="truncate")
+    loss = completion_loss(pm, rows, tokenizer.pad_token_id, batch_size=opts.batch_size, prefix=prefix)
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    if metrics:
+        groups = data.group_references(examples)[:generate_limit]
+        texts = generate_texts(pm, tokenizer, [ex for ex, _ in groups], opts, prefix=prefix)
+        result.update(compute_metrics(metrics, texts, [refs for _, refs in groups]))
+        result["generations"] = [{"prompt": ex.prompt, "generation": t, "references": refs}
+                                 for (ex, refs), t in zip(groups, texts)]
+    return result
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in ("loss", "perplexity")
+
+
+def table(results: dict[str, dict], metrics: list[str]) -> str:
+    """A small fixed-width table: one row per labelled result, one column per metric."""
+    columns = ["loss", "perplexity", *metrics]
+    lines = [f"{'':16}" + "".join(f"{c:>12}" for c in columns)]
+    for label, row in results.items():
+        lines.append(f"{label:16}" + "".join(f"{row.get(c, float('nan')):12.2f}" for c in columns))
+    return "\n".join(lines)
+
+
+def _left_pad(ids: list[list[int]], pad_id: int, device) -> dict:
+    width = max(map(len, ids))
+    return {
+        "input_ids": torch.tensor([[pad_id] * (width - len(r)) + r for r in ids], device=device),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device),
+    }
+
+
+def _clean(text: str, first_line: bool) -> str:
+    text = text.strip()
+    return text.split("\n", 1)[0].strip() if first_line else text

@@ -1,0 +1,334 @@
+"""The training loop: AdamW over the prefix parameters only, and nothing else trains.
+
+Global batch ``batch_size`` per optimizer step, split into micro-batches whose losses
+are normalised by the token count of the whole global batch (so the update does not depend
+on how the batch is split); warmup then linear/cosine decay; gradient clipping; optional
+autocast and gradient checkpointing; evaluation with early stopping and the best prefix kept;
+atomic checkpoints with optimizer state every ``save_every`` steps, and on Ctrl-C;
+a NaN/inf guard that stops with the last good prefix saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint, data, demo, evaluate, options
+from .config import PrefixConfig, TrainConfig
+from .model import PrefixModel
+from .models import load_model
+
+log = logging.getLogger("prefixtune")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must see (diverged, nothing to resume...)."""
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training as ``cfg`` says; returns the final evaluation (and where things were written)."""
+    _validate(cfg)
+    out = Path(cfg.output_dir)
+    resume_from = _resume_point(cfg, out)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    train_examples, eval_examples = _examples(cfg)
+    model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+    model.to(device)
+    rows = _tokenize(train_examples, tokenizer, cfg)
+    pm = PrefixModel.wrap(model, _prefix_config(cfg, resume_from), tokenizer=tokenizer)
+    if resume_from:
+        pm.load_prefix(resume_from)
+    if cfg.gradient_checkpointing:
+        pm.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(pm.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = total_steps(cfg, len(rows))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0}
+    if resume_from:
+        state = checkpoint.load_state(resume_from)
+        checkpoint.restore(resume_from, optimizer, scheduler)
+        log.info("resumed from %s at step %d of %d", resume_from, state["step"], total)
+        _forget_after(out / "metrics.jsonl", state["step"])
+    out.mkdir(parents=True, exist_ok=True)
+    options.dump(cfg, out / "config.yaml")
+    loop = _Loop(cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total)
+    loop.run()
+    return loop.finish()
+
+
+class _Loop:
+    """One training run's mutable state, so each phase of the loop stays a short method."""
+
+    def __init__(self, cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total):
+        self.cfg, self.pm, self.tokenizer = cfg, pm, tokenizer
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.rows, self.eval_examples, self.out, self.state, self.total = rows, eval_examples, out, state, total
+        self.per_epoch = math.ceil(len(rows) / cfg.batch_size)
+        self.metrics_file = out / "metrics.jsonl"
+        self._epoch_batches: tuple[int, list] | None = None
+        self._last_good: dict | None = None  # the prefix that last gave a finite loss and gradient
+
+    def run(self) -> None:
+        bar = tqdm(total=self.total, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True)
+        try:
+            while self.state["step"] < self.total and not self._stopped_early():
+                start = time.perf_counter()
+                loss, tokens = self._step(self._batch(self.state["step"]))
+                self.state["step"] += 1
+                rate = tokens / (time.perf_counter() - start)
+                self._record({"step": self.state["step"], "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                              "tokens_per_s": rate, "epoch": (self.state["step"] - 1) // self.per_epoch})
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", tok_s=f"{rate:.0f}")
+                bar.update()
+                self._maybe_evaluate()
+                self._maybe_checkpoint()
+        except KeyboardInterrupt:
+            self._checkpoint()
+            log.warning("interrupted: checkpoint at step %d in %s; continue with --resume", self.state["step"],
+                        self.out / "checkpoint")
+            raise
+        finally:
+            bar.close()
+        self._checkpoint()
+
+    def _batch(self, step: int) -> list[dict]:
+        epoch, index = divmod(step, self.per_epoch)
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            self._epoch_batches = (epoch, data.batches(self.rows, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch))
+        return self._epoch_batches[1][index]
+
+    def _step(self, rows: list[dict]) -> tuple[float, int]:
+        """One optimizer step over a global batch; returns (loss, input tokens)."""
+        self.pm.train()
+        micro = self.cfg.micro_batch_size or self.cfg.batch_size
+        batches = [data.collate(rows[i:i + micro], self.tokenizer.pad_token_id) for i in range(0, len(rows), micro)]
+        items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        total = 0.0
+        for batch in batches:
+            batch = {k: v.to(self.pm.device) for k, v in batch.items()}
+            with autocast(self.cfg.precision, self.pm.device):
+                loss = self.pm(**batch, num_items_in_batch=torch.tensor(max(items, 1), device=self.pm.device)).loss
+            self._guard(loss, "loss")
+            loss.backward()
+            total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(self.pm.trainable_parameters(), self.cfg.max_grad_norm or float("inf"))
+        self._guard(norm, "gradient norm")
+        self._last_good = {k: v.detach().clone() for k, v in self.pm.prefixes["default"].state_dict().items()}
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, sum(int(b["attention_mask"].sum()) for b in batches)
+
+    def _guard(self, value: torch.Tensor, what: str) -> None:
+        """Stop on NaN/inf before it reaches the prefix, keeping the last good prefix."""
+        if torch.isfinite(value).all():
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.state["best_step"] is None:  # else the best evaluated prefix is already saved there
+            if self._last_good is not None:  # the prefix before the update that led here
+                self.pm.prefixes["default"].load_state_dict(self._last_good)
+            self.pm.save_prefix(self.out)
+        raise TrainingError(
+            f"{what} became {value.item()} at step {self.state['step'] + 1}; training stopped. The last good "
+            f"prefix is in {self.out} (try a lower --lr, --max-grad-norm, or --precision fp32)"
+        )
+
+    def _maybe_evaluate(self) -> None:
+        every = self.cfg.eval_every
+        if self.eval_examples and every and self.state["step"] % every == 0 and self.state["step"] < self.total:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        metric = self.cfg.metric
+        names = [] if metric in ("loss", "perplexity") else [metric]
+        result = evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix="default",
+                                metrics=names, generate_limit=self.cfg.eval_generate_limit)
+        result.pop("generations", None)
+        value = result[metric]
+        best = self.state["best"]
+        better = best is None or (value < best if evaluate.lower_is_better(metric) else value > best)
+        if better:
+            self.state.update(best=value, best_step=self.state["step"], bad_evals=0)
+            self.pm.save_prefix(self.out)
+        else:
+            self.state["bad_evals"] += 1
+        self._record({"step": self.state["step"], "eval": result})
+        tqdm.write(f"step {self.state['step']}: eval {metric} {value:.4f}" + (" (best)" if better else ""))
+
+    def _stopped_early(self) -> bool:
+        patience = self.cfg.patience
+        if patience and self.state["bad_evals"] >= patience:
+            log.warning("early stopping: %s did not improve for %d evaluations", self.cfg.metric, patience)
+            return True
+        return False
+
+    def _maybe_checkpoint(self) -> None:
+        if self.cfg.save_every and self.state["step"] % self.cfg.save_every == 0:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        checkpoint.save(self.out / "checkpoint", self.pm, self.optimizer, self.scheduler, self.state)
+
+    def _record(self, row: dict) -> None:
+        with self.metrics_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def finish(self) -> dict:
+        """Final evaluation of the base model and the best (or last) prefix; curves; summary."""
+        if not self.eval_examples:
+            self.pm.save_prefix(self.out)
+            result = {"prefix": str(self.out)}
+        else:
+            self._evaluate()  # the final prefix competes with the best one
+            result = self._final_scores()
+        plot_curves(self.metrics_file, self.out / "curves.png")
+        return result
+
+    def _final_scores(self) -> dict:
+        self.pm.load_prefix(self.out, name="best")
+        metrics = split_list(self.cfg.metrics)
+        scores = {
+            label: evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix=prefix, metrics=metrics)
+            for label, prefix in (("base model", None), ("with prefix", "best"))
+        }
+        (self.out / "eval.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+        print(f"\n{len(self.eval_examples)} held-out examples; best prefix from step {self.state['best_step']}")
+        print(evaluate.table(scores, metrics))
+        samples = [scores[k]["generations"][0]["generation"] for k in scores] if metrics else []
+        for label, text in zip(scores, samples):
+            print(f"{label:>12}: {text}")
+        print(f"\nprefix, metrics.jsonl, curves.png, eval.json and config.yaml are in {self.out}")
+        return {"prefix": str(self.out), "scores": scores}
+
+
+def _forget_after(metrics_file: Path, step: int) -> None:
+    """Drop the log rows of steps that the checkpoint does not include (they will be redone)."""
+    if metrics_file.is_file():
+        lines = metrics_file.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for name in ("batch_size", "prefix_length", "max_length", "reparam_hidden_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= cfg.batch_size:
+        raise ValueError("--micro-batch-size must be between 1 and --batch-size")
+    if cfg.max_steps is None and cfg.epochs <= 0:
+        raise ValueError("--epochs must be positive (or give --max-steps)")
+    if cfg.eval_data is None and cfg.data is not None and (cfg.eval_every or cfg.patience):
+        raise ValueError("--eval-every/--patience need --eval-data")
+
+
+def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
+    found = checkpoint.find(out / "checkpoint")
+    if cfg.resume and found is None:
+        raise TrainingError(f"--resume: no checkpoint in {out / 'checkpoint'}")
+    if not cfg.resume and found is not None:
+        raise TrainingError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
+                            "or choose another --output-dir")
+    return found if cfg.resume else None
+
+
+def _examples(cfg: TrainConfig) -> tuple[list, list]:
+    if cfg.data is None:
+        train_examples, held_out = demo.train_and_held_out(cfg.seed)
+        log.info("no --data: training on the built-in demo task (%d examples)", len(train_examples))
+    else:
+        train_examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.train_limit)
+        held_out = []
+    if cfg.eval_data:
+        held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit)
+    return train_examples, held_out
+
+
+def _tokenize(examples: list, tokenizer, cfg: TrainConfig) -> list[dict]:
+    rows, report = data.tokenize(examples, tokenizer, max_length=cfg.max_length, template=cfg.prompt_template,
+                                 chat_template=cfg.chat_template, overflow=cfg.overflow)
+    if report["truncated"]:
+        log.warning("%d of %d examples were longer than --max-length %d and had their prompt truncated (first: %s)",
+                    len(report["truncated"]), len(rows), cfg.max_length, report["truncated"][0])
+    return rows
+
+
+def _prefix_config(cfg: TrainConfig, resume_from) -> PrefixConfig:
+    text_init = cfg.init_text is not None and resume_from is None
+    return PrefixConfig(
+        prefix_length=cfg.prefix_length, reparameterize=cfg.reparameterize,
+        reparam_hidden_size=cfg.reparam_hidden_size, dropout=cfg.prefix_dropout,
+        init="text" if text_init else "random", init_text=cfg.init_text if text_init else None,
+        layers=tuple(int(i) for i in split_list(cfg.layers)) if cfg.layers else None,
+    )
+
+
+def total_steps(cfg: TrainConfig, examples: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, or ``epochs`` passes of global batches."""
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(examples / cfg.batch_size)))
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    """Multiplier of the peak rate at each step: linear warmup, then linear/cosine/constant."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16/fp16 autocast where the device supports it; fp32 runs as is."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def split_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def plot_curves(metrics_file: Path, target: Path) -> None:
+    """Training loss (and eval metrics) against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval" in r]
+    fig, axes = plt.subplots(1, 2 if eval_rows else 1, figsize=(10 if eval_rows else 5, 3.5), squeeze=False)
+    axes[0][0].plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1)
+    axes[0][0].set(xlabel="step", ylabel="training loss", title="training loss")
+    if eval_rows:
+        for key in [k for k in eval_rows[-1]["eval"] if k != "perplexity"]:
+            axes[0][1].plot([r["step"] for r in eval_rows], [r["eval"][key] for r in eval_rows], marker="o", label=key)
+        axes[0][1].set(xlabel="step", title="evaluation")
+        axes[0][1].legend()
+    fig.tight_layout()
+    fig.savefig(target, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,112 @@
+"""The training loop end to end on a tiny model: outputs, resume after a kill, the NaN
+guard, early stopping, accumulation invariance, and the command line around it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_model_folder
+
+from prefixtune.cli import main
+from prefixtune.config import TrainConfig
+from prefixtune.train import TrainingError, train
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rows = [{"prompt": f"colour[{c}], size[{s}] ->", "completion": f" a {s} {c} thing"}
+            for c in ("red", "green", "blue", "black") for s in ("big", "small", "tiny")]
+    for name, subset in (("train.jsonl", rows), ("eval.jsonl", rows[:4])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in subset))
+    return folder
+
+
+def _cfg(model_dir, data_files, out, **kw):
+    base = dict(model=model_dir, data=str(data_files / "train.jsonl"), eval_data=str(data_files / "eval.jsonl"),
+                output_dir=str(out), prefix_length=3, reparam_hidden_size=16, batch_size=4, max_steps=6,
+                lr=1e-2, metrics="bleu", max_new_tokens=6, save_every=2, max_length=64)
+    return TrainConfig(**{**base, **kw})
+
+
+def _prefix(out):
+    return load_file(str(Path(out) / "prefix.safetensors"))["key_values"]
+
+
+def test_train_writes_prefix_metrics_curves_and_replayable_config(model_dir, data_files, tmp_path):
+    result = train(_cfg(model_dir, data_files, tmp_path / "run", eval_every=3))
+    out = tmp_path / "run"
+    for name in ("prefix_config.json", "prefix.safetensors", "metrics.jsonl", "curves.png", "config.yaml", "eval.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in rows if "loss" in r)
+    assert [r["step"] for r in rows if "eval" in r] == [3, 6]
+    assert set(result["scores"]) == {"base model", "with prefix"}
+    assert "bleu" in result["scores"]["with prefix"]
+    assert main(["train", "--config", str(out / "config.yaml"), "--output-dir", str(tmp_path / "replay")]) == 0
+    torch.testing.assert_close(_prefix(tmp_path / "replay"), _prefix(out), atol=0, rtol=0)
+
+
+def test_gradient_accumulation_does_not_change_the_update(model_dir, data_files, tmp_path):
+    train(_cfg(model_dir, data_files, tmp_path / "whole", eval_data=None, max_steps=2))
+    train(_cfg(model_dir, data_files, tmp_path / "split", eval_data=None, max_steps=2, micro_batch_size=1))
+    torch.testing.assert_close(_prefix(tmp_path / "split"), _prefix(tmp_path / "whole"), atol=1e-6, rtol=1e-4)
+
+
+def test_nan_loss_stops_with_the_last_good_prefix_kept(model_dir, data_files, tmp_path):
+    with pytest.raises(TrainingError, match=r"became (nan|inf).*last good prefix is in"):
+        train(_cfg(model_dir, data_files, tmp_path / "nan", eval_data=None, lr=1e30, max_grad_norm=0,
+                   max_steps=50))
+    assert torch.isfinite(_prefix(tmp_path / "nan")).all()
+
+
+def test_existing_checkpoint_is_never_overwritten_without_resume(model_dir, data_files, tmp_path):
+    cfg = _cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=2)
+    train(cfg)
+    with pytest.raises(TrainingError, match="already holds a training checkpoint: pass --resume"):
+        train(cfg)
+    with pytest.raises(TrainingError, match="--resume: no checkpoint"):
+        train(_cfg(model_dir, data_files, tmp_path / "empty", resume=True))
+
+
+def test_early_stopping_stops_after_patience(model_dir, data_files, tmp_path):
+    train(_cfg(model_dir, data_files, tmp_path / "run", lr=0.0, max_steps=20, eval_every=1, patience=2))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps[-1] < 20
+
+
+def test_resume_after_a_killed_run_ends_where_an_uninterrupted_run_ends(model_dir, data_files, tmp_path):
+    args = ["train", "--model", model_dir, "--data", str(data_files / "train.jsonl"), "--prefix-length", "3",
+            "--reparam-hidden-size", "16", "--batch-size", "4", "--max-steps", "120", "--save-every", "5",
+            "--lr", "1e-2", "--max-length", "64"]
+    assert main(args + ["--output-dir", str(tmp_path / "straight")]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "prefixtune.cli", *args, "--output-dir", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["state"]["step"] >= 10):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = json.loads(state.read_text())["state"]["step"]
+    assert 10 <= stopped_at < 120, "the run should have been killed midway"
+    assert main(args + ["--output-dir", str(killed), "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 121))
+    torch.testing.assert_close(_prefix(killed), _prefix(tmp_path / "straight"), atol=1e-6, rtol=1e-5)
