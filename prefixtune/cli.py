@@ -89,13 +89,15 @@ def _train(cfg: TrainConfig) -> int:
 
 def _eval(cfg: EvalConfig) -> int:
     from . import data, evaluate
+    from .metrics import check_available
     from .train import split_list
 
     if not cfg.data:
         raise ValueError("--data is required: the examples to score")
-    pm, tokenizer = _load(cfg)
-    examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit)
     metrics = split_list(cfg.metrics)
+    check_available(metrics)
+    examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit)
+    pm, tokenizer = _load(cfg)
     result = evaluate.score(pm, tokenizer, examples, cfg, prefix="default" if cfg.prefix else None, metrics=metrics)
     print(evaluate.table({"with prefix" if cfg.prefix else "base model": result}, metrics))
     if cfg.output:

@@ -114,7 +114,9 @@ class DataOptions:
     completion_field: str = _opt("completion", "field/column holding the target text")
     text_field: str | None = _opt(None, "classification: field holding the text (use with --label-field)")
     label_field: str | None = _opt(None, "classification: field holding the label, trained as the completion")
-    prompt_template: str | None = _opt(None, "format string for the prompt, e.g. 'Table: {prompt}\\nText:'; any field name works")
+    prompt_template: str | None = _opt(None, "format string for the prompt, e.g. 'Table: {prompt}\\nText:' (\\n and \\t "
+                                       "typed on the command line become a line break and a tab); any field name works",
+                                       unescape=True)
     chat_template: bool = _opt(False, "wrap prompts in the model's chat template (chat 'messages' data always is)")
     max_length: int = _opt(256, "maximum tokens of prompt + completion")
     overflow: str = _opt("truncate", "longer examples: 'truncate' (cut the prompt's start, counted in the log) or 'fail'",

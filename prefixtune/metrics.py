@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import math
 import re
 import shutil
@@ -89,6 +90,23 @@ def _check_inputs(hypotheses: Sequence[str], references: Refs) -> None:
             raise ValueError(f"references[{i}] is empty: every hypothesis needs a reference")
         if not all(isinstance(ref, str) for ref in refs):
             raise TypeError(f"references[{i}] must contain only strings")
+
+
+_PACKAGES = {"meteor": "pycocoevalcap", "cider": "pycocoevalcap", "bleu": "sacrebleu", "nist": "sacrebleu"}
+
+
+def check_available(names: Sequence[str]) -> None:
+    """Fail before any work if a metric is unknown or cannot run here (missing package or Java)."""
+    unknown = [name for name in names if name not in _SCORERS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    for name in names:
+        package = _PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            extra = "prefixtune[eval]" if package == "pycocoevalcap" else package
+            raise ValueError(f"metric {name} needs the {package} package: pip install '{extra}'")
+    if "meteor" in names and shutil.which("java") is None:
+        raise ValueError("metric meteor runs a Java program: install Java (e.g. apt-get install default-jre-headless)")
 
 
 def _require(module: str, package: str):
@@ -305,9 +323,34 @@ def _rouge_l(hypotheses: Sequence[str], references: Refs) -> float:
         hypotheses: One system output per input.
         references: The references of each input.
     """
-    rouge = _require("pycocoevalcap.rouge.rouge", "pycocoevalcap")
-    score, _ = rouge.Rouge().compute_score(*_coco_inputs(hypotheses, references))
-    return 100.0 * float(score)
+    gts, res = _coco_inputs(hypotheses, references)
+    return 100.0 * sum(_rouge_l_one(res[i][0], gts[i]) for i in res) / len(res)
+
+
+def _rouge_l_one(candidate: str, refs: Sequence[str], beta: float = 1.2) -> float:
+    """pycocoevalcap ``Rouge.calc_score`` in plain Python (that package is a 100 MB
+    download; ROUGE-L is one of the two default metrics and should not need it)."""
+    tokens = candidate.split(" ")
+    best_precision = best_recall = 0.0
+    for ref in refs:
+        ref_tokens = ref.split(" ")
+        lcs = _lcs(ref_tokens, tokens)
+        best_precision = max(best_precision, lcs / len(tokens))
+        best_recall = max(best_recall, lcs / len(ref_tokens))
+    if best_precision == 0 or best_recall == 0:
+        return 0.0
+    return (1 + beta**2) * best_precision * best_recall / (best_recall + beta**2 * best_precision)
+
+
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (dynamic programming, one row at a time)."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
 
 
 def _cider(hypotheses: Sequence[str], references: Refs) -> float:

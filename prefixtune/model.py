@@ -154,7 +154,7 @@ class PrefixModel(nn.Module):
         layers = tuple(i for i, kv in enumerate(key_values) if kv is not None)
         if not layers:
             raise ValueError("key/values are None for every layer")
-        target = torch.stack([torch.stack(key_values[i]) for i in layers])  # [n, 2, kv_heads, L, head_dim]
+        target = _stack_layers(key_values, layers)
         old = self.prefixes[name].config if name in self.prefixes else PrefixConfig()
         config = old.replace(prefix_length=target.shape[3], reparameterize=False, layers=layers, init="random")
         encoder = PrefixEncoder(config, layers, self.shape.num_kv_heads, self.shape.head_dim)
@@ -181,7 +181,7 @@ class PrefixModel(nn.Module):
         length = encoder.config.prefix_length
         ids = ids.repeat(-(-length // ids.numel()))[:length]
         key_values = self.key_values_for_tokens(ids)
-        target = torch.stack([torch.stack(key_values[i]) for i in encoder.layers])
+        target = _stack_layers(key_values, encoder.layers)
         encoder.init_fit_error = encoder.fit(target.to(self.device))
 
     @torch.no_grad()
@@ -356,6 +356,11 @@ class PrefixModel(nn.Module):
         if name in self.prefixes:
             del self.prefixes[name]
         self._register(name, encoder.to(self.device))
+
+
+def _stack_layers(key_values: Sequence, layers: Sequence[int]) -> torch.Tensor:
+    """Per-layer ``(k, v)`` pairs of the given layers as one ``[n, 2, kv_heads, L, head_dim]`` tensor."""
+    return torch.stack([torch.stack(key_values[i]) for i in layers])
 
 
 def _layer_slice(encoder: PrefixEncoder, key_values: torch.Tensor, layer: int) -> torch.Tensor | None:

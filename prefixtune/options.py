@@ -26,7 +26,8 @@ def add_options(parser: argparse.ArgumentParser, config_cls) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f"{help_text} (default: {f.default})")
             continue
-        parser.add_argument(flag, type=_TYPES.get(kind, str), default=argparse.SUPPRESS,
+        convert = _unescape if f.metadata.get("unescape") else _TYPES.get(kind, str)
+        parser.add_argument(flag, type=convert, default=argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), metavar=f.name.upper(),
                             help=f"{help_text} (default: {f.default})")
 
@@ -61,6 +62,11 @@ def load_file(path: str, config_cls) -> dict:
 def dump(config, path: Path) -> None:
     """Write ``config`` as YAML (every field, so the run can be replayed exactly)."""
     path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
+
+
+def _unescape(text: str) -> str:
+    """``\\n`` and ``\\t`` as typed in a shell (where quotes keep them literal) become the characters."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def _base_type(annotation) -> str:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, data, demo, evaluate, options
 from .config import PrefixConfig, TrainConfig
+from .metrics import check_available
 from .model import PrefixModel
 from .models import load_model
 
@@ -56,8 +57,8 @@ def train(cfg: TrainConfig) -> dict:
         state = checkpoint.load_state(resume_from)
         checkpoint.restore(resume_from, optimizer, scheduler)
         log.info("resumed from %s at step %d of %d", resume_from, state["step"], total)
-        _forget_after(out / "metrics.jsonl", state["step"])
     out.mkdir(parents=True, exist_ok=True)
+    _forget_after(out / "metrics.jsonl", state["step"])  # a fresh run starts a fresh log
     options.dump(cfg, out / "config.yaml")
     loop = _Loop(cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total)
     loop.run()
@@ -75,6 +76,7 @@ class _Loop:
         self.metrics_file = out / "metrics.jsonl"
         self._epoch_batches: tuple[int, list] | None = None
         self._last_good: dict | None = None  # the prefix that last gave a finite loss and gradient
+        self.tensorboard = _tensorboard(out)
 
     def run(self) -> None:
         bar = tqdm(total=self.total, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True)
@@ -180,6 +182,12 @@ class _Loop:
     def _record(self, row: dict) -> None:
         with self.metrics_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            scalars = {f"eval/{k}": v for k, v in row.get("eval", {}).items()} or {
+                f"train/{k}": v for k, v in row.items() if k != "step"}
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, row["step"])
+            self.tensorboard.flush()
 
     def finish(self) -> dict:
         """Final evaluation of the base model and the best (or last) prefix; curves; summary."""
@@ -227,6 +235,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError("--epochs must be positive (or give --max-steps)")
     if cfg.eval_data is None and cfg.data is not None and (cfg.eval_every or cfg.patience):
         raise ValueError("--eval-every/--patience need --eval-data")
+    if cfg.metric not in ("loss", "perplexity") and cfg.metric not in split_list(cfg.metrics):
+        raise ValueError(f"--metric {cfg.metric} must be loss, perplexity or one of --metrics ({cfg.metrics})")
+    check_available(split_list(cfg.metrics))
 
 
 def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
@@ -311,6 +322,15 @@ def split_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def _tensorboard(out: Path):
+    """A TensorBoard writer into ``OUT/tensorboard`` when the ``tensorboard`` package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
 def plot_curves(metrics_file: Path, target: Path) -> None:
     """Training loss (and eval metrics) against steps, as a PNG."""
     import matplotlib
@@ -325,10 +345,15 @@ def plot_curves(metrics_file: Path, target: Path) -> None:
     axes[0][0].plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1)
     axes[0][0].set(xlabel="step", ylabel="training loss", title="training loss")
     if eval_rows:
+        steps = [r["step"] for r in eval_rows]
+        metric_axis, loss_axis = axes[0][1], axes[0][1].twinx()  # loss and 0-100 metrics need their own scales
         for key in [k for k in eval_rows[-1]["eval"] if k != "perplexity"]:
-            axes[0][1].plot([r["step"] for r in eval_rows], [r["eval"][key] for r in eval_rows], marker="o", label=key)
-        axes[0][1].set(xlabel="step", title="evaluation")
-        axes[0][1].legend()
+            axis = loss_axis if key == "loss" else metric_axis
+            axis.plot(steps, [r["eval"][key] for r in eval_rows], marker="o", label=key,
+                      color="tab:gray" if key == "loss" else None, linestyle="--" if key == "loss" else "-")
+        metric_axis.set(xlabel="step", title="evaluation")
+        loss_axis.set_ylabel("eval loss")
+        fig.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(target, dpi=100)
     plt.close(fig)

@@ -115,3 +115,12 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     config.write_text("lr: 0.1\nlearning_rate: 3\n")
     assert main(["train", "--config", str(config)]) == 2
     assert "unknown option(s) learning_rate" in capsys.readouterr().err
+
+
+def test_backslash_n_typed_in_a_prompt_template_is_a_line_break():
+    from prefixtune import options
+    from prefixtune.cli import _parser
+    from prefixtune.config import EvalConfig
+
+    args = _parser().parse_args(["eval", "--prompt-template", r"Table: {prompt}\nText:"])
+    assert options.build(EvalConfig, args).prompt_template == "Table: {prompt}\nText:"

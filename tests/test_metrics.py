@@ -286,3 +286,28 @@ def test_accuracy_ignores_case_and_surrounding_space_exact_match_only_space():
     refs = [["positive"], ["Negative", "negative"], ["neutral"], ["positive"]]
     assert score("accuracy", hyps, refs) == 75.0  # the first three; "pos" is not "positive"
     assert score("exact_match", hyps, refs) == 25.0  # only "negative" matches with its case
+
+
+def test_rouge_l_in_python_equals_pycocoevalcap():
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    from prefixtune.metrics import _coco_inputs
+
+    hyps = ["the eagle is a cheap pub", "zizzi serves french food near the river", "x"]
+    refs = [["The Eagle is a cheap pub.", "A cheap pub: The Eagle"], ["Zizzi has French food by the river"], ["y z"]]
+    expected, _ = Rouge().compute_score(*_coco_inputs(hyps, refs))
+    assert compute_metrics(["rouge_l"], hyps, refs)["rouge_l"] == pytest.approx(100 * expected, abs=1e-9)
+
+
+def test_check_available_fails_before_any_work(monkeypatch):
+    from prefixtune import metrics
+
+    metrics.check_available(["bleu", "rouge_l"])
+    with pytest.raises(ValueError, match="unknown metric.*blue"):
+        metrics.check_available(["blue"])
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="meteor runs a Java program"):
+        metrics.check_available(["meteor"])
+    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"cider needs the pycocoevalcap package: pip install 'prefixtune\[eval\]'"):
+        metrics.check_available(["cider"])

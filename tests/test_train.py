@@ -110,3 +110,20 @@ def test_resume_after_a_killed_run_ends_where_an_uninterrupted_run_ends(model_di
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 121))
     torch.testing.assert_close(_prefix(killed), _prefix(tmp_path / "straight"), atol=1e-6, rtol=1e-5)
+
+
+def test_metrics_go_to_tensorboard_when_it_is_installed(model_dir, data_files, tmp_path, monkeypatch):
+    import prefixtune.train as train_module
+
+    class Writer:
+        scalars: list = []
+
+        def add_scalar(self, key, value, step):
+            self.scalars.append((key, step))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(train_module, "_tensorboard", lambda out: Writer())
+    train(_cfg(model_dir, data_files, tmp_path / "run", max_steps=2, metrics="bleu", metric="loss"))
+    assert {("train/loss", 1), ("train/loss", 2), ("train/tokens_per_s", 2), ("eval/loss", 2)} <= set(Writer.scalars)
