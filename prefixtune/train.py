@@ -40,6 +40,7 @@ def train(cfg: TrainConfig) -> dict:
     resume_from = _resume_point(cfg, out)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
+    autocast(cfg.precision, device)  # refuses now, not at step 1, what the device cannot do
     train_examples, eval_examples = _examples(cfg)
     model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
     model.to(device)

@@ -2,6 +2,7 @@
 guard, early stopping, accumulation invariance, and the command line around it."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -127,3 +128,18 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(model_dir, data_files, t
     monkeypatch.setattr(train_module, "_tensorboard", lambda out: Writer())
     train(_cfg(model_dir, data_files, tmp_path / "run", max_steps=2, metrics="bleu", metric="loss"))
     assert {("train/loss", 1), ("train/loss", 2), ("train/tokens_per_s", 2), ("eval/loss", 2)} <= set(Writer.scalars)
+
+
+def test_gradient_checkpointing_and_bf16_autocast_train(model_dir, data_files, tmp_path):
+    train(_cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=2, gradient_checkpointing=True,
+               precision="bf16"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    assert torch.isfinite(_prefix(tmp_path / "run")).all()
+
+
+def test_fp16_without_cuda_is_refused_before_training(model_dir, data_files, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, where fp16 autocast is allowed")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        train(_cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=1, precision="fp16"))
