@@ -104,3 +104,19 @@ def test_prefix_none_for_every_row_is_exactly_the_base_model(arch):
         pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=3))
         assert torch.equal(pm(input_ids=x, prefix=None).logits, base)
         assert torch.equal(pm(input_ids=x, prefix=[None, None]).logits, base)
+
+
+def test_shift_positions_false_keeps_the_real_tokens_at_zero():
+    model = tiny_model("llama")
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=L_P, reparameterize=False, init_std=1.0), name="shifted")
+    pm.add_prefix("plain", PrefixConfig(prefix_length=L_P, reparameterize=False, shift_positions=False))
+    pm.set_prefix_key_values(pm.prefix_key_values("shifted"), name="plain")  # same K/V, keeps shift_positions
+    assert pm.prefixes["plain"].config.shift_positions is False
+    x = tokens(2, 6, seed=8)
+    with torch.no_grad():
+        unshifted = pm(input_ids=x, prefix="plain").logits
+        shifted = pm(input_ids=x, prefix="shifted").logits
+        # the shifted prefix given positions -L_p.. lands on 0..: the same computation
+        moved = pm(input_ids=x, prefix="shifted", position_ids=torch.arange(6)[None] - L_P).logits
+    torch.testing.assert_close(unshifted, moved, atol=ATOL, rtol=0)
+    assert not torch.allclose(unshifted, shifted, atol=1e-3)

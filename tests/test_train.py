@@ -143,3 +143,27 @@ def test_fp16_without_cuda_is_refused_before_training(model_dir, data_files, tmp
         pytest.skip("this machine has CUDA, where fp16 autocast is allowed")
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         train(_cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=1, precision="fp16"))
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resume_continues(model_dir, data_files, tmp_path, monkeypatch):
+    import prefixtune.train as train_module
+
+    real_step = train_module._Loop._step
+    calls = {"n": 0}
+
+    def interrupted(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self, rows)
+
+    monkeypatch.setattr(train_module._Loop, "_step", interrupted)
+    cfg = _cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=6, save_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["state"]
+    assert state["step"] == 3, "the three finished steps are kept, though --save-every 0 wrote none"
+    monkeypatch.setattr(train_module._Loop, "_step", real_step)
+    train(_cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=6, save_every=0, resume=True))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
