@@ -58,3 +58,17 @@ def test_init_from_text_on_the_bundled_model(bundled):
         assert sum(p.numel() for p in pm.trainable_parameters()) > 0
     finally:
         pm.unwrap()
+
+
+def test_the_readme_python_example_runs_as_written(bundled, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [code] = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    pm = namespace["pm"]
+    assert set(pm.prefixes) == {"default", "legal"} and (tmp_path / "out" / "prefix.safetensors").is_file()
+    pm.unwrap()
