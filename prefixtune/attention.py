@@ -96,8 +96,9 @@ def _make_attention(base: str):
         attention_mask = extend_mask(
             attention_mask, prefix.valid[layer], prefix_k.shape[2], query, key, getattr(module, "is_causal", True)
         )
-        key = torch.cat([prefix_k.to(key.dtype), key], dim=2)
-        value = torch.cat([prefix_v.to(value.dtype), value], dim=2)
+        # to the layer's own device too: with a device_map the layers may sit on different devices
+        key = torch.cat([prefix_k.to(key.device, key.dtype), key], dim=2)
+        value = torch.cat([prefix_v.to(value.device, value.dtype), value], dim=2)
         prefix.used.add(layer)
         return kernel(module, query, key, value, attention_mask, **kwargs)
 

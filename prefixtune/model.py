@@ -40,7 +40,8 @@ class PrefixModel(nn.Module):
         self.tokenizer = tokenizer
         self.prefixes = nn.ModuleDict()
         self.active: str | None = None
-        self._base_attention = model.config._attn_implementation
+        # the kernel to restore on unwrap (a model wrapped before keeps its original kernel's name)
+        self._base_attention = model.config._attn_implementation.removeprefix("prefixtune_")
         self._install()
 
     # ------------------------------------------------------------------ building
@@ -67,7 +68,7 @@ class PrefixModel(nn.Module):
 
     def _install(self) -> None:
         self.model.requires_grad_(False)
-        name = implementation_name(self._base_attention.removeprefix("prefixtune_"))
+        name = implementation_name(self._base_attention)
         self.model.set_attn_implementation(name)
         if self.model.config._attn_implementation != name:
             raise NotImplementedError(

@@ -91,3 +91,12 @@ def test_device_map_offload_keeps_the_prefix(tmp_path):
         with torch.no_grad():
             outs.append(pm(input_ids=x).logits)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+
+
+def test_wrapping_a_model_twice_then_unwrapping_restores_its_own_kernel():
+    model = tiny_model("llama")
+    PrefixModel.wrap(model)
+    again = PrefixModel.wrap(model, PrefixConfig(prefix_length=2))
+    again(input_ids=tokens(1, 3))
+    again.unwrap()
+    assert model.config._attn_implementation == "sdpa"
