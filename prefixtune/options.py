@@ -21,15 +21,16 @@ def add_options(parser: argparse.ArgumentParser, config_cls) -> None:
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
+        if "default" not in help_text:
+            help_text += f" (default: {f.default})"
         kind = _base_type(f.type)
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{help_text} (default: {f.default})")
+                                help=help_text)
             continue
         convert = _unescape if f.metadata.get("unescape") else _TYPES.get(kind, str)
         parser.add_argument(flag, type=convert, default=argparse.SUPPRESS,
-                            choices=f.metadata.get("choices"), metavar=f.name.upper(),
-                            help=f"{help_text} (default: {f.default})")
+                            choices=f.metadata.get("choices"), metavar=f.name.upper(), help=help_text)
 
 
 def build(config_cls, args: argparse.Namespace, config_file: str | None = None):

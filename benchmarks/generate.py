@@ -1,0 +1,325 @@
+"""Greedy decoding throughput on the bundled model: plain vs prefixtune vs PEFT, and many prefixes at once.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/generate.py --batch-sizes 1 8 --new-tokens 64 --repeats 5
+
+One call is ``generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)`` on random
+prompts of ``--prompt-len`` tokens (fixed seed, no padding), so every arm produces exactly
+``N`` new tokens per row. Arms:
+
+* ``plain``: the base model's own ``model.generate``.
+* ``prefixtune``: ``PrefixModel.wrap(model, PrefixConfig(10, reparameterize=True, 512))``,
+  materialized (the MLP folded into fixed key/values), every row the same prefix.
+* ``peft``: ``peft.get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=10,
+  prefix_projection=True, encoder_hidden_size=512)``, eval mode. If PEFT fails, the arm is
+  reported as failed and the rest still runs.
+* At batch 8 only, eight different materialized prefixes (length 10 each):
+  ``mixed`` serves them in one call, one prefix per row (``prefix=[...]``);
+  ``sequential`` serves them one after another, eight batch-1 calls with one prefix each.
+
+Each arm has its own model instance (``mixed`` and ``sequential`` get identical prefixes
+from the same seed). Arms are interleaved (each repeat runs every arm once, rotating the
+order) on the same prompts; the table shows median seconds per call (for ``sequential``:
+its eight calls together), new tokens per second, and the median of the per-repeat ratios
+of throughput to ``plain``. The first (warm-up) outputs are compared with ``plain``'s to
+show whether a prefix changed anything. ``--json PATH`` writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
+from prefixtune.models import load_model  # noqa: E402
+
+PREFIX_LENGTH = 10
+HIDDEN = 512
+NUM_MIXED = 8
+ARMS = ("plain", "prefixtune", "peft", "mixed", "sequential")
+MULTI_ARMS = ("mixed", "sequential")  # only at batch NUM_MIXED
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="one or more batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per row (forced: min = max)")
+    parser.add_argument("--prompt-len", type=int, default=32, help="random prompt tokens per row")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per arm and batch size")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per arm and batch size")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cpu count)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def machine_info(threads: int) -> dict:
+    import transformers
+
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_version,
+    }
+
+
+# ---------------------------------------------------------------------------- arms
+# Each builder returns ``(run, module)``: ``run(ids, mask, gen_kwargs)`` -> generated ids
+# ``[B, prompt_len + N]`` (for ``sequential`` the per-row outputs stacked in row order).
+def prefix_config() -> PrefixConfig:
+    return PrefixConfig(prefix_length=PREFIX_LENGTH, reparameterize=True, reparam_hidden_size=HIDDEN)
+
+
+def plain_arm():
+    model, _ = load_model()
+    model.eval()
+    return (lambda ids, mask, kw: model.generate(input_ids=ids, attention_mask=mask, **kw)), model
+
+
+def prefixtune_arm():
+    model, _ = load_model()
+    wrapped = PrefixModel.wrap(model, prefix_config())
+    wrapped.eval()
+    wrapped.materialize()
+    return (lambda ids, mask, kw: wrapped.generate(input_ids=ids, attention_mask=mask, **kw)), wrapped
+
+
+def peft_arm():
+    import peft
+
+    model, _ = load_model()
+    config = peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=PREFIX_LENGTH,
+        prefix_projection=True,
+        encoder_hidden_size=HIDDEN,
+    )
+    wrapped = peft.get_peft_model(model, config)
+    wrapped.eval()
+    return (lambda ids, mask, kw: wrapped.generate(input_ids=ids, attention_mask=mask, **kw)), wrapped
+
+
+def multi_prefix_model(seed: int) -> tuple[PrefixModel, list[str]]:
+    """A PrefixModel with ``NUM_MIXED`` different materialized prefixes; same seed, same prefixes."""
+    model, _ = load_model()
+    torch.manual_seed(seed)
+    names = [f"p{i}" for i in range(NUM_MIXED)]
+    wrapped = PrefixModel.wrap(model, prefix_config(), name=names[0])
+    for name in names[1:]:
+        wrapped.add_prefix(name, prefix_config())
+    wrapped.eval()
+    wrapped.materialize()
+    return wrapped, names
+
+
+def mixed_arm(seed: int):
+    wrapped, names = multi_prefix_model(seed)
+
+    def run(ids, mask, kw):
+        return wrapped.generate(input_ids=ids, attention_mask=mask, prefix=names, **kw)
+
+    return run, wrapped
+
+
+def sequential_arm(seed: int):
+    wrapped, names = multi_prefix_model(seed)
+
+    def run(ids, mask, kw):
+        rows = [
+            wrapped.generate(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], prefix=name, **kw)
+            for i, name in enumerate(names)
+        ]
+        return torch.cat(rows)
+
+    return run, wrapped
+
+
+def build_arms(batch_sizes: list[int], seed: int) -> tuple[dict, dict]:
+    """``({name: (run, module)}, {name: error line})`` for the arms that built / failed."""
+    builders = {"plain": plain_arm, "prefixtune": prefixtune_arm, "peft": peft_arm}
+    if NUM_MIXED in batch_sizes:
+        builders.update(mixed=lambda: mixed_arm(seed), sequential=lambda: sequential_arm(seed))
+    arms, failed = {}, {}
+    for name, build in builders.items():
+        try:
+            arms[name] = build()
+        except Exception as error:  # noqa: BLE001 - a failing arm must not stop the others
+            failed[name] = first_line(error)
+    return arms, failed
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+# ---------------------------------------------------------------------------- timing
+def make_prompts(seed: int, batch_size: int, prompt_len: int, vocab_size: int):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch_size, prompt_len), generator=generator)
+    return ids, torch.ones_like(ids)
+
+
+def timed_call(run, ids, mask, gen_kwargs) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = run(ids, mask, gen_kwargs)
+    return time.perf_counter() - start, out
+
+
+def rotated(names: list[str], shift: int) -> list[str]:
+    shift %= len(names)
+    return names[shift:] + names[:shift]
+
+
+def run_interleaved(arms: dict, failed: dict, ids, mask, gen_kwargs, repeats: int, warmup: int):
+    """Per-arm lists of call seconds and each arm's first output; an arm that raises moves to ``failed``."""
+    times = {name: [] for name in arms}
+    outputs = {}
+    names = list(arms)
+    expected = ids.shape[1] + gen_kwargs["max_new_tokens"]
+    for i in range(warmup + repeats):
+        for name in rotated(names, i):
+            if name in failed:
+                continue
+            try:
+                seconds, out = timed_call(arms[name][0], ids, mask, gen_kwargs)
+                if out.shape != (ids.shape[0], expected):
+                    raise RuntimeError(f"output shape {tuple(out.shape)}, expected {(ids.shape[0], expected)}")
+            except Exception as error:  # noqa: BLE001
+                failed[name] = first_line(error)
+                continue
+            outputs.setdefault(name, out)
+            if i >= warmup:
+                times[name].append(seconds)
+    return {name: t for name, t in times.items() if name not in failed and t}, outputs
+
+
+# ---------------------------------------------------------------------------- results
+def paired_speedup(times: dict, top: str, bottom: str) -> float | None:
+    """Median over repeats of throughput(top) / throughput(bottom) = seconds(bottom) / seconds(top)."""
+    if top not in times or bottom not in times:
+        return None
+    return statistics.median(b / a for a, b in zip(times[top], times[bottom]))
+
+
+def same_output(outputs: dict, a: str, b: str) -> bool | None:
+    if a not in outputs or b not in outputs:
+        return None
+    return bool(torch.equal(outputs[a], outputs[b]))
+
+
+def summarize(times: dict, failed: dict, outputs: dict, tokens_per_call: int, arm_names: list[str]) -> dict:
+    rows = {}
+    for name in arm_names:
+        if name in times:
+            median = statistics.median(times[name])
+            rows[name] = {
+                "median_s": median,
+                "tokens_per_s": tokens_per_call / median,
+                "vs_plain": paired_speedup(times, name, "plain"),
+                "times_s": times[name],
+            }
+        elif name in failed:
+            rows[name] = {"error": failed[name]}
+    checks = {f"{name} output == plain output": same_output(outputs, name, "plain") for name in ("peft", "prefixtune")}
+    if "mixed" in arm_names:
+        checks["mixed output == sequential output"] = same_output(outputs, "mixed", "sequential")
+    return {
+        "new_tokens_per_call": tokens_per_call,
+        "arms": rows,
+        "mixed_vs_sequential": paired_speedup(times, "mixed", "sequential"),
+        "checks": checks,
+    }
+
+
+def print_table(batch_size: int, args: argparse.Namespace, summary: dict) -> None:
+    print(f"\nbatch={batch_size}  prompt_len={args.prompt_len}  new_tokens={args.new_tokens} per row")
+    print(f"{'arm':<12}{'median s/call':>15}{'new tok/s':>12}{'vs plain':>10}")
+    for name, row in summary["arms"].items():
+        if "error" in row:
+            print(f"{name:<12}{'FAILED':>15}  {row['error']}")
+            continue
+        ratio = "-" if row["vs_plain"] is None else f"{row['vs_plain']:.2f}x"
+        print(f"{name:<12}{row['median_s']:>15.3f}{row['tokens_per_s']:>12.1f}{ratio:>10}")
+    if "sequential" in summary["arms"]:
+        print(f"(sequential: {NUM_MIXED} calls at batch 1, one prefix each; seconds are the {NUM_MIXED} together)")
+        ratio = summary["mixed_vs_sequential"]
+        print("mixed/sequential throughput: " + ("n/a" if ratio is None else f"{ratio:.2f}x"))
+    for label, value in summary["checks"].items():
+        print(f"{label}: {'n/a' if value is None else value}")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    info = machine_info(args.threads)
+    print("  ".join(f"{key}={value}" for key, value in info.items()))
+    print(
+        f"warmup={args.warmup} repeats={args.repeats} prefix_length={PREFIX_LENGTH} hidden={HIDDEN} "
+        f"greedy, min_new_tokens=max_new_tokens={args.new_tokens}"
+    )
+
+    arms, failed = build_arms(args.batch_sizes, args.seed)
+    if not arms:
+        raise SystemExit(f"every arm failed: {failed}")
+    some_model = next(iter(arms.values()))[1]
+    vocab_size = some_model.config.vocab_size
+    _, tokenizer = load_model()
+    gen_kwargs = {
+        "max_new_tokens": args.new_tokens,
+        "min_new_tokens": args.new_tokens,
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    }
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    results = {"machine": info, "args": settings, "batch_size": {}}
+    for batch_size in args.batch_sizes:
+        names = [n for n in ARMS if n not in MULTI_ARMS or batch_size == NUM_MIXED]
+        here = {n: arms[n] for n in names if n in arms}
+        failed_here = {n: failed[n] for n in names if n in failed}
+        ids, mask = make_prompts(args.seed, batch_size, args.prompt_len, vocab_size)
+        times, outputs = run_interleaved(here, failed_here, ids, mask, gen_kwargs, args.repeats, args.warmup)
+        failed.update(failed_here)
+        summary = summarize(times, failed_here, outputs, batch_size * args.new_tokens, names)
+        print_table(batch_size, args, summary)
+        results["batch_size"][str(batch_size)] = summary
+        if args.json:  # after every batch size, so a long run keeps what it has measured
+            write_json(args.json, results)
+    if args.json:
+        print(f"\nwrote {args.json}")
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
