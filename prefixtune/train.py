@@ -11,6 +11,7 @@ a NaN/inf guard that stops with the last good prefix saved.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -60,7 +61,7 @@ def train(cfg: TrainConfig) -> dict:
         log.info("resumed from %s at step %d of %d", resume_from, state["step"], total)
     out.mkdir(parents=True, exist_ok=True)
     _forget_after(out / "metrics.jsonl", state["step"])  # a fresh run starts a fresh log
-    options.dump(cfg, out / "config.yaml")
+    options.dump(dataclasses.replace(cfg, resume=False), out / "config.yaml")  # replaying it starts afresh
     loop = _Loop(cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total)
     loop.run()
     return loop.finish()

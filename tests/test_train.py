@@ -167,3 +167,4 @@ def test_ctrl_c_writes_a_checkpoint_that_resume_continues(model_dir, data_files,
     train(_cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=6, save_every=0, resume=True))
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+    assert "resume: false" in (tmp_path / "run" / "config.yaml").read_text(), "a replayed config starts afresh"
