@@ -29,10 +29,7 @@ show whether a prefix changed anything. ``--json PATH`` writes the results.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
 from prefixtune.models import load_model  # noqa: E402
+
+from common import first_line, machine_info, rotated, write_json  # noqa: E402  (benchmarks/common.py)
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
@@ -64,27 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     return parser.parse_args(argv)
-
-
-def machine_info(threads: int) -> dict:
-    import transformers
-
-    try:
-        import peft
-
-        peft_version = peft.__version__
-    except ImportError:
-        peft_version = None
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft_version,
-    }
 
 
 # ---------------------------------------------------------------------------- arms
@@ -172,11 +150,6 @@ def build_arms(batch_sizes: list[int], seed: int) -> tuple[dict, dict]:
     return arms, failed
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
 # ---------------------------------------------------------------------------- timing
 def make_prompts(seed: int, batch_size: int, prompt_len: int, vocab_size: int):
     generator = torch.Generator().manual_seed(seed)
@@ -189,11 +162,6 @@ def timed_call(run, ids, mask, gen_kwargs) -> tuple[float, torch.Tensor]:
     with torch.inference_mode():
         out = run(ids, mask, gen_kwargs)
     return time.perf_counter() - start, out
-
-
-def rotated(names: list[str], shift: int) -> list[str]:
-    shift %= len(names)
-    return names[shift:] + names[:shift]
 
 
 def run_interleaved(arms: dict, failed: dict, ids, mask, gen_kwargs, repeats: int, warmup: int):
@@ -314,11 +282,6 @@ def main(argv=None) -> None:
             write_json(args.json, results)
     if args.json:
         print(f"\nwrote {args.json}")
-
-
-def write_json(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
