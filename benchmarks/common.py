@@ -45,3 +45,12 @@ def rotated(names: list[str], shift: int) -> list[str]:
 def write_json(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def peft_prefix_model(model, prefix_length: int, hidden: int):
+    """PEFT's prefix tuning with the paper's MLP, configured like prefixtune's arm."""
+    import peft
+
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_length,
+                                     prefix_projection=True, encoder_hidden_size=hidden)
+    return peft.get_peft_model(model, config)

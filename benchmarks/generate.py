@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
 from prefixtune.models import load_model  # noqa: E402
 
-from common import first_line, machine_info, rotated, write_json  # noqa: E402  (benchmarks/common.py)
+from common import first_line, machine_info, peft_prefix_model, rotated, write_json  # noqa: E402  (benchmarks/common.py)
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
@@ -87,16 +87,7 @@ def prefixtune_arm():
 
 
 def peft_arm():
-    import peft
-
-    model, _ = load_model()
-    config = peft.PrefixTuningConfig(
-        task_type="CAUSAL_LM",
-        num_virtual_tokens=PREFIX_LENGTH,
-        prefix_projection=True,
-        encoder_hidden_size=HIDDEN,
-    )
-    wrapped = peft.get_peft_model(model, config)
+    wrapped = peft_prefix_model(load_model()[0], PREFIX_LENGTH, HIDDEN)
     wrapped.eval()
     return (lambda ids, mask, kw: wrapped.generate(input_ids=ids, attention_mask=mask, **kw)), wrapped
 
