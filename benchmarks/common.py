@@ -37,6 +37,17 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def build_each(builders: dict) -> tuple[dict, dict]:
+    """Call each arm builder: ``({name: built}, {name: error line})``; a failing arm does not stop the others."""
+    arms, failed = {}, {}
+    for name, build in builders.items():
+        try:
+            arms[name] = build()
+        except Exception as error:  # noqa: BLE001 - a failing arm must not stop the others
+            failed[name] = first_line(error)
+    return arms, failed
+
+
 def rotated(names: list[str], shift: int) -> list[str]:
     shift %= len(names)
     return names[shift:] + names[:shift]

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
 from prefixtune.models import load_model  # noqa: E402
 
-from common import first_line, machine_info, peft_prefix_model, rotated, write_json  # noqa: E402  (benchmarks/common.py)
+from common import build_each, first_line, machine_info, peft_prefix_model, rotated, write_json  # noqa: E402  (benchmarks/common.py)
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
@@ -132,13 +132,7 @@ def build_arms(batch_sizes: list[int], seed: int) -> tuple[dict, dict]:
     builders = {"plain": plain_arm, "prefixtune": prefixtune_arm, "peft": peft_arm}
     if NUM_MIXED in batch_sizes:
         builders.update(mixed=lambda: mixed_arm(seed), sequential=lambda: sequential_arm(seed))
-    arms, failed = {}, {}
-    for name, build in builders.items():
-        try:
-            arms[name] = build()
-        except Exception as error:  # noqa: BLE001 - a failing arm must not stop the others
-            failed[name] = first_line(error)
-    return arms, failed
+    return build_each(builders)
 
 
 # ---------------------------------------------------------------------------- timing
