@@ -7,6 +7,7 @@ ends in one clear line on stderr and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -29,6 +30,12 @@ COMMANDS = {
                  "Complete --prompt, or every prompt of --input, with the prefix in --prefix."),
 }
 
+# Commands whose arguments are not one config dataclass live in their own modules. Each such
+# module provides SUMMARY, DESCRIPTION, add_arguments(parser) and run(args) -> exit code, and
+# imports its heavy dependencies inside run(), so that `prefixtune --help` stays fast.
+MODULE_COMMANDS: dict[str, str] = {
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -38,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _quiet_logging()
     try:
+        if args.command in MODULE_COMMANDS:
+            return importlib.import_module(MODULE_COMMANDS[args.command]).run(args) or 0
         config = options.build(COMMANDS[args.command][0], args, args.config)
         return RUNNERS[args.command](config) or 0
     except KeyboardInterrupt:
@@ -69,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", default=None, metavar="FILE",
                          help="YAML/JSON file of options (a run's config.yaml); command-line options override it")
         options.add_options(sub, config_cls)
+    for name, module_name in MODULE_COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(commands.add_parser(name, help=module.SUMMARY, description=module.DESCRIPTION))
     return parser
 
 
