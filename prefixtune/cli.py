@@ -106,12 +106,33 @@ def _eval(cfg: EvalConfig) -> int:
 
     if not cfg.data:
         raise ValueError("--data is required: the examples to score")
+    if cfg.task == "classification":
+        return _eval_classes(cfg)
     metrics = split_list(cfg.metrics)
     check_available(metrics)
     examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit)
     pm, tokenizer = _load(cfg)
     result = evaluate.score(pm, tokenizer, examples, cfg, prefix="default" if cfg.prefix else None, metrics=metrics)
     print(evaluate.table({"with prefix" if cfg.prefix else "base model": result}, metrics))
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"metrics written to {cfg.output}")
+    return 0
+
+
+def _eval_classes(cfg: EvalConfig) -> int:
+    """Accuracy of a classifier prefix (its task head is saved with it)."""
+    from . import data, evaluate
+
+    if not cfg.prefix:
+        raise ValueError("--task classification needs --prefix: the task head is trained with the prefix")
+    examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit)
+    pm, tokenizer = _load(cfg)
+    labels = [pm.model.config.id2label[i] for i in range(len(pm.model.config.id2label))]
+    rows, _ = data.tokenize_classes(examples, tokenizer, labels, max_length=cfg.max_length)
+    result = evaluate.classify(pm, rows, tokenizer.pad_token_id, batch_size=cfg.batch_size, prefix="default")
+    result["predictions"] = [labels[i] for i in result["predictions"]]
+    print(evaluate.table({"with prefix": result}, ["accuracy"]))
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"metrics written to {cfg.output}")
@@ -129,10 +150,18 @@ def _generate(cfg: GenerateConfig) -> int:
                 if cfg.prompt is not None else
                 data.load_examples(cfg.input, **cfg.source_fields(), require_completion=False))
     pm, tokenizer = _load(cfg)
+    if cfg.task == "classification":
+        texts = evaluate.predict_labels(pm, tokenizer, [ex.prompt for ex in examples], batch_size=cfg.batch_size,
+                                        max_length=cfg.max_length, prefix="default" if cfg.prefix else None)
+        return _print_generations(cfg, examples, texts, key="label")
     torch.manual_seed(cfg.seed)
     sampling = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p) if cfg.do_sample else {}
     texts = evaluate.generate_texts(pm, tokenizer, examples, cfg, prefix="default" if cfg.prefix else None, **sampling)
-    lines = [json.dumps({"prompt": ex.prompt, "generation": t}) for ex, t in zip(examples, texts)]
+    return _print_generations(cfg, examples, texts)
+
+
+def _print_generations(cfg: GenerateConfig, examples: list, texts: list[str], key: str = "generation") -> int:
+    lines = [json.dumps({"prompt": ex.prompt, key: t}) for ex, t in zip(examples, texts)]
     if cfg.output:
         Path(cfg.output).write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(f"{len(lines)} generations written to {cfg.output}")
@@ -148,7 +177,14 @@ def _load(cfg):
     from .models import load_model
     from .train import pick_device
 
-    model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+    labels = None
+    if cfg.task == "classification" and cfg.prefix:
+        from .artifacts import read_prefix
+
+        labels = read_prefix(cfg.prefix)[0].get("labels")
+        if not labels:
+            raise ValueError(f"{cfg.prefix}: this prefix has no task head; it was not trained with --task classification")
+    model, tokenizer = load_model(cfg.model, task=cfg.task, labels=labels, attn_implementation=cfg.attn_implementation)
     model.to(pick_device(cfg.device))
     pm = PrefixModel.from_pretrained(model, cfg.prefix) if cfg.prefix else PrefixModel(model)
     return pm, tokenizer

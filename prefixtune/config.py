@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 INITS = ("random", "text")
+TARGETS = ("encoder", "decoder", "cross")  # the attentions a prefix can enter (see prefixtune.arch.GROUPS)
 
 
 @dataclass
@@ -43,6 +44,12 @@ class PrefixConfig:
             original GPT-2 implementation and PEFT do so). Then a prefix equal to the
             model's own key/values for tokens ``p`` makes the model behave exactly as on
             ``p + x``. With ``False`` the real tokens keep positions ``0, 1, ...``.
+            Models that number positions themselves (T5, BART, encoders) are never shifted.
+        targets: Which attentions get a prefix, each with its own key/values: the
+            encoder's self-attention, the decoder's self-attention and the decoder's
+            cross-attention over the encoder (Li & Liang's BART setup uses all three). A
+            model uses the ones it has: a decoder-only model only "decoder", an encoder
+            only "encoder". ``layers`` applies within each target.
     """
 
     prefix_length: int = 10
@@ -55,10 +62,12 @@ class PrefixConfig:
     init_fit_steps: int = 400
     layers: tuple[int, ...] | None = None
     shift_positions: bool = True
+    targets: tuple[str, ...] = TARGETS
 
     def __post_init__(self) -> None:
         if self.layers is not None:
             self.layers = tuple(int(i) for i in self.layers)
+        self.targets = tuple(self.targets)
         problems = list(self._problems())
         if problems:
             raise ValueError("invalid PrefixConfig: " + "; ".join(problems))
@@ -76,6 +85,9 @@ class PrefixConfig:
             yield "init='text' needs init_text, the text whose activations seed the prefix"
         if self.layers is not None and len(self.layers) == 0:
             yield "layers must name at least one layer (or be None for all layers)"
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            yield f"targets must be a non-empty subset of {TARGETS}, got {self.targets!r}"
         if self.init_fit_steps < 0:
             yield f"init_fit_steps must be >= 0, got {self.init_fit_steps!r}"
 
@@ -84,6 +96,7 @@ class PrefixConfig:
         out = dataclasses.asdict(self)
         if out["layers"] is not None:
             out["layers"] = list(out["layers"])
+        out["targets"] = list(out["targets"])
         return out
 
     @classmethod
@@ -110,6 +123,9 @@ class DataOptions:
     """Where examples come from and how they become tokens (shared by train, eval and generate)."""
 
     model: str | None = _opt(None, "Hub id or local folder of the base model (default: the bundled SmolLM2-135M-Instruct)")
+    task: str = _opt("lm", "lm: complete prompts with a causal LM (the default) | classification: an encoder (BERT, "
+                     "RoBERTa, DistilBERT; default the bundled MiniLM) whose task head trains with the prefix, on "
+                     "--text-field/--label-field data, scored by accuracy", choices=("lm", "classification"))
     prompt_field: str = _opt("prompt", "field/column holding the input text")
     completion_field: str = _opt("completion", "field/column holding the target text")
     text_field: str | None = _opt(None, "classification: field holding the text (use with --label-field)")

@@ -465,12 +465,48 @@ def _fit(prompt: list[int], completion: list[int], max_length: int, overflow: st
     return prompt[len(prompt) - keep:], completion, True
 
 
+def label_names(examples: list[Example]) -> list[str]:
+    """The classes of classification examples, in id order: numerically if every label is
+    an integer (GLUE's "0"/"1"), else alphabetically."""
+    names = sorted({ex.label for ex in examples if ex.label is not None})
+    if not names:
+        raise DataError("no example has a label: give --text-field and --label-field for classification data")
+    if all(name.lstrip("-").isdigit() for name in names):
+        names.sort(key=int)
+    return names
+
+
+def tokenize_classes(examples: list[Example], tokenizer, labels: list[str], *,
+                     max_length: int) -> tuple[list[dict], dict]:
+    """Token rows of a sequence-classification task: ``{"input_ids": [CLS] text [SEP], "labels": class id}``.
+
+    Texts longer than ``max_length`` tokens are cut at the end (the tokenizer keeps its
+    closing special token) and listed in ``report["truncated"]``. A label outside
+    ``labels`` (the training set's classes) is an error naming the example.
+    """
+    ids = {name: i for i, name in enumerate(labels)}
+    rows, truncated = [], []
+    for example in examples:
+        if example.label not in ids:
+            raise DataError(f"{_where(example)}: label {example.label!r} is not one of the training labels "
+                            f"({', '.join(labels)})")
+        full = _encode(tokenizer, example.prompt, special=True)
+        tokens = tokenizer(example.prompt, truncation=True, max_length=max_length)["input_ids"]
+        if len(tokens) < len(full):
+            truncated.append(_where(example))
+        rows.append({"input_ids": list(tokens), "labels": ids[example.label]})
+    report = {"examples": len(rows), "truncated": truncated, "tokens": sum(len(r["input_ids"]) for r in rows)}
+    return rows, report
+
+
 # ---------------------------------------------------------------------------- batches
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows into tensors; padding gets attention 0 and label -100.
 
+    Rows of :func:`tokenize_classes` carry one class id each; their ``labels`` is ``[B]``.
+
     Args:
-        rows: From :func:`tokenize`.
+        rows: From :func:`tokenize` or :func:`tokenize_classes`.
         pad_id: The id to pad ``input_ids`` with (never seen by the loss or attention).
     """
     if not rows:
@@ -482,8 +518,11 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
         input_ids[i, :n] = torch.tensor(row["input_ids"], dtype=torch.long)
-        labels[i, :n] = torch.tensor(row["labels"], dtype=torch.long)
+        if not isinstance(row["labels"], int):
+            labels[i, :n] = torch.tensor(row["labels"], dtype=torch.long)
         attention_mask[i, :n] = 1
+    if isinstance(rows[0]["labels"], int):
+        labels = torch.tensor([row["labels"] for row in rows], dtype=torch.long)  # [B]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

