@@ -34,6 +34,8 @@ COMMANDS = {
 # module provides SUMMARY, DESCRIPTION, add_arguments(parser) and run(args) -> exit code, and
 # imports its heavy dependencies inside run(), so that `prefixtune --help` stays fast.
 MODULE_COMMANDS: dict[str, str] = {
+    "export-peft": "prefixtune.export_peft",
+    "import-peft": "prefixtune.import_peft",
 }
 
 
