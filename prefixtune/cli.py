@@ -36,6 +36,7 @@ COMMANDS = {
 MODULE_COMMANDS: dict[str, str] = {
     "export-peft": "prefixtune.export_peft",
     "import-peft": "prefixtune.import_peft",
+    "serve": "prefixtune.serve.cli",
 }
 
 

@@ -1,0 +1,24 @@
+"""Serving many prefixes over one frozen base model (issue 5).
+
+``prefixtune serve`` runs :func:`create_app` (an OpenAI-compatible HTTP API) over a
+:class:`Batcher` (continuous batching: one forward per decoding step for every request,
+whatever its prefix). Both are usable from Python too; see ``docs/serving.md``.
+
+The names below are imported on first use: ``prefixtune --help`` imports
+``prefixtune.serve.cli`` and must not pay for torch, transformers or starlette.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "Batcher": "batcher", "Event": "batcher", "Limits": "batcher", "Request": "batcher",
+    "SamplingParams": "sampling", "ServeLimits": "protocol", "Metrics": "metrics",
+    "ServerOptions": "app", "create_app": "app", "BackgroundServer": "background",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,0 +1,473 @@
+"""The continuous batcher: one forward pass per decoding step over every live request.
+
+This is the paper's deployment argument made concrete (Li & Liang 2021, section 1: one
+frozen model serves many tasks at once, each request carrying its own prefix). One
+background thread owns the model. Between two steps it
+
+1. applies prefix changes (load, replace, remove) queued by the HTTP side,
+2. admits waiting requests: their prompts are prefilled together in one forward, each
+   row with its own prefix, and their rows join the batch's cache,
+3. runs one decoding step for all rows, whatever their prefixes
+   (``prefix=[name or None per row]``), and
+4. lets finished rows leave.
+
+Prefixes are materialized once when loaded (the reparameterization MLP folded away), so
+a step only gathers fixed key/values. A prefix that is replaced or deleted while
+requests still use it stays loaded under its internal name until the last of them ends:
+a request always finishes with the prefix it started with.
+
+The HTTP side talks to the thread through :meth:`Batcher.submit` (bounded: a full queue
+is refused, never buffered without limit) and per-request callbacks (``Request.sink``).
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import itertools
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from . import errors
+from .kvcache import BatchCache
+from .sampling import SamplingParams, next_tokens
+from .text import TextStream
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
+"""Allowed prefix names: they appear in URLs and in ``"model"`` fields."""
+
+
+@dataclass
+class Event:
+    """What the batcher tells a request: new text, and at the end why it ended.
+
+    ``finish_reason`` is ``"stop"`` (end-of-sequence or a stop string), ``"length"``
+    (``max_tokens`` reached) or ``None`` while it goes on; ``error`` ends it with an error.
+    """
+
+    text: str = ""
+    finish_reason: str | None = None
+    error: errors.APIError | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    """One generation: a tokenized prompt, the model (base or prefix) and how to decode.
+
+    Args:
+        prompt_ids: The prompt's token ids.
+        model: The public name: the base model's name (no prefix) or a prefix's.
+        params: Sampling settings.
+        sink: Called from the batcher thread with each :class:`Event`; must not block.
+    """
+
+    prompt_ids: list[int]
+    model: str
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    cancelled: bool = False
+    prefix: str | None = field(default=None, init=False)  # internal name, pinned at submit
+
+
+@dataclass
+class _Row:
+    """A request being decoded: its place in the batch and its progress."""
+
+    request: Request
+    text: TextStream
+    generator: torch.Generator | None
+    position: int  # the position of the next token fed (= real tokens so far)
+    last: int = -1  # the last generated token (fed at the next step)
+    generated: int = 0
+    done: bool = False
+
+
+@dataclass
+class Limits:
+    """Sizes that bound the server's memory and latency.
+
+    Args:
+        max_batch: Most rows decoded together in one step.
+        max_queue: Most requests waiting for a row; more are refused (429).
+        max_prefill_tokens: Most prompt tokens (padded) prefilled between two steps, so
+            a burst of long prompts cannot stall running requests for long.
+    """
+
+    max_batch: int = 32
+    max_queue: int = 256
+    max_prefill_tokens: int = 4096
+
+
+class Batcher:
+    """Owns a :class:`~prefixtune.model.PrefixModel` and serves requests in a background thread.
+
+    Args:
+        model: The wrapped base model; its existing prefixes are served under their names.
+        tokenizer: The base model's tokenizer.
+        base_name: The name that selects no prefix.
+        limits: Batch and queue sizes.
+        on_step: Called after each step with ``(kind, rows, new_tokens, seconds)`` (metrics).
+    """
+
+    def __init__(self, model, tokenizer, base_name: str, limits: Limits | None = None,
+                 on_step: Callable[[str, int, int, float], None] | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.limits = limits or Limits()
+        self.on_step = on_step
+        self.eos = _eos_ids(model, tokenizer)
+        accepted = inspect.signature(model.model.forward).parameters
+        # transformers 5.x renamed past_key_values to cache; take whichever this version has
+        self._cache_kwarg = "cache" if "cache" in accepted else "past_key_values"
+        self._keep_logits = "logits_to_keep" in accepted  # prefill: logits of the last position only
+        self._cond = threading.Condition()
+        self._pending: collections.deque[Request] = collections.deque()
+        self._controls: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._rows: list[_Row] = []
+        self._cache = BatchCache()
+        self._names: dict[str, str] = {}  # public prefix name -> internal name in the model
+        self._refs: collections.Counter[str] = collections.Counter()  # internal name -> live requests
+        self._retired: set[str] = set()  # internal names to drop once unused
+        self._serial = itertools.count(1)
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        for name in list(model.prefixes):
+            self._adopt(name)
+
+    # ---------------------------------------------------------------- public
+    def start(self) -> "Batcher":
+        self._thread = threading.Thread(target=self._loop, name="prefixtune-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still waiting or running end with a 503 error."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        else:  # never started: no loop to tell the waiting requests
+            self._fail_all(errors.unavailable())
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    def model_names(self) -> list[str]:
+        """The base model's name, then every prefix's."""
+        with self._cond:
+            return [self.base_name, *self._names]
+
+    def prefix_names(self) -> list[str]:
+        with self._cond:
+            return list(self._names)
+
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def active_rows(self) -> int:
+        return len(self._rows)
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue ``requests`` (all or none).
+
+        Raises:
+            APIError: 404 for an unknown model, 429 when the queue is full, 503 when closed.
+        """
+        with self._cond:
+            if self._closed:
+                raise errors.unavailable()
+            if len(self._pending) + len(requests) > self.limits.max_queue:
+                raise errors.queue_full(self.limits.max_queue)
+            for request in requests:
+                if request.model != self.base_name and request.model not in self._names:
+                    raise errors.unknown_model(request.model, [self.base_name, *self._names])
+            for request in requests:
+                request.prefix = self._names.get(request.model) if request.model != self.base_name else None
+                if request.prefix is not None:
+                    self._refs[request.prefix] += 1
+                self._pending.append(request)
+            self._cond.notify_all()
+
+    def add_prefix(self, name: str, directory: str) -> Future:
+        """Load the prefix saved in ``directory`` as ``name`` (replacing one of that name), between steps."""
+        if not NAME.match(name or "") or name == self.base_name:
+            raise errors.bad_request(
+                f"invalid prefix name {name!r}: use letters, digits and . _ : - (at most 128), "
+                f"not the base model's name", param="name")
+        return self._control(lambda: self._load(name, directory))
+
+    def remove_prefix(self, name: str) -> Future:
+        """Stop serving ``name``; requests already using it finish with it."""
+        return self._control(lambda: self._remove(name))
+
+    # ------------------------------------------------------------ prefixes
+    def _control(self, action: Callable) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise errors.unavailable()
+            self._controls.append((action, future))
+            self._cond.notify_all()
+        return future
+
+    def _adopt(self, loaded: str) -> None:
+        """Serve a prefix already in the model, folded for inference, under its own name."""
+        internal = f"{loaded}#{next(self._serial)}"
+        encoder = self.model.prefixes[loaded]
+        del self.model.prefixes[loaded]
+        self.model.prefixes[internal] = encoder.eval()
+        self.model.materialize(internal)
+        self._names[loaded] = internal
+
+    def _load(self, name: str, directory: str) -> dict:
+        internal = f"{name}#{next(self._serial)}"
+        try:
+            self.model.load_prefix(directory, name=internal)
+        except FileNotFoundError as err:
+            raise errors.bad_request(f"no saved prefix at {directory!r}: {err}", param="path") from err
+        except (ValueError, KeyError, OSError) as err:
+            raise errors.bad_request(f"cannot load the prefix in {directory!r}: {err}", param="path") from err
+        self.model.prefixes[internal].eval()
+        self.model.materialize(internal)
+        with self._cond:
+            old = self._names.get(name)
+            self._names[name] = internal
+        if old is not None:
+            self._retired.add(old)
+        encoder = self.model.prefixes[internal]
+        return {"id": name, "object": "prefix", "prefix_length": encoder.config.prefix_length,
+                "layers": len(encoder.layers), "replaced": old is not None}
+
+    def _remove(self, name: str) -> dict:
+        with self._cond:
+            if name not in self._names:
+                raise errors.unknown_model(name, [self.base_name, *self._names])
+            self._retired.add(self._names.pop(name))
+        return {"id": name, "object": "prefix", "deleted": True}
+
+    def _drop_retired(self) -> None:
+        with self._cond:
+            unused = [n for n in self._retired if self._refs[n] == 0]
+            for internal in unused:
+                self._retired.discard(internal)
+                self._refs.pop(internal, None)
+        for internal in unused:
+            self.model.remove_prefix(internal)
+
+    def _release(self, request: Request) -> None:
+        if request.prefix is not None:
+            with self._cond:
+                self._refs[request.prefix] -= 1
+
+    # ---------------------------------------------------------------- loop
+    def _loop(self) -> None:
+        try:
+            while self._turn():
+                pass
+        except Exception as err:  # noqa: BLE001 - the loop must tell every client before it dies
+            log.exception("batcher loop died")
+            self._fail_all(errors.internal(f"the batcher stopped: {err}"))
+        else:
+            self._fail_all(errors.unavailable())
+
+    def _turn(self) -> bool:
+        """One round: controls, admissions, one step. False when closed."""
+        with self._cond:
+            while not (self._pending or self._controls or self._rows or self._closed):
+                self._cond.wait()
+            if self._closed:
+                return False
+            controls = list(self._controls)
+            self._controls.clear()
+            admitted = self._admit()
+        for action, future in controls:
+            _settle(future, action)
+        self._drop_retired()
+        with torch.inference_mode():
+            if admitted:
+                self._prefill_all(admitted)
+            if self._rows:
+                try:
+                    self._decode()
+                except Exception as err:  # noqa: BLE001 - fail this step's rows, keep serving
+                    log.exception("decoding step failed")
+                    self._fail_rows(errors.internal(f"generation failed: {err}"))
+        return True
+
+    def _fail_rows(self, error: errors.APIError) -> None:
+        for row in self._rows:
+            if not row.done:
+                row.done = True
+                self._release(row.request)
+                row.request.sink(Event(error=error))
+        self._rows = []
+        self._cache = BatchCache()
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests that fit in the batch and the prefill budget (lock held)."""
+        admitted, longest = [], 0
+        while self._pending and len(self._rows) + len(admitted) < self.limits.max_batch:
+            request = self._pending[0]
+            if request.cancelled:
+                self._pending.popleft()
+                if request.prefix is not None:
+                    self._refs[request.prefix] -= 1
+                continue
+            longest = max(longest, len(request.prompt_ids))
+            if admitted and longest * (len(admitted) + 1) > self.limits.max_prefill_tokens:
+                break
+            admitted.append(self._pending.popleft())
+        return admitted
+
+    def _fail_all(self, error: errors.APIError) -> None:
+        with self._cond:
+            self._closed = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            for action, future in self._controls:
+                future.set_exception(error)
+            self._controls.clear()
+        for request in waiting + [row.request for row in self._rows if not row.done]:
+            request.sink(Event(error=error))
+        self._rows = []
+        self._cache = BatchCache()
+
+    # ------------------------------------------------------------- prefill
+    def _prefill_all(self, requests: list[Request]) -> None:
+        """Prefill ``requests`` together; if that fails, one by one, so that only the
+        request that causes an error gets it."""
+        try:
+            self._prefill(requests)
+        except Exception as err:  # noqa: BLE001 - isolate the request at fault
+            if len(requests) == 1:
+                log.exception("prefill failed")
+                self._release(requests[0])
+                requests[0].sink(Event(error=errors.internal(f"generation failed: {err}")))
+                return
+            for request in requests:
+                self._prefill_all([request])
+
+    def _prefill(self, requests: list[Request]) -> None:
+        start = time.perf_counter()
+        device = self.model.device
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, request in enumerate(requests):
+            n = len(request.prompt_ids)
+            ids[i, width - n:] = torch.tensor(request.prompt_ids)
+            mask[i, width - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        cache = DynamicCache()
+        extra = {"logits_to_keep": 1} if self._keep_logits else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         prefix=[r.prefix for r in requests], **{self._cache_kwarg: cache}, **extra)
+        rows = [_Row(r, TextStream(self.tokenizer, r.params.stop), r.params.generator(device), len(r.prompt_ids))
+                for r in requests]
+        self._advance(rows, out.logits[:, -1])
+        self._cache.join(cache, mask)
+        self._rows.extend(rows)
+        self._evict()
+        self._report("prefill", len(rows), int(mask.sum()), start)
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else min(self.eos, default=0)
+
+    # -------------------------------------------------------------- decode
+    def _decode(self) -> None:
+        """One step: every row's last token in, one new token per row out."""
+        start = time.perf_counter()
+        device = self.model.device
+        for row in self._rows:
+            if row.request.cancelled:
+                self._finish(row, None)
+        self._evict()
+        if not self._rows:
+            return
+        ids = torch.tensor([[row.last] for row in self._rows], device=device)
+        positions = torch.tensor([[row.position] for row in self._rows], device=device)
+        mask = self._cache.step_mask()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         prefix=[row.request.prefix for row in self._rows],
+                         **{self._cache_kwarg: self._cache.cache})
+        self._cache.mask = mask
+        for row in self._rows:
+            row.position += 1
+        rows = len(self._rows)
+        self._advance(self._rows, out.logits[:, -1])
+        self._evict()
+        self._report("decode", rows, rows, start)
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token and tell its request."""
+        chosen = next_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
+        for row, token in zip(rows, chosen):
+            row.last = token
+            row.generated += 1
+            params = row.request.params
+            if token in self.eos and not params.ignore_eos:
+                self._finish(row, "stop")
+                continue
+            piece = row.text.push(token)
+            if row.text.stopped:
+                self._finish(row, "stop", piece)
+            elif row.generated >= params.max_tokens:
+                self._finish(row, "length", piece + row.text.flush())
+            elif piece:
+                row.request.sink(Event(text=piece, completion_tokens=row.generated))
+
+    def _finish(self, row: _Row, reason: str | None, piece: str = "") -> None:
+        row.done = True
+        self._release(row.request)
+        if reason is not None:
+            row.request.sink(Event(text=piece, finish_reason=reason, prompt_tokens=len(row.request.prompt_ids),
+                                   completion_tokens=row.generated))
+
+    def _evict(self) -> None:
+        """Finished rows leave the batch (and its cache)."""
+        keep = [i for i, row in enumerate(self._rows) if not row.done]
+        if len(keep) == len(self._rows):
+            return
+        self._cache.keep(keep)
+        self._rows = [self._rows[i] for i in keep]
+
+    def _report(self, kind: str, rows: int, tokens: int, start: float) -> None:
+        if self.on_step is not None:
+            self.on_step(kind, rows, tokens, time.perf_counter() - start)
+
+
+def _settle(future: Future, action: Callable) -> None:
+    try:
+        future.set_result(action())
+    except Exception as err:  # noqa: BLE001 - handed to the caller
+        future.set_exception(err if isinstance(err, errors.APIError) else errors.internal(str(err)))
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a generation: the tokenizer's and the generation config's."""
+    ids = set()
+    for source in (getattr(model.model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
+    return ids

@@ -1,0 +1,373 @@
+"""The HTTP server, driven by the official ``openai`` client: completions, chat, streaming,
+models, prefix management, every error case of issue 5, metrics, and a load test."""
+
+import argparse
+import concurrent.futures
+import gc
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import psutil
+import pytest
+from tiny import tiny_model_folder
+
+from prefixtune import PrefixConfig, PrefixModel
+from prefixtune.models import load_model
+from prefixtune.serve import cli
+from prefixtune.serve.background import BackgroundServer
+
+KEY = "test-key"
+BASE = "tiny-base"
+PREFIXES = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny Llama with the bundled tokenizer, and three saved prefixes for it."""
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = tiny_model_folder(root / "model")
+    model, _ = load_model(str(model_dir))
+    pm = PrefixModel(model)
+    for i, name in enumerate(PREFIXES):
+        pm.add_prefix(name, PrefixConfig(prefix_length=2 + i, reparameterize=i == 1, init_std=3.0))
+        if i == 1:
+            pm.prefixes[name].embedding.weight.data.normal_(0, 3.0)
+        pm.save_prefix(root / name, name=name, keep_reparam=True)
+    return root
+
+
+def build(folders, *extra, prefixes=PREFIXES[:2], api_key=KEY):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    argv = ["--model", str(folders / "model"), "--served-model-name", BASE, "--device", "cpu",
+            "--max-tokens", "64", "--max-prompt-tokens", "100", *extra]
+    for name in prefixes:
+        argv += ["--prefix", f"{name}={folders / name}"]
+    return cli.build_app(parser.parse_args(argv), api_key=api_key)
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    with BackgroundServer(build(folders)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def http(server, method, path, body=None, key=KEY, raw=None, headers=None):
+    """``(status, parsed JSON or text)`` of one request, without the openai client."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, text = err.code, err.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def until(condition, timeout=30.0) -> bool:
+    """Wait for ``condition()`` to hold; False if it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def hold(batcher) -> threading.Event:
+    """Stop the batcher's loop between two steps until the returned event is set."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def wait():
+        entered.set()
+        gate.wait(60)
+
+    batcher._control(wait)
+    assert entered.wait(30), "the batcher loop did not pick up the hold"
+    return gate
+
+
+def assert_error(result, status, param=None, code=None):
+    got, body = result
+    assert got == status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+
+
+# ------------------------------------------------------------------ API
+def test_models_lists_the_base_and_every_prefix(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [BASE, *PREFIXES[:2]]
+    assert client.models.retrieve("alpha").parent == BASE
+
+
+def test_completion_and_chat(client):
+    out = client.completions.create(model="alpha", prompt="Once upon a time", max_tokens=8, temperature=0)
+    choice = out.choices[0]
+    assert out.object == "text_completion" and out.model == "alpha"
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.text, str)
+    assert out.usage.completion_tokens <= 8 and out.usage.prompt_tokens > 0
+    chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi there"}],
+                                          max_tokens=8, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens > 10  # the chat template's own tokens are there
+
+
+def test_prefixes_change_the_output(client):
+    texts = {m: client.completions.create(model=m, prompt="The weather", max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text
+             for m in (BASE, "alpha", "beta")}
+    assert len(set(texts.values())) == 3, texts
+
+
+def test_streaming_equals_the_whole_answer(client):
+    for kind in ("completion", "chat"):
+        kw = dict(max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+        if kind == "chat":
+            call, kw["messages"] = client.chat.completions.create, [{"role": "user", "content": "Tell me"}]
+        else:
+            call, kw["prompt"] = client.completions.create, "Tell me"
+        whole = call(model="alpha", **kw).choices[0]
+        chunks = list(call(model="alpha", stream=True, stream_options={"include_usage": True}, **kw))
+        assert chunks[-1].usage.completion_tokens == 16 and not chunks[-1].choices
+        pieces = [c.choices[0] for c in chunks if c.choices]
+        if kind == "chat":
+            assert pieces[0].delta.role == "assistant"
+            assert "".join(p.delta.content or "" for p in pieces) == whole.message.content
+        else:
+            assert "".join(p.text for p in pieces) == whole.text
+        assert pieces[-1].finish_reason == whole.finish_reason == "length"
+
+
+def test_n_choices_seed_and_echo(client):
+    out = client.completions.create(model="alpha", prompt="A", max_tokens=6, temperature=1.0, seed=3, n=3,
+                                    echo=True)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert all(c.text.startswith("A") for c in out.choices)
+    again = client.completions.create(model="alpha", prompt="A", max_tokens=6, temperature=1.0, seed=3, n=3,
+                                      echo=True)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+
+
+def test_concurrent_mixed_prefix_requests_equal_one_at_a_time_over_http(client):
+    jobs = [(m, f"Request {i} about {m}", 6 + 3 * i) for i, m in enumerate([BASE, "alpha", "beta", "alpha", "beta",
+                                                                          BASE, "alpha", "beta"])]
+
+    def one(job):
+        model, prompt, n = job
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        return out.choices[0].text, out.choices[0].finish_reason
+
+    alone = [one(job) for job in jobs]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(one, jobs))
+    assert together == alone
+
+
+# --------------------------------------------------------------- errors
+def test_missing_or_wrong_key_is_401(server):
+    assert_error(http(server, "GET", "/v1/models", key=None), 401, code="invalid_api_key")
+    assert_error(http(server, "POST", "/v1/completions", {"model": BASE, "prompt": "x"}, key="wrong"), 401)
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=BASE, prompt="x", max_tokens=2)
+
+
+def test_unknown_model_is_404(client, server):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    assert_error(http(server, "GET", "/v1/models/nope"), 404)
+    assert_error(http(server, "GET", "/v1/nothing-here"), 404)
+
+
+def test_malformed_json_and_bad_fields_are_400(client, server):
+    truncated = b'{"model": "alpha", "prompt": '
+    assert_error(http(server, "POST", "/v1/completions", raw=truncated), 400, code="invalid_json")
+    assert_error(http(server, "POST", "/v1/chat/completions", raw=b"[1, 2]"), 400, code="invalid_json")
+    cases = [
+        ({"prompt": "x"}, "model"),
+        ({"model": "alpha"}, "prompt"),
+        ({"model": "alpha", "prompt": "x", "temperature": 3}, "temperature"),
+        ({"model": "alpha", "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": "alpha", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "alpha", "prompt": "x", "n": 99}, "n"),
+        ({"model": "alpha", "prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"model": "alpha", "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+        ({"model": "alpha", "prompt": [10**9]}, "prompt"),
+    ]
+    for body, param in cases:
+        assert_error(http(server, "POST", "/v1/completions", body), 400, param=param)
+    assert_error(http(server, "POST", "/v1/chat/completions", {"model": "alpha", "messages": []}), 400,
+                 param="messages")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": 5}])
+
+
+def test_limits_on_max_tokens_and_prompt_length(client, server):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="alpha", prompt="x", max_tokens=65)
+    assert err.value.body["param"] == "max_tokens"
+    assert_error(http(server, "POST", "/v1/completions", {"model": "alpha", "prompt": "x", "max_tokens": 0}), 400)
+    long_prompt = " word" * 200
+    assert_error(http(server, "POST", "/v1/completions", {"model": "alpha", "prompt": long_prompt}), 413,
+                 param="prompt", code="prompt_too_long")
+    assert_error(http(server, "POST", "/v1/chat/completions",
+                      {"model": "alpha", "messages": [{"role": "user", "content": long_prompt}]}), 413)
+    # a body declared larger than 1 MiB is refused before it is read
+    assert_error(http(server, "POST", "/v1/completions", raw=b"{}", headers={"Content-Length": str(2 << 20)}), 413,
+                 code="body_too_large")
+
+
+def test_bad_requests_never_disturb_the_others(client, server):
+    good = dict(model="beta", prompt="Steady", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    expected = client.completions.create(**good).choices[0].text
+    bad = [{"model": "nope", "prompt": "x"}, {"model": "alpha", "prompt": "x", "max_tokens": 10**6}, None]
+
+    def send_bad(i):
+        if bad[i % 3] is None:
+            return http(server, "POST", "/v1/completions", raw=b"{oops")[0]
+        return http(server, "POST", "/v1/completions", bad[i % 3])[0]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(lambda: client.completions.create(**good).choices[0].text) for _ in range(4)]
+        statuses = list(pool.map(send_bad, range(12)))
+        assert [g.result() for g in goods] == [expected] * 4
+    assert set(statuses) == {400, 404}
+
+
+def test_full_queue_is_429_and_every_queued_request_is_answered(folders):
+    with BackgroundServer(build(folders, "--max-queue", "3", "--max-batch", "1")) as running:
+        batcher = running.app.state.batcher
+        gate = hold(batcher)  # nothing drains the queue now
+        body = {"model": "alpha", "prompt": "x", "max_tokens": 3}
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            queued = [pool.submit(http, running, "POST", "/v1/completions", body) for _ in range(3)]
+            assert until(lambda: batcher.queue_depth() == 3)
+            assert_error(http(running, "POST", "/v1/completions", body), 429, code="queue_full")
+            gate.set()
+            assert [q.result()[0] for q in queued] == [200, 200, 200]
+
+
+def test_a_client_that_hangs_up_frees_its_rows(server):
+    import socket
+
+    batcher = server.app.state.batcher
+    host, port = server.url.removeprefix("http://").split(":")
+    for stream in (False, True):
+        body = json.dumps({"model": "alpha", "prompt": "x", "max_tokens": 64, "stream": stream,
+                           "ignore_eos": True}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(head + body)
+            assert until(lambda: batcher.active_rows() == 1)
+            gate = hold(batcher)
+            row = batcher._rows[0]
+        assert until(lambda: row.request.cancelled), stream  # the hang-up is noticed while the loop is held
+        gate.set()
+        assert until(lambda: batcher.active_rows() == 0)
+        assert row.generated < 64, (stream, row.generated)
+
+
+# ------------------------------------------------------ prefix management
+def test_prefixes_are_added_and_removed_at_run_time(client, server, folders):
+    assert_error(http(server, "POST", "/v1/prefixes/gamma", {"path": str(folders / "gamma")}, key=None), 401)
+    assert_error(http(server, "POST", "/v1/prefixes/gamma", {"path": str(folders / "missing")}), 400, param="path")
+    assert_error(http(server, "POST", "/v1/prefixes/gamma", raw=b"{"), 400)
+    status, body = http(server, "POST", "/v1/prefixes/gamma", {"path": str(folders / "gamma")})
+    assert status == 200 and body["id"] == "gamma" and body["prefix_length"] == 4
+    assert "gamma" in [m.id for m in client.models.list().data]
+    assert client.completions.create(model="gamma", prompt="Hi", max_tokens=3).choices[0].finish_reason
+    status, body = http(server, "DELETE", "/v1/prefixes/gamma")
+    assert status == 200 and body["deleted"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gamma", prompt="Hi", max_tokens=3)
+    assert_error(http(server, "DELETE", "/v1/prefixes/gamma"), 404)
+
+
+def test_without_a_key_the_api_is_open_and_prefix_management_is_off(folders):
+    with BackgroundServer(build(folders, prefixes=(), api_key=None)) as running:
+        open_client = openai.OpenAI(base_url=running.url + "/v1", api_key="anything", max_retries=0)
+        assert [m.id for m in open_client.models.list().data] == [BASE]
+        assert_error(http(running, "POST", "/v1/prefixes/alpha", {"path": str(folders / "alpha")}, key=None), 403)
+
+
+def test_binds_to_loopback_unless_told_otherwise():
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert parser.parse_args([]).host == "127.0.0.1"
+
+
+def test_command_line_refuses_bad_prefix_options(folders, capsys):
+    from prefixtune.cli import main
+
+    assert main(["serve", "--model", str(folders / "model"), "--prefix", "no-equals-sign"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+    assert main(["serve", "--model", str(folders / "model"), "--prefix", f"x={folders / 'missing'}"]) == 2
+
+
+# --------------------------------------------------- health, metrics, load
+def test_health_and_metrics(client, server):
+    client.completions.create(model="alpha", prompt="count me", max_tokens=4)
+    status, body = http(server, "GET", "/health", key=None)
+    assert status == 200 and body["status"] == "ok" and body["models"] == [BASE, *PREFIXES[:2]]
+    status, text = http(server, "GET", "/metrics", key=None)
+    assert status == 200
+    for name in ("prefixtune_requests_total", "prefixtune_generation_tokens_total",
+                 "prefixtune_generation_tokens_per_second", "prefixtune_batch_size_bucket", "prefixtune_queue_depth"):
+        assert f"\n{name}" in text or text.startswith(name) or f"{name}{{" in text, name
+    assert 'prefixtune_requests_total{endpoint="/v1/completions",status="200"}' in text
+
+
+def test_load_every_request_answered_and_no_memory_growth(client, server):
+    """300 bounded requests from 16 threads on loopback; all answered, memory flat."""
+    batcher = server.app.state.batcher
+    models = [BASE, *PREFIXES[:2]]
+
+    def one(i):
+        kind = i % 3
+        if kind == 2:
+            out = client.chat.completions.create(model=models[i % 3], messages=[{"role": "user", "content": f"n{i}"}],
+                                                 max_tokens=1 + i % 4, temperature=0.7, seed=i)
+            return out.choices[0].finish_reason
+        stream = kind == 1
+        out = client.completions.create(model=models[i % 3], prompt=f"load {i}", max_tokens=1 + i % 4,
+                                        temperature=0, stream=stream)
+        return [c.choices[0].finish_reason for c in out if c.choices][-1] if stream else out.choices[0].finish_reason
+
+    def rss():
+        gc.collect()
+        return psutil.Process().memory_info().rss
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert all(list(pool.map(one, range(40))))  # warm up: allocator pools, caches
+        before = rss()
+        reasons = list(pool.map(one, range(300)))
+    after = rss()
+    assert len(reasons) == 300 and set(reasons) <= {"stop", "length"}
+    assert after - before < 64 << 20, (before, after)
+    assert batcher.queue_depth() == 0 and batcher.active_rows() == 0 and batcher._cache.rows == 0
+    assert not any(batcher._refs.values())

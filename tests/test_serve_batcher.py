@@ -1,0 +1,288 @@
+"""The continuous batcher without HTTP: mixed-prefix batches decode exactly as requests
+alone do, rows join and leave mid-flight, prefixes change between steps, limits hold."""
+
+import queue
+import time
+
+import pytest
+import torch
+from tiny import tiny_model, tokens
+
+from prefixtune import PrefixConfig, PrefixModel
+from prefixtune.serve import Batcher, Limits, Request, SamplingParams
+from prefixtune.serve.errors import APIError
+from prefixtune.serve.kvcache import BatchCache
+from prefixtune.serve.sampling import next_tokens
+from prefixtune.serve.text import TextStream
+
+EOS = 2
+
+
+class CharTokenizer:
+    """Token ``i`` is one letter: easy to reason about stop strings and text pieces."""
+
+    eos_token_id = EOS
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids if i > EOS)
+
+    def __len__(self):
+        return 97
+
+
+def _model(arch="llama"):
+    pm = PrefixModel.wrap(tiny_model(arch), PrefixConfig(prefix_length=3, reparameterize=False, init_std=2.0), name="a")
+    pm.add_prefix("b", PrefixConfig(prefix_length=5, reparameterize=True, reparam_hidden_size=16))
+    pm.prefixes["b"].embedding.weight.data.normal_(0, 3.0)  # make b's MLP output matter
+    return pm
+
+
+class Collector:
+    """Submits requests and waits for their ends."""
+
+    def __init__(self, batcher):
+        self.batcher, self.done, self.events = batcher, queue.Queue(), {}
+
+    def request(self, key, prompt, model, **params):
+        self.events[key] = []
+
+        def sink(event):
+            self.events[key].append(event)
+            if event.finish_reason or event.error:
+                self.done.put(key)
+
+        params = {"max_tokens": 10, "temperature": 0.0, **params}
+        return Request(prompt, model, SamplingParams(**params), sink)
+
+    def wait(self, count, timeout=60):
+        return [self.done.get(timeout=timeout) for _ in range(count)]
+
+    def text(self, key):
+        return "".join(e.text for e in self.events[key])
+
+    def last(self, key):
+        return self.events[key][-1]
+
+
+@pytest.fixture
+def served():
+    pm = _model()
+    batcher = Batcher(pm, CharTokenizer(), "base", Limits(max_batch=8, max_queue=16)).start()
+    yield pm, batcher
+    batcher.close()
+
+
+PROMPTS = [tokens(1, n, seed=n)[0].tolist() for n in (3, 8, 5, 11, 4, 6)]
+MODELS = ["a", "base", "b", "a", "b", "base"]
+
+
+def until(condition, timeout=30.0) -> bool:
+    """Wait for ``condition()`` to hold; False if it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def _alone(batcher, prompt, model, **params):
+    c = Collector(batcher)
+    batcher.submit([c.request(0, prompt, model, **params)])
+    c.wait(1)
+    return c.text(0), c.last(0).finish_reason
+
+
+def test_concurrent_mixed_prefix_requests_equal_requests_sent_one_at_a_time(served):
+    """The issue's correctness criterion, with rows joining while others are mid-decoding
+    (so caches of different lengths are merged and trimmed) and leaving at different steps."""
+    pm, batcher = served
+    c = Collector(batcher)
+    lengths = [12, 5, 9, 14, 3, 7]
+    requests = [c.request(i, p, m, max_tokens=n, ignore_eos=True)
+                for i, (p, m, n) in enumerate(zip(PROMPTS, MODELS, lengths))]
+    batcher.submit(requests[:2])
+    assert until(lambda: any(c.events[k] for k in (0, 1)))  # the first two are decoding before the rest join
+    batcher.submit(requests[2:4])
+    c.wait(1)
+    batcher.submit(requests[4:])
+    c.wait(len(requests) - 1)
+    for i, (p, m, n) in enumerate(zip(PROMPTS, MODELS, lengths)):
+        assert (c.text(i), c.last(i).finish_reason) == _alone(batcher, p, m, max_tokens=n, ignore_eos=True), i
+        assert c.last(i).completion_tokens == n
+
+
+def test_batched_greedy_equals_prefix_model_generate(served):
+    pm, batcher = served
+    c = Collector(batcher)
+    batcher.submit([c.request(i, p, m, ignore_eos=True) for i, (p, m) in enumerate(zip(PROMPTS, MODELS))])
+    c.wait(len(PROMPTS))
+    internal = {"base": None, **{m: batcher._names[m] for m in ("a", "b")}}
+    for i, (p, m) in enumerate(zip(PROMPTS, MODELS)):
+        x = torch.tensor([p])
+        out = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), prefix=internal[m], max_new_tokens=10,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert c.text(i) == CharTokenizer().decode(out[0, len(p):].tolist())
+
+
+def test_prefixes_are_materialized_once_at_load(served):
+    pm, batcher = served
+    assert all(not encoder.reparameterized and not encoder.training for encoder in pm.prefixes.values())
+
+
+def test_end_of_sequence_stop_strings_and_length_end_a_row(served):
+    pm, batcher = served
+    text, reason = _alone(batcher, PROMPTS[1], "a", max_tokens=12, ignore_eos=True)
+    assert reason == "length" and len(text) == 12
+    stop = text[4:6]
+    cut, reason = _alone(batcher, PROMPTS[1], "a", max_tokens=12, ignore_eos=True, stop=["zzzz", stop])
+    assert reason == "stop" and cut == text[: text.index(stop)]
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(served):
+    pm, batcher = served
+    params = dict(temperature=1.5, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True)
+    alone = _alone(batcher, PROMPTS[0], "b", **params)
+    c = Collector(batcher)
+    batcher.submit([c.request(0, PROMPTS[0], "b", **params)] +
+                   [c.request(i, p, m, temperature=1.0, ignore_eos=True) for i, (p, m) in enumerate(
+                       zip(PROMPTS[1:], MODELS[1:]), start=1)])
+    c.wait(len(PROMPTS))
+    assert (c.text(0), c.last(0).finish_reason) == alone
+    assert _alone(batcher, PROMPTS[0], "b", **{**params, "seed": 8}) != alone
+
+
+def test_unknown_model_and_full_queue_are_refused_at_submit():
+    pm = _model()
+    batcher = Batcher(pm, CharTokenizer(), "base", Limits(max_batch=1, max_queue=2))  # not started: nothing drains
+    c = Collector(batcher)
+    with pytest.raises(APIError) as err:
+        batcher.submit([c.request(0, [5, 6], "nope")])
+    assert err.value.status == 404 and err.value.code == "model_not_found"
+    batcher.submit([c.request(1, [5, 6], "a"), c.request(2, [5, 6], "b")])
+    with pytest.raises(APIError) as err:
+        batcher.submit([c.request(3, [5, 6], "a")])
+    assert err.value.status == 429
+    batcher.start()
+    assert sorted(c.wait(2)) == [1, 2]
+    batcher.close()
+    with pytest.raises(APIError) as err:
+        batcher.submit([c.request(4, [5, 6], "a")])
+    assert err.value.status == 503
+
+
+def test_replacing_or_removing_a_prefix_mid_flight_keeps_running_requests_on_their_prefix(served, tmp_path):
+    pm, batcher = served
+    expected = _alone(batcher, PROMPTS[3], "a", max_tokens=40, ignore_eos=True)
+    other = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=4, reparameterize=False, init_std=2.0))
+    other.save_prefix(tmp_path / "new")
+    c = Collector(batcher)
+    batcher.submit([c.request(0, PROMPTS[3], "a", max_tokens=40, ignore_eos=True)])
+    assert until(lambda: c.events[0])
+    loaded = batcher.add_prefix("a", str(tmp_path / "new")).result(timeout=30)
+    assert loaded["replaced"] and loaded["prefix_length"] == 4
+    assert batcher.remove_prefix("b").result(timeout=30)["deleted"]
+    c.wait(1)
+    assert (c.text(0), c.last(0).finish_reason) == expected
+    assert _alone(batcher, PROMPTS[3], "a", max_tokens=40, ignore_eos=True) != expected  # new requests: new prefix
+    assert batcher.model_names() == ["base", "a"]
+    _alone(batcher, PROMPTS[0], "base")  # one more turn of the loop, which drops retired prefixes
+    assert len(pm.prefixes) == 1  # the old "a" and "b" are gone once unused
+    with pytest.raises(APIError) as err:
+        batcher.remove_prefix("b").result(timeout=30)
+    assert err.value.status == 404
+
+
+def test_a_bad_prefix_path_fails_alone(served, tmp_path):
+    pm, batcher = served
+    with pytest.raises(APIError) as err:
+        batcher.add_prefix("c", str(tmp_path / "missing")).result(timeout=30)
+    assert err.value.status == 400 and err.value.param == "path"
+    with pytest.raises(APIError):
+        batcher.add_prefix("bad name/", str(tmp_path))
+    assert _alone(batcher, PROMPTS[0], "a")[1] in ("stop", "length")
+
+
+def test_cancelled_requests_leave_the_batch(served):
+    pm, batcher = served
+    c = Collector(batcher)
+    slow = c.request(0, PROMPTS[0], "a", max_tokens=10_000, ignore_eos=True)
+    batcher.submit([slow, c.request(1, PROMPTS[1], "b", max_tokens=5, ignore_eos=True)])
+    assert c.wait(1) == [1]
+    slow.cancelled = True
+    assert until(lambda: batcher.active_rows() == 0) and batcher._cache.rows == 0
+    assert not any(batcher._refs.values())
+
+
+def test_batch_cache_join_and_keep_left_pad_and_trim():
+    def cache(rows, length, fill):
+        c = BatchCache()
+        from transformers import DynamicCache
+
+        kv = DynamicCache()
+        kv.update(torch.full((rows, 1, length, 2), float(fill)), torch.full((rows, 1, length, 2), float(fill)), 0)
+        c.join(kv, torch.ones(rows, length, dtype=torch.long))
+        return c
+
+    mine, theirs = cache(2, 3, 1), cache(1, 5, 2)
+    mine.join(theirs.cache, theirs.mask)
+    assert mine.mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert mine.cache.layers[0].keys[:, 0, :, 0].tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [2, 2, 2, 2, 2]]
+    mine.keep([1, 0])  # the long row leaves: the all-padding columns go
+    assert mine.mask.tolist() == [[1, 1, 1], [1, 1, 1]] and mine.cache.layers[0].keys.shape[2] == 3
+    mine.keep([])
+    assert mine.rows == 0
+
+
+def test_text_stream_holds_back_partial_stop_strings():
+    stream = TextStream(CharTokenizer(), stop=["cde"])
+    pieces = [stream.push(t) for t in (3, 4, 5, 6)]  # token 3 is "d": "defg" never contains "cde"
+    assert "".join(pieces) == "defg" and not stream.stopped
+    stream = TextStream(CharTokenizer(), stop=["efx", "fg"])
+    assert stream.push(3) == "d"
+    assert stream.push(4) == ""  # "e" may begin "efx"
+    assert stream.push(5) == ""  # "ef" may begin "efx" and "f" may begin "fg"
+    assert stream.push(6) == "e" and stream.stopped  # "fg" found: the text ends before it
+    assert stream.text == "de"
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    params = [SamplingParams(temperature=1.0, top_p=0.5)]
+    draws = {next_tokens(logits, params, [torch.Generator().manual_seed(s)])[0] for s in range(50)}
+    assert draws == {0}
+    params = [SamplingParams(temperature=1.0, top_p=0.85)]
+    draws = {next_tokens(logits, params, [torch.Generator().manual_seed(s)])[0] for s in range(200)}
+    assert draws == {0, 1}
+
+
+def test_a_request_that_breaks_the_model_fails_alone(served):
+    """A prefill that raises is retried row by row, so only the request at fault gets the error."""
+    pm, batcher = served
+    expected = _alone(batcher, PROMPTS[1], "b")
+    c = Collector(batcher)
+    batcher.submit([c.request(0, PROMPTS[1], "b"), c.request(1, [5, 10**6, 7], "a"), c.request(2, PROMPTS[2], "a")])
+    c.wait(3)
+    assert c.last(1).error is not None and c.last(1).error.status == 500
+    assert (c.text(0), c.last(0).finish_reason) == expected
+    assert c.last(2).finish_reason in ("stop", "length")
+    assert batcher.alive and not any(batcher._refs.values())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "qwen3", "gemma2"])
+def test_mixed_batches_are_exact_on_other_families(arch):
+    """Absolute positions (GPT-2, OPT's mask-derived ones), another head_dim, eager soft-capping."""
+    batcher = Batcher(_model(arch), CharTokenizer(), "base", Limits(max_batch=8)).start()
+    try:
+        c = Collector(batcher)
+        requests = [c.request(i, p, m, max_tokens=4 + 2 * i, ignore_eos=True)
+                    for i, (p, m) in enumerate(zip(PROMPTS[:4], MODELS[:4]))]
+        batcher.submit(requests[:2])
+        assert until(lambda: c.events[0])
+        batcher.submit(requests[2:])
+        c.wait(4)
+        for i, (p, m) in enumerate(zip(PROMPTS[:4], MODELS[:4])):
+            assert c.text(i) == _alone(batcher, p, m, max_tokens=4 + 2 * i, ignore_eos=True)[0], i
+    finally:
+        batcher.close()
