@@ -5,6 +5,11 @@ A checkpoint folder holds the prefix with its MLP (``save_prefix(keep_reparam=Tr
 (step, best metric, optimizer hyper-parameters, scheduler counters). It is written to a
 temporary folder and swapped in with renames, so a crash mid-write leaves the previous
 checkpoint intact.
+
+Nothing in it belongs to one process of a distributed run: every process holds the same
+prefix and optimizer state, the main process writes them, and any number of processes can
+resume from them. The RNG state is the writer's; only a single-process resume restores it
+(``train`` reseeds each process of a distributed run, see ``distributed.Processes.seed``).
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-def save(directory: Path, pm: PrefixModel, optimizer, scheduler, state: dict) -> None:
-    """Write a checkpoint of everything needed to continue exactly where training is."""
+def save(directory: Path, pm: PrefixModel, optimizer, scheduler, state: dict, processes: int = 1) -> None:
+    """Write a checkpoint of everything needed to continue exactly where training is.
+
+    ``processes`` (how many trained) is recorded for the record only: resuming does not need it.
+    """
     directory = Path(directory)
     staging = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -31,7 +39,7 @@ def save(directory: Path, pm: PrefixModel, optimizer, scheduler, state: dict) ->
     tensors, groups = _flatten_optimizer(optimizer.state_dict())
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(staging / OPTIMIZER_FILE))
-    meta = {"state": state, "param_groups": groups, "scheduler": scheduler.state_dict()}
+    meta = {"state": state, "param_groups": groups, "scheduler": scheduler.state_dict(), "processes": processes}
     (staging / STATE_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     old = directory.with_name(f".{directory.name}.old")
     if directory.exists():  # else an interrupted swap left `old` as the only good copy: keep it until the end
@@ -55,11 +63,13 @@ def load_state(directory: Path) -> dict:
     return json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))["state"]
 
 
-def restore(directory: Path, optimizer, scheduler) -> None:
-    """Restore optimizer moments, scheduler counters and the RNG from ``directory``."""
+def restore(directory: Path, optimizer, scheduler, rng: bool = True) -> None:
+    """Restore optimizer moments, scheduler counters and (with ``rng``) the RNG from ``directory``."""
     meta = json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))
     tensors = load_file(str(Path(directory) / OPTIMIZER_FILE))
-    torch.set_rng_state(tensors.pop("rng.torch"))
+    rng_state = tensors.pop("rng.torch")
+    if rng:
+        torch.set_rng_state(rng_state)
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
     scheduler.load_state_dict(meta["scheduler"])
 

@@ -6,6 +6,10 @@ on how the batch is split); warmup then linear/cosine decay; gradient clipping; 
 autocast and gradient checkpointing; evaluation with early stopping and the best prefix kept;
 atomic checkpoints with optimizer state every ``save_every`` steps, and on Ctrl-C;
 a NaN/inf guard that stops with the last good prefix saved.
+
+Under ``accelerate launch`` or ``torchrun`` the same loop trains data-parallel: each process
+takes its share of every global batch, and only the main process writes files
+(:mod:`prefixtune.distributed`, issue 8).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, data, demo, evaluate, options
+from . import checkpoint, data, demo, distributed, evaluate, options
 from .config import PrefixConfig, TrainConfig
 from .metrics import check_available
 from .model import PrefixModel
@@ -39,8 +43,9 @@ def train(cfg: TrainConfig) -> dict:
     _validate(cfg)
     out = Path(cfg.output_dir)
     resume_from = _resume_point(cfg, out)
+    dist = distributed.setup(cfg.device)
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = dist.device if isinstance(dist, distributed.Processes) else pick_device(cfg.device)
     autocast(cfg.precision, device)  # refuses now, not at step 1, what the device cannot do
     train_examples, eval_examples = _examples(cfg)
     model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
@@ -52,36 +57,50 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(pm.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    runner = dist.prepare(pm, optimizer)  # what forward passes call: `pm`, or the FSDP-sharded model around it
     total = total_steps(cfg, len(rows))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0}
     if resume_from:
         state = checkpoint.load_state(resume_from)
-        checkpoint.restore(resume_from, optimizer, scheduler)
+        checkpoint.restore(resume_from, optimizer, scheduler, rng=not isinstance(dist, distributed.Processes))
         log.info("resumed from %s at step %d of %d", resume_from, state["step"], total)
-    out.mkdir(parents=True, exist_ok=True)
-    _forget_after(out / "metrics.jsonl", state["step"])  # a fresh run starts a fresh log
-    options.dump(dataclasses.replace(cfg, resume=False), out / "config.yaml")  # replaying it starts afresh
-    loop = _Loop(cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total)
+    dist.seed(cfg.seed, state["step"])
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _forget_after(out / "metrics.jsonl", state["step"])  # a fresh run starts a fresh log
+        options.dump(dataclasses.replace(cfg, resume=False), out / "config.yaml")  # replaying it starts afresh
+    loop = _Loop(cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total, dist, runner)
     loop.run()
-    return loop.finish()
+    result = loop.finish()
+    dist.close()
+    return result
 
 
 class _Loop:
-    """One training run's mutable state, so each phase of the loop stays a short method."""
+    """One training run's mutable state, so each phase of the loop stays a short method.
 
-    def __init__(self, cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total):
+    ``pm`` is the PrefixModel (its prefix is what trains and is saved); ``runner`` is what
+    forward passes call (``pm`` itself, or the FSDP-sharded model around it); ``dist`` is this
+    process's place among the processes (:mod:`prefixtune.distributed`; ``Local`` alone).
+    """
+
+    def __init__(self, cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total,
+                 dist=None, runner=None):
         self.cfg, self.pm, self.tokenizer = cfg, pm, tokenizer
+        self.dist = dist or distributed.Local()
+        self.runner = runner or pm
         self.optimizer, self.scheduler = optimizer, scheduler
         self.rows, self.eval_examples, self.out, self.state, self.total = rows, eval_examples, out, state, total
         self.per_epoch = math.ceil(len(rows) / cfg.batch_size)
         self.metrics_file = out / "metrics.jsonl"
         self._epoch_batches: tuple[int, list] | None = None
         self._last_good: dict | None = None  # the prefix that last gave a finite loss and gradient
-        self.tensorboard = _tensorboard(out)
+        self.tensorboard = _tensorboard(out) if self.dist.is_main else None
 
     def run(self) -> None:
-        bar = tqdm(total=self.total, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.dist.is_main)
         try:
             while self.state["step"] < self.total and not self._stopped_early():
                 start = time.perf_counter()
@@ -110,26 +129,38 @@ class _Loop:
         return self._epoch_batches[1][index]
 
     def _step(self, rows: list[dict]) -> tuple[float, int]:
-        """One optimizer step over a global batch; returns (loss, input tokens)."""
-        self.pm.train()
-        micro = self.cfg.micro_batch_size or self.cfg.batch_size
-        batches = [data.collate(rows[i:i + micro], self.tokenizer.pad_token_id) for i in range(0, len(rows), micro)]
-        items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        total = 0.0
-        for batch in batches:
-            batch = {k: v.to(self.pm.device) for k, v in batch.items()}
-            with autocast(self.cfg.precision, self.pm.device):
-                loss = self.pm(**batch, num_items_in_batch=torch.tensor(max(items, 1), device=self.pm.device)).loss
-            self._guard(loss, "loss")
-            loss.backward()
-            total += loss.item()
-        norm = torch.nn.utils.clip_grad_norm_(self.pm.trainable_parameters(), self.cfg.max_grad_norm or float("inf"))
+        """One optimizer step over a global batch; returns (loss, input tokens), both of the whole batch.
+
+        This process's micro-batches of it (all of it, alone) each add their summed token
+        loss over the label-token count of the whole global batch, so that the summed
+        gradient is the global batch's mean-token-loss gradient however the batch is split
+        into micro-batches and processes.
+        """
+        self.runner.train()
+        device = self.pm.device
+        batches = [(data.collate(part, self.tokenizer.pad_token_id), weight)
+                   for part, weight in self.dist.plan(rows, self.cfg.micro_batch_size)]
+        items = sum(int((b["labels"][:, 1:] != -100).sum()) for b, weight in batches if weight)
+        items = self.dist.sum(torch.tensor(items, device=device)).clamp_min(1)
+        total, tokens = torch.zeros((), device=device), 0
+        for batch, weight in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(self.cfg.precision, device):
+                loss = self.runner(**batch, num_items_in_batch=items).loss
+            (loss if weight else loss * 0.0).backward()  # weight 0: a padding pass, for FSDP's collectives
+            if weight:
+                total += loss.detach().float()
+                tokens += int(batch["attention_mask"].sum())
+        params = self.pm.trainable_parameters()
+        total, tokens = self.dist.reduce_gradients(params, total, torch.tensor(float(tokens), device=device))
+        self._guard(total, "loss")  # after the reduction, so that every process stops together
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
         self._guard(norm, "gradient norm")
         self._last_good = {k: v.detach().clone() for k, v in self.pm.prefixes["default"].state_dict().items()}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, sum(int(b["attention_mask"].sum()) for b in batches)
+        return total.item(), int(tokens)
 
     def _guard(self, value: torch.Tensor, what: str) -> None:
         """Stop on NaN/inf before it reaches the prefix, keeping the last good prefix."""
@@ -139,7 +170,8 @@ class _Loop:
         if self.state["best_step"] is None:  # else the best evaluated prefix is already saved there
             if self._last_good is not None:  # the prefix before the update that led here
                 self.pm.prefixes["default"].load_state_dict(self._last_good)
-            self.pm.save_prefix(self.out)
+            if self.dist.is_main:
+                self.pm.save_prefix(self.out)
         raise TrainingError(
             f"{what} became {value.item()} at step {self.state['step'] + 1}; training stopped. The last good "
             f"prefix is in {self.out} (try a lower --lr, --max-grad-norm, or --precision fp32)"
@@ -153,19 +185,23 @@ class _Loop:
     def _evaluate(self) -> None:
         metric = self.cfg.metric
         names = [] if metric in ("loss", "perplexity") else [metric]
-        result = evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix="default",
-                                metrics=names, generate_limit=self.cfg.eval_generate_limit)
+        with self.dist.evaluation(self.runner):
+            result = evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix="default",
+                                    metrics=names, generate_limit=self.cfg.eval_generate_limit)
         result.pop("generations", None)
+        result = self.dist.broadcast(result)  # every process then takes the same best/patience decisions
         value = result[metric]
         best = self.state["best"]
         better = best is None or (value < best if evaluate.lower_is_better(metric) else value > best)
         if better:
             self.state.update(best=value, best_step=self.state["step"], bad_evals=0)
-            self.pm.save_prefix(self.out)
+            if self.dist.is_main:
+                self.pm.save_prefix(self.out)
         else:
             self.state["bad_evals"] += 1
         self._record({"step": self.state["step"], "eval": result})
-        tqdm.write(f"step {self.state['step']}: eval {metric} {value:.4f}" + (" (best)" if better else ""))
+        if self.dist.is_main:
+            tqdm.write(f"step {self.state['step']}: eval {metric} {value:.4f}" + (" (best)" if better else ""))
 
     def _stopped_early(self) -> bool:
         patience = self.cfg.patience
@@ -179,9 +215,13 @@ class _Loop:
             self._checkpoint()
 
     def _checkpoint(self) -> None:
-        checkpoint.save(self.out / "checkpoint", self.pm, self.optimizer, self.scheduler, self.state)
+        if self.dist.is_main:  # every process holds the same prefix and optimizer state
+            checkpoint.save(self.out / "checkpoint", self.pm, self.optimizer, self.scheduler, self.state,
+                            processes=self.dist.world_size)
 
     def _record(self, row: dict) -> None:
+        if not self.dist.is_main:
+            return
         with self.metrics_file.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.tensorboard is not None:
@@ -194,21 +234,28 @@ class _Loop:
     def finish(self) -> dict:
         """Final evaluation of the base model and the best (or last) prefix; curves; summary."""
         if not self.eval_examples:
-            self.pm.save_prefix(self.out)
+            if self.dist.is_main:
+                self.pm.save_prefix(self.out)
             result = {"prefix": str(self.out)}
         else:
             self._evaluate()  # the final prefix competes with the best one
             result = self._final_scores()
-        plot_curves(self.metrics_file, self.out / "curves.png")
+        if self.dist.is_main:
+            plot_curves(self.metrics_file, self.out / "curves.png")
         return result
 
     def _final_scores(self) -> dict:
+        self.dist.barrier()  # the best prefix is on disk for every process
         self.pm.load_prefix(self.out, name="best")
         metrics = split_list(self.cfg.metrics)
-        scores = {
-            label: evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix=prefix, metrics=metrics)
-            for label, prefix in (("base model", None), ("with prefix", "best"))
-        }
+        with self.dist.evaluation(self.runner):
+            scores = {
+                label: evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix=prefix,
+                                      metrics=metrics)
+                for label, prefix in (("base model", None), ("with prefix", "best"))
+            }
+        if not self.dist.is_main:
+            return {"prefix": str(self.out), "scores": scores}
         (self.out / "eval.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
         print(f"\n{len(self.eval_examples)} held-out examples; best prefix from step {self.state['best_step']}")
         print(evaluate.table(scores, metrics))

@@ -1,0 +1,233 @@
+"""Training on several processes (GPUs, nodes) through Hugging Face Accelerate (issue 8).
+
+``prefixtune train`` started by ``accelerate launch`` or ``torchrun`` finds itself in a
+distributed environment (``WORLD_SIZE`` > 1, or an Accelerate FSDP config) and trains
+data-parallel; started by itself it gets :class:`Local`, which does nothing at all, so a
+single process runs exactly as it always did, without Accelerate.
+
+How the work is split, and why:
+
+* Every process holds the same prefix and takes its contiguous share of each *global* batch
+  (``batch_size`` rows, whatever the number of processes), in micro-batches of
+  ``micro_batch_size`` rows. Under FSDP every process runs the same number of micro-batches
+  (a process short of rows runs a zero-weighted one), since its forward is a collective.
+* The loss of a micro-batch is its summed token loss over the label-token count of the whole
+  global batch, all-reduced across processes first; the prefix gradients are then *summed*
+  across processes. The result is the single-process gradient of the same global batch, so
+  the trained prefix does not depend on the number of processes.
+* The prefix gradients are all-reduced here, in one flat buffer per optimizer step (the
+  step's loss and token count ride along), rather than by wrapping the model in DDP. The
+  prefix is a few MB, so this is the least communication possible; DDP would add nothing but
+  cost: its constructor broadcasts every parameter and buffer of the module, the frozen base
+  included (gigabytes for a 7B model), it re-broadcasts buffers at every forward, and it needs
+  ``no_sync`` bookkeeping around micro-batches. (DDP would not bucket the frozen weights,
+  which have ``requires_grad=False``, and would not need ``find_unused_parameters``, since
+  every prefix parameter is used in every forward; ``tests/test_distributed.py`` checks both
+  facts, so switching to DDP later stays an option.)
+* Under FSDP the frozen base is sharded by Accelerate, and the prefix is listed in FSDP's
+  ``ignored_modules``: it stays a plain, replicated module that the optimizer, the
+  checkpoint and the all-reduce above treat exactly as in the DDP case.
+* Evaluation runs in every process on the whole evaluation set (under FSDP each forward is a
+  collective anyway) and the main process's result is broadcast, so that every process takes
+  the same best-prefix and early-stopping decisions.
+* Only the main process writes files; see ``train.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+
+import torch
+import torch.distributed as torch_dist
+
+log = logging.getLogger("prefixtune")
+
+
+def launched() -> bool:
+    """Whether this process was started by a distributed launcher (torchrun, accelerate launch)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    return any(os.environ.get(flag, "").lower() in ("1", "true") for flag in
+               ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def setup(device: str) -> "Local | Processes":
+    """The process group this run belongs to: :class:`Processes` under a launcher, else :class:`Local`.
+
+    Args:
+        device: The ``--device`` option; ``cpu`` keeps a launched run on the CPU (gloo).
+    """
+    return Processes(device) if launched() else Local()
+
+
+def plan(rows: list, micro_batch_size: int | None, rank: int = 0, world_size: int = 1) -> list[tuple[list, float]]:
+    """This process's micro-batches of one global batch, each with its loss weight (1, or 0 for padding).
+
+    Process ``rank`` takes the ``rank``-th of ``world_size`` contiguous shares of ``rows``
+    (sizes differ by at most one). Every process gets the same number of micro-batches; a
+    process whose share is used up repeats the batch's first row with weight 0, so that it still
+    takes part in each forward and backward without changing the gradient.
+    """
+    base, extra = divmod(len(rows), world_size)
+    start = rank * base + min(rank, extra)
+    share = rows[start:start + base + (rank < extra)]
+    widest = base + (extra > 0)  # the largest share; it decides the micro-batch count
+    micro = micro_batch_size or widest
+    count = max(1, math.ceil(widest / micro))
+    return [(share[i * micro:(i + 1) * micro], 1.0) if i * micro < len(share) else (rows[:1], 0.0)
+            for i in range(count)]
+
+
+class Local:
+    """One process, nothing to communicate: every method is the identity or does nothing."""
+
+    rank, world_size, is_main, kind = 0, 1, True, "local"
+
+    def prepare(self, pm, optimizer):
+        """The module to call for forward passes (the prefix model itself)."""
+        return pm
+
+    def seed(self, seed: int, step: int) -> None:
+        """Nothing to do: one process keeps the RNG stream it was seeded or resumed with."""
+
+    def plan(self, rows: list, micro_batch_size: int | None) -> list[tuple[list, float]]:
+        return plan(rows, micro_batch_size)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def reduce_gradients(self, params: list, *scalars: torch.Tensor) -> list[torch.Tensor]:
+        return list(scalars)
+
+    def broadcast(self, obj):
+        return obj
+
+    def barrier(self) -> None:
+        pass
+
+    def evaluation(self, model):
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+
+class Processes(Local):
+    """Several processes started by ``accelerate launch`` or ``torchrun``, joined through Accelerate.
+
+    Accelerate reads the launcher's environment (and the ``--config_file`` given to
+    ``accelerate launch``), initializes the process group (NCCL on GPUs, gloo on CPUs) and
+    picks this process's device; FSDP comes from its plugin. DeepSpeed is refused: see
+    ``docs/distributed.md``.
+    """
+
+    def __init__(self, device: str):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedType
+
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            raise ValueError(f"--device {device} cannot be used with several processes (auto, cpu or cuda)")
+        self.accelerator = Accelerator(cpu=device == "cpu")
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.DEEPSPEED:
+            raise NotImplementedError(
+                "DeepSpeed is not supported by prefixtune train yet: use configs/accelerate/fsdp.yaml, which shards "
+                "the frozen base the same way ZeRO-3 would (docs/distributed.md says why)")
+        self.kind = "fsdp" if kind == DistributedType.FSDP else "ddp"
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        log.info("process %d of %d (%s) on %s", self.rank, self.world_size, self.kind, self.device)
+
+    def prepare(self, pm, optimizer):
+        """Give every process rank 0's prefix; under FSDP shard the frozen base (the prefix stays whole).
+
+        Returns the module to call for forward passes. The optimizer (over the prefix only) is
+        handed to Accelerate because FSDP2 insists on seeing it, but it is used as it is: the
+        prefix is not sharded, so its parameters stay the ones the optimizer holds.
+        """
+        for tensor in pm.prefixes.state_dict().values():
+            torch_dist.broadcast(tensor.data, src=0)  # identical seeds already agree; this makes sure
+        if self.kind != "fsdp":
+            return pm
+        plugin = self.accelerator.state.fsdp_plugin
+        if plugin.ignored_modules not in (None, "prefixes"):
+            log.warning("replacing the FSDP config's ignored_modules by the prefix: it must not be sharded")
+        plugin.ignored_modules = [pm.prefixes]
+        if plugin.transformer_cls_names_to_wrap is None:  # PrefixModel itself has no _no_split_modules
+            plugin.transformer_cls_names_to_wrap = list(getattr(pm.model, "_no_split_modules", None) or [])
+        runner, _ = self.accelerator.prepare(pm, optimizer)
+        return runner
+
+    def seed(self, seed: int, step: int) -> None:
+        """Give each process its own RNG stream (prefix dropout), a function of (seed, rank, step).
+
+        Identical streams would drop the same positions in every process; and a checkpoint
+        holds one RNG state, not one per process, so a resumed run (with any number of
+        processes) derives its streams afresh from the step it resumes at. With the default
+        ``prefix_dropout`` 0 nothing in a step is random and resumes are exact.
+        """
+        torch.manual_seed((seed * 1_000_003 + step) * 4_099 + self.rank)
+
+    def plan(self, rows: list, micro_batch_size: int | None) -> list[tuple[list, float]]:
+        """Padding passes only under FSDP, whose forward is a collective; they would be wasted work otherwise."""
+        passes = plan(rows, micro_batch_size, self.rank, self.world_size)
+        return passes if self.kind == "fsdp" else [(part, weight) for part, weight in passes if weight]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over all processes (a new tensor)."""
+        tensor = tensor.clone()
+        torch_dist.all_reduce(tensor)
+        return tensor
+
+    def reduce_gradients(self, params: list, *scalars: torch.Tensor) -> list[torch.Tensor]:
+        """Sum the gradients of ``params`` over all processes in place; returns ``scalars`` summed too.
+
+        One flat buffer, one all-reduce. A parameter without a gradient contributes zeros
+        (and then holds the sum of the others').
+        """
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [s.reshape(1).to(grads[0]) for s in scalars])
+        torch_dist.all_reduce(flat)
+        offset = 0
+        for param, grad in zip(params, grads):
+            param.grad = flat[offset:offset + grad.numel()].view_as(grad).clone()
+            offset += grad.numel()
+        return list(flat[offset:])
+
+    def broadcast(self, obj):
+        """The main process's ``obj`` (any JSON-like value), in every process."""
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def evaluation(self, model):
+        """Make ``PrefixModel.forward``/``generate`` callable directly: under FSDP the root's own
+        parameters (embeddings, final norm, head) are gathered for the duration; the wrapped
+        transformer layers gather theirs in their own forward, as in training."""
+        if self.kind != "fsdp":
+            yield
+            return
+        if hasattr(model, "unshard"):  # FSDP2: the module itself is the root FSDPModule
+            model.unshard()
+            try:
+                yield
+            finally:
+                model.reshard()
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
+            yield
+
+    def close(self) -> None:
+        """Wait for every process, so that no launcher sees one finish before the files are written."""
+        self.barrier()

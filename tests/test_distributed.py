@@ -1,0 +1,210 @@
+"""Training on several processes (issue 8): 2 CPU processes on gloo, started by the real
+launchers (``accelerate launch`` with the shipped DDP config, and ``torchrun``), train the
+same prefix as one process; only one of them writes; a killed run resumes with 2 or 1
+processes. Plus the sharding plan and the facts that make a DDP wrapper unnecessary."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_model, tiny_model_folder
+
+from prefixtune import distributed
+from prefixtune.config import PrefixConfig, TrainConfig
+from prefixtune.model import PrefixModel
+from prefixtune.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--prefix-length", "3", "--reparam-hidden-size", "16", "--batch-size", "5", "--micro-batch-size", "2",
+          "--lr", "1e-2", "--max-length", "64", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The in-process runs use one thread, as each launched process does (OMP_NUM_THREADS=1):
+    on a small shared machine, two threads per tiny matmul spend their time waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rows = [{"prompt": f"colour[{c}], size[{s}] ->", "completion": f" a {s} {c} thing"}
+            for c in ("red", "green", "blue", "black") for s in ("big", "small", "tiny")]
+    for name, subset in (("train.jsonl", rows), ("eval.jsonl", rows[:3])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in subset))
+    return folder
+
+
+def _args(model_dir, data_files, out, *extra):
+    return ["train", "--model", model_dir, "--data", str(data_files / "train.jsonl"), *COMMON, "--output-dir", str(out),
+            *extra]
+
+
+def _cfg(model_dir, data_files, out, **kw):
+    base = dict(model=model_dir, data=str(data_files / "train.jsonl"), output_dir=str(out), prefix_length=3,
+                reparam_hidden_size=16, batch_size=5, micro_batch_size=2, lr=1e-2, max_length=64, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launcher(name: str) -> list[str]:
+    """The command that starts 2 processes of ``python -m prefixtune.cli``, as a user would."""
+    if name == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "configs/accelerate/ddp.yaml"), "--num_processes", "2", "--main_process_port", str(_port()),
+                "-m", "prefixtune.cli"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+            "-m", "prefixtune.cli"]
+
+
+def _env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _launch(name: str, args: list[str]) -> None:
+    done = subprocess.run(_launcher(name) + args, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _prefix(out):
+    return load_file(str(Path(out) / "prefix.safetensors"))["key_values"]
+
+
+def _steps(out):
+    return [json.loads(line)["step"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_plan_gives_each_row_to_one_process_in_the_same_number_of_micro_batches():
+    rows = list(range(7))
+    for world in (1, 2, 3, 8):
+        for micro in (None, 1, 2, 5):
+            plans = [distributed.plan(rows, micro, rank, world) for rank in range(world)]
+            assert len({len(p) for p in plans}) == 1, "every process must run the same number of passes"
+            real = [r for p in plans for part, weight in p if weight for r in part]
+            assert real == rows, (world, micro)
+            assert all(part and (micro is None or len(part) <= micro) for p in plans for part, _ in p)
+    assert distributed.plan(rows[:1], None, 1, 2) == [([0], 0.0)], "a process without rows runs a zero-weight pass"
+    assert distributed.plan(rows, 2) == [([0, 1], 1.0), ([2, 3], 1.0), ([4, 5], 1.0), ([6], 1.0)]
+
+
+def test_a_process_started_alone_stays_local_without_accelerate(monkeypatch):
+    for name in ("WORLD_SIZE", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    assert isinstance(distributed.setup("auto"), distributed.Local)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed.launched()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.launched()
+
+
+def test_only_the_prefix_needs_gradients_and_every_prefix_parameter_gets_one():
+    """What a DDP wrapper would need checked: it would bucket no frozen weight (none requires a
+    gradient), and find_unused_parameters is not needed (every prefix parameter is used)."""
+    for reparameterize in (True, False):
+        pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, reparameterize=reparameterize,
+                                                                reparam_hidden_size=8))
+        trainable = {id(p) for p in pm.trainable_parameters()}
+        assert {id(p) for p in pm.parameters() if p.requires_grad} == trainable
+        ids = torch.randint(3, 90, (2, 6))
+        pm.train()
+        pm(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pm.trainable_parameters())
+        assert all(p.grad is None for p in pm.model.parameters())
+
+
+def test_a_process_that_is_not_the_main_one_writes_nothing(model_dir, data_files, tmp_path, monkeypatch):
+    class Second(distributed.Local):  # rank 1 of a run whose communication is the identity
+        rank, is_main = 1, False
+
+    monkeypatch.setattr(distributed, "setup", lambda device: Second())
+    train(_cfg(model_dir, data_files, tmp_path / "run", max_steps=3, save_every=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_train_the_prefix_of_one_and_only_one_writes(model_dir, data_files, tmp_path):
+    """``accelerate launch`` with configs/accelerate/ddp.yaml, 2 CPU processes on gloo; a global
+    batch of 5 split 3 + 2 rows, in micro-batches of 2."""
+    extra = ["--max-steps", "6", "--save-every", "2", "--eval-data", str(data_files / "eval.jsonl"),
+             "--eval-every", "3", "--metrics", "bleu", "--max-new-tokens", "4"]
+    _launch("accelerate", _args(model_dir, data_files, tmp_path / "two", *extra))
+    train(_cfg(model_dir, data_files, tmp_path / "one", max_steps=6, save_every=2,
+               eval_data=str(data_files / "eval.jsonl"), eval_every=3, metrics="bleu", max_new_tokens=4))
+    two, one = tmp_path / "two", tmp_path / "one"
+    difference = (_prefix(two) - _prefix(one)).abs().max().item()
+    assert difference < 1e-5, f"2 processes ended {difference} away from 1"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4, 5, 6, 6], "each step logged once: one writer"
+    ones = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, ones):
+        if "loss" in a:  # the loss and token rate are those of the whole global batch
+            assert abs(a["loss"] - b["loss"]) < 1e-4
+    assert json.loads((two / "checkpoint" / "trainer_state.json").read_text())["processes"] == 2
+    assert not list(two.glob(".*")), "no staging folder left behind"
+
+
+@pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 7),
+                    reason="FSDP2 ignored parameters need torch 2.7")
+def test_fsdp_shards_the_base_and_trains_the_prefix_of_one_process(model_dir, data_files, tmp_path):
+    """2 CPU processes through Accelerate's FSDP2 path (tests/fsdp_on_cpu.py says how), with
+    evaluation and generation on the sharded model; shares of 3 and 2 rows in micro-batches of 2,
+    so the second process runs a zero-weight padding pass to keep FSDP's collectives in step."""
+    extra = ["--max-steps", "4", "--save-every", "2", "--eval-data", str(data_files / "eval.jsonl"),
+             "--eval-every", "2", "--metrics", "bleu", "--max-new-tokens", "4"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
+               str(ROOT / "tests" / "fsdp_on_cpu.py"), *_args(model_dir, data_files, tmp_path / "fsdp", *extra)]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train(_cfg(model_dir, data_files, tmp_path / "one", max_steps=4, save_every=2,
+               eval_data=str(data_files / "eval.jsonl"), eval_every=2, metrics="bleu", max_new_tokens=4))
+    difference = (_prefix(tmp_path / "fsdp") - _prefix(tmp_path / "one")).abs().max().item()
+    assert difference < 1e-5, f"FSDP on 2 processes ended {difference} away from 1 process"
+    scores = [json.loads((tmp_path / run / "eval.json").read_text())["with prefix"] for run in ("fsdp", "one")]
+    assert scores[0]["loss"] == pytest.approx(scores[1]["loss"], abs=1e-5)
+    assert scores[0]["bleu"] == scores[1]["bleu"]
+
+
+def test_a_killed_two_process_run_resumes_with_two_or_one_processes(model_dir, data_files, tmp_path):
+    extra = ["--max-steps", "60", "--save-every", "5"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_launcher("torchrun") + _args(model_dir, data_files, killed, *extra), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = killed / "checkpoint" / "trainer_state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["state"]["step"] >= 10):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, at once
+    proc.wait()
+    stopped_at = json.loads(state.read_text())["state"]["step"]
+    assert 10 <= stopped_at < 60, "the run should have been killed midway"
+    subprocess.run(["cp", "-r", str(killed), str(tmp_path / "killed1")], check=True)
+    _launch("torchrun", _args(model_dir, data_files, killed, *extra, "--resume"))
+    train(_cfg(model_dir, data_files, tmp_path / "killed1", max_steps=60, save_every=5, resume=True))
+    train(_cfg(model_dir, data_files, tmp_path / "straight", max_steps=60, save_every=5))
+    for out in (killed, tmp_path / "killed1"):
+        assert _steps(out) == list(range(1, 61)), out
+        difference = (_prefix(out) - _prefix(tmp_path / "straight")).abs().max().item()
+        assert difference < 1e-5, f"{out.name} ended {difference} away from the uninterrupted run"
