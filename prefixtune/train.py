@@ -48,9 +48,10 @@ def train(cfg: TrainConfig) -> dict:
     device = dist.device if isinstance(dist, distributed.Processes) else pick_device(cfg.device)
     autocast(cfg.precision, device)  # refuses now, not at step 1, what the device cannot do
     train_examples, eval_examples = _examples(cfg)
-    model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+    labels = data.label_names(train_examples) if cfg.task == "classification" else None
+    model, tokenizer = load_model(cfg.model, task=cfg.task, labels=labels, attn_implementation=cfg.attn_implementation)
     model.to(device)
-    rows = _tokenize(train_examples, tokenizer, cfg)
+    rows = _tokenize(train_examples, tokenizer, cfg, labels)
     pm = PrefixModel.wrap(model, _prefix_config(cfg, resume_from), tokenizer=tokenizer)
     if resume_from:
         pm.load_prefix(resume_from)
@@ -92,6 +93,9 @@ class _Loop:
         self.runner = runner or pm
         self.optimizer, self.scheduler = optimizer, scheduler
         self.rows, self.eval_examples, self.out, self.state, self.total = rows, eval_examples, out, state, total
+        self.labels = pm.model.config.id2label if cfg.task == "classification" else None  # classes, by id
+        # a classifier is scored on token rows with class ids; a language model on the examples themselves
+        self.eval_rows = _tokenize(eval_examples, tokenizer, cfg, list(self.labels.values())) if self.labels else None
         self.per_epoch = math.ceil(len(rows) / cfg.batch_size)
         self.metrics_file = out / "metrics.jsonl"
         self._epoch_batches: tuple[int, list] | None = None
@@ -140,13 +144,13 @@ class _Loop:
         device = self.pm.device
         batches = [(data.collate(part, self.tokenizer.pad_token_id), weight)
                    for part, weight in self.dist.plan(rows, self.cfg.micro_batch_size)]
-        items = sum(int((b["labels"][:, 1:] != -100).sum()) for b, weight in batches if weight)
+        items = sum(_loss_items(b["labels"]) for b, weight in batches if weight)
         items = self.dist.sum(torch.tensor(items, device=device)).clamp_min(1)
         total, tokens = torch.zeros((), device=device), 0
         for batch, weight in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(self.cfg.precision, device):
-                loss = self.runner(**batch, num_items_in_batch=items).loss
+                loss = self._loss(batch, items)
             (loss if weight else loss * 0.0).backward()  # weight 0: a padding pass, for FSDP's collectives
             if weight:
                 total += loss.detach().float()
@@ -156,11 +160,29 @@ class _Loop:
         self._guard(total, "loss")  # after the reduction, so that every process stops together
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
         self._guard(norm, "gradient norm")
-        self._last_good = {k: v.detach().clone() for k, v in self.pm.prefixes["default"].state_dict().items()}
+        self._last_good = _trainable_state(self.pm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total.item(), int(tokens)
+
+    def _loss(self, batch: dict, items: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's summed loss over ``items``, the label count of the whole global batch."""
+        if self.labels is None:  # language modelling: transformers sums token losses over num_items_in_batch
+            return self.runner(**batch, num_items_in_batch=items).loss
+        logits = self.runner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum") / items
+
+    def _score(self, prefix: str | None, metrics: list[str], generate_limit: int | None = None) -> dict:
+        """The evaluation of ``prefix`` on the held-out data: loss (+ perplexity), and ``metrics``
+        for a language model; loss and accuracy for a classifier."""
+        if self.labels is not None:
+            result = evaluate.classify(self.pm, self.eval_rows, self.tokenizer.pad_token_id,
+                                       batch_size=self.cfg.batch_size, prefix=prefix)
+            result.pop("predictions")
+            return result
+        return evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix=prefix,
+                              metrics=metrics, generate_limit=generate_limit)
 
     def _guard(self, value: torch.Tensor, what: str) -> None:
         """Stop on NaN/inf before it reaches the prefix, keeping the last good prefix."""
@@ -168,8 +190,8 @@ class _Loop:
             return
         self.optimizer.zero_grad(set_to_none=True)
         if self.state["best_step"] is None:  # else the best evaluated prefix is already saved there
-            if self._last_good is not None:  # the prefix before the update that led here
-                self.pm.prefixes["default"].load_state_dict(self._last_good)
+            if self._last_good is not None:  # the prefix (and head) before the update that led here
+                _restore_trainable_state(self.pm, self._last_good)
             if self.dist.is_main:
                 self.pm.save_prefix(self.out)
         raise TrainingError(
@@ -186,8 +208,7 @@ class _Loop:
         metric = self.cfg.metric
         names = [] if metric in ("loss", "perplexity") else [metric]
         with self.dist.evaluation(self.runner):
-            result = evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix="default",
-                                    metrics=names, generate_limit=self.cfg.eval_generate_limit)
+            result = self._score("default", names, self.cfg.eval_generate_limit)
         result.pop("generations", None)
         result = self.dist.broadcast(result)  # every process then takes the same best/patience decisions
         value = result[metric]
@@ -247,19 +268,18 @@ class _Loop:
     def _final_scores(self) -> dict:
         self.dist.barrier()  # the best prefix is on disk for every process
         self.pm.load_prefix(self.out, name="best")
-        metrics = split_list(self.cfg.metrics)
+        metrics = ["accuracy"] if self.labels is not None else split_list(self.cfg.metrics)
         with self.dist.evaluation(self.runner):
-            scores = {
-                label: evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix=prefix,
-                                      metrics=metrics)
-                for label, prefix in (("base model", None), ("with prefix", "best"))
-            }
+            scores = ({"majority class": _majority(self.rows, self.eval_rows), "with prefix": self._score("best", [])}
+                      if self.labels is not None else
+                      {label: self._score(prefix, metrics) for label, prefix in (("base model", None),
+                                                                                 ("with prefix", "best"))})
         if not self.dist.is_main:
             return {"prefix": str(self.out), "scores": scores}
         (self.out / "eval.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
         print(f"\n{len(self.eval_examples)} held-out examples; best prefix from step {self.state['best_step']}")
         print(evaluate.table(scores, metrics))
-        samples = [scores[k]["generations"][0]["generation"] for k in scores] if metrics else []
+        samples = [scores[k]["generations"][0]["generation"] for k in scores] if self.labels is None and metrics else []
         for label, text in zip(scores, samples):
             print(f"{label:>12}: {text}")
         print(f"\nprefix, metrics.jsonl, curves.png, eval.json and config.yaml are in {self.out}")
@@ -284,6 +304,12 @@ def _validate(cfg: TrainConfig) -> None:
         raise ValueError("--epochs must be positive (or give --max-steps)")
     if cfg.eval_data is None and cfg.data is not None and (cfg.eval_every or cfg.patience):
         raise ValueError("--eval-every/--patience need --eval-data")
+    if cfg.task == "classification":
+        if cfg.metric not in ("loss", "accuracy"):
+            raise ValueError(f"--metric {cfg.metric}: a classifier is scored by loss or accuracy")
+        if cfg.data is None:
+            raise ValueError("--task classification needs --data (with --text-field and --label-field)")
+        return
     if cfg.metric not in ("loss", "perplexity") and cfg.metric not in split_list(cfg.metrics):
         raise ValueError(f"--metric {cfg.metric} must be loss, perplexity or one of --metrics ({cfg.metrics})")
     check_available(split_list(cfg.metrics))
@@ -311,13 +337,42 @@ def _examples(cfg: TrainConfig) -> tuple[list, list]:
     return train_examples, held_out
 
 
-def _tokenize(examples: list, tokenizer, cfg: TrainConfig) -> list[dict]:
-    rows, report = data.tokenize(examples, tokenizer, max_length=cfg.max_length, template=cfg.prompt_template,
-                                 chat_template=cfg.chat_template, overflow=cfg.overflow)
+def _tokenize(examples: list, tokenizer, cfg: TrainConfig, labels: list[str] | None = None) -> list[dict]:
+    if labels is not None:
+        rows, report = data.tokenize_classes(examples, tokenizer, labels, max_length=cfg.max_length)
+    else:
+        rows, report = data.tokenize(examples, tokenizer, max_length=cfg.max_length, template=cfg.prompt_template,
+                                     chat_template=cfg.chat_template, overflow=cfg.overflow)
     if report["truncated"]:
-        log.warning("%d of %d examples were longer than --max-length %d and had their prompt truncated (first: %s)",
+        log.warning("%d of %d examples were longer than --max-length %d and were truncated (first: %s)",
                     len(report["truncated"]), len(rows), cfg.max_length, report["truncated"][0])
     return rows
+
+
+def _loss_items(labels: torch.Tensor) -> int:
+    """What a loss is averaged over: rows of a classifier (labels ``[B]``), else labelled next tokens."""
+    return labels.numel() if labels.dim() == 1 else int((labels[:, 1:] != -100).sum())
+
+
+def _majority(train_rows: list[dict], eval_rows: list[dict]) -> dict:
+    """Accuracy of always answering the training set's most frequent class: the floor a classifier must clear."""
+    counts: dict[int, int] = {}
+    for row in train_rows:
+        counts[row["labels"]] = counts.get(row["labels"], 0) + 1
+    top = max(counts, key=counts.get)
+    return {"loss": float("nan"), "accuracy": 100.0 * sum(r["labels"] == top for r in eval_rows) / max(len(eval_rows), 1)}
+
+
+def _trainable_state(pm: PrefixModel) -> dict:
+    """A copy of what trains (the prefix, and the task head if any), to undo a bad update."""
+    modules = {"prefix": pm.prefixes["default"], **{f"head.{n}": h for n, h in pm.heads.items()}}
+    return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
+
+
+def _restore_trainable_state(pm: PrefixModel, state: dict) -> None:
+    pm.prefixes["default"].load_state_dict(state["prefix"])
+    for name, head in pm.heads.items():
+        head.load_state_dict(state[f"head.{name}"])
 
 
 def _prefix_config(cfg: TrainConfig, resume_from) -> PrefixConfig:
