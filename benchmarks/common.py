@@ -32,6 +32,17 @@ def machine_info(threads: int) -> dict:
     }
 
 
+def start(threads: int) -> dict:
+    """Common start of a benchmark: torch threads, quiet FutureWarnings, and the machine printed and returned."""
+    import warnings
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    info = machine_info(threads)
+    print("  ".join(f"{key}={value}" for key, value in info.items()))
+    return info
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"

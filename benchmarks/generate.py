@@ -33,7 +33,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
 from prefixtune.models import load_model  # noqa: E402
 
-from common import build_each, first_line, machine_info, peft_prefix_model, rotated, write_json  # noqa: E402  (benchmarks/common.py)
+from common import build_each, first_line, peft_prefix_model, rotated, start, write_json  # noqa: E402  (benchmarks/common.py)
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
@@ -230,10 +229,7 @@ def print_table(batch_size: int, args: argparse.Namespace, summary: dict) -> Non
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    info = machine_info(args.threads)
-    print("  ".join(f"{key}={value}" for key, value in info.items()))
+    info = start(args.threads)
     print(
         f"warmup={args.warmup} repeats={args.repeats} prefix_length={PREFIX_LENGTH} hidden={HIDDEN} "
         f"greedy, min_new_tokens=max_new_tokens={args.new_tokens}"

@@ -37,7 +37,6 @@ import queue
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -51,7 +50,7 @@ from prefixtune.serve.batcher import Batcher, Limits, Request  # noqa: E402
 from prefixtune.serve.metrics import Metrics  # noqa: E402
 from prefixtune.serve.sampling import SamplingParams  # noqa: E402
 
-from common import machine_info, rotated, write_json  # noqa: E402  (benchmarks/common.py)
+from common import rotated, start, write_json  # noqa: E402  (benchmarks/common.py)
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
@@ -185,10 +184,7 @@ def print_table(count: int, summary: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    info = machine_info(args.threads)
-    print("  ".join(f"{key}={value}" for key, value in info.items()))
+    info = start(args.threads)
     print(f"via={args.via} repeats={args.repeats} per_prefix={args.per_prefix} new_tokens={args.new_tokens} "
           f"prefix_length={PREFIX_LENGTH} hidden={HIDDEN} device={args.device}")
     batcher = build_batcher(max(args.prefixes), args)

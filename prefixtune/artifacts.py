@@ -38,10 +38,7 @@ def read_prefix(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
     for needed in (config_path, weights_path):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed}: not found (a saved prefix holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON (line {err.lineno}: {err.msg})") from err
+    meta = read_json(config_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{config_path}: not a prefixtune prefix config (expected format {FORMAT!r})")
     try:
@@ -49,6 +46,14 @@ def read_prefix(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights_path}: unreadable safetensors file ({err})") from err
     return meta, tensors
+
+
+def read_json(path: Path):
+    """The JSON in ``path``, or a ValueError naming the file and the line where it breaks."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
 
 
 def _atomic(target: Path, write) -> None:

@@ -490,9 +490,9 @@ def tokenize_classes(examples: list[Example], tokenizer, labels: list[str], *,
         if example.label not in ids:
             raise DataError(f"{_where(example)}: label {example.label!r} is not one of the training labels "
                             f"({', '.join(labels)})")
-        full = _encode(tokenizer, example.prompt, special=True)
-        tokens = tokenizer(example.prompt, truncation=True, max_length=max_length)["input_ids"]
-        if len(tokens) < len(full):
+        tokens = _encode(tokenizer, example.prompt, special=True)
+        if len(tokens) > max_length:  # let the tokenizer cut, so that it keeps its closing special token
+            tokens = tokenizer(example.prompt, truncation=True, max_length=max_length)["input_ids"]
             truncated.append(_where(example))
         rows.append({"input_ids": list(tokens), "labels": ids[example.label]})
     report = {"examples": len(rows), "truncated": truncated, "tokens": sum(len(r["input_ids"]) for r in rows)}

@@ -30,7 +30,6 @@ PEFT prefix into prefixtune (``import-peft``) instead.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 from . import arch, lora
-from .artifacts import read_prefix, write_prefix
+from .artifacts import read_json, read_prefix, write_prefix
 from .config import PrefixConfig
 
 PEFT_CONFIG = "adapter_config.json"
@@ -199,10 +198,7 @@ def _read_peft_config(source: Path) -> dict:
     path = source / PEFT_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (a PEFT adapter folder holds {PEFT_CONFIG})")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
+    config = read_json(path)
     kind = config.get("peft_type")
     if kind != "PREFIX_TUNING":
         hint = (" A LoRA adapter is not a prefix: load it with peft and wrap the result, "

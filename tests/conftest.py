@@ -1,4 +1,26 @@
+import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import tiny_model_folder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with the bundled model's real tokenizer, saved as a model folder."""
+    return str(tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def data_files(tmp_path_factory):
+    """``train.jsonl`` (12 prompt/completion rows) and ``eval.jsonl`` (the first 4 of them)."""
+    folder = tmp_path_factory.mktemp("data")
+    rows = [{"prompt": f"colour[{c}], size[{s}] ->", "completion": f" a {s} {c} thing"}
+            for c in ("red", "green", "blue", "black") for s in ("big", "small", "tiny")]
+    for name, subset in (("train.jsonl", rows), ("eval.jsonl", rows[:4])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in subset))
+    return folder

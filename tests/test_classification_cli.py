@@ -89,3 +89,15 @@ def test_an_unseen_label_in_eval_data_names_the_line(run, tmp_path, capsys):
     assert main(["eval", *fields, "--prefix", str(out), "--data", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.tsv" in err and "'7' is not one of the training labels (0, 1)" in err
+
+
+def test_long_texts_are_cut_keeping_the_closing_token_and_counted():
+    from prefixtune import data
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(minilm_folder())
+    examples = [data.Example(prompt=text, completion=label, fields={}, label=label, where=f"row {i}")
+                for i, (text, label) in enumerate([("short one", "0"), ("a much longer text " * 5, "1")])]
+    rows, report = data.tokenize_classes(examples, tokenizer, ["0", "1"], max_length=8)
+    assert report["truncated"] == ["row 1"]
+    assert len(rows[1]["input_ids"]) == 8 and rows[1]["input_ids"][-1] == tokenizer.sep_token_id
+    assert rows[0]["input_ids"] == tokenizer("short one")["input_ids"] and [r["labels"] for r in rows] == [0, 1]

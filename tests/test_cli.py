@@ -6,16 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
-from tiny import tiny_model_folder
 
 from prefixtune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_model, tiny_model_folder
+from tiny import tiny_model
 
 from prefixtune import distributed
 from prefixtune.config import PrefixConfig, TrainConfig
@@ -35,21 +35,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rows = [{"prompt": f"colour[{c}], size[{s}] ->", "completion": f" a {s} {c} thing"}
-            for c in ("red", "green", "blue", "black") for s in ("big", "small", "tiny")]
-    for name, subset in (("train.jsonl", rows), ("eval.jsonl", rows[:3])):
-        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in subset))
-    return folder
 
 
 def _args(model_dir, data_files, out, *extra):

@@ -13,26 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_model_folder
 
 from prefixtune.cli import main
 from prefixtune.config import TrainConfig
 from prefixtune.train import TrainingError, train
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def data_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    rows = [{"prompt": f"colour[{c}], size[{s}] ->", "completion": f" a {s} {c} thing"}
-            for c in ("red", "green", "blue", "black") for s in ("big", "small", "tiny")]
-    for name, subset in (("train.jsonl", rows), ("eval.jsonl", rows[:4])):
-        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in subset))
-    return folder
 
 
 def _cfg(model_dir, data_files, out, **kw):
