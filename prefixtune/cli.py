@@ -34,6 +34,7 @@ COMMANDS = {
 # module provides SUMMARY, DESCRIPTION, add_arguments(parser) and run(args) -> exit code, and
 # imports its heavy dependencies inside run(), so that `prefixtune --help` stays fast.
 MODULE_COMMANDS: dict[str, str] = {
+    "compare": "prefixtune.compare",
     "export-peft": "prefixtune.export_peft",
     "import-peft": "prefixtune.import_peft",
     "serve": "prefixtune.serve.cli",

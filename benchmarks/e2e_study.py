@@ -1,0 +1,302 @@
+"""The E2E study of issue 6: prefix tuning against LoRA (and the other methods) on the bundled
+model, and the paper's low-data experiment.
+
+Every run is one ``prefixtune.compare.runner.run_method`` call (the same code as
+``prefixtune compare``), so every method sees the same data, order, schedule and decoding.
+Each run's row is written to OUT/runs/ID.json as soon as it finishes, and a run whose row
+exists is not run again: the study resumes where it stopped, and several workers
+(``--workers N``, one process each) share the list of runs.
+
+Phases:
+
+- ``lr``: each method at each learning rate of its grid, 120 steps of batch 8 from the
+  shuffled E2E train set, greedy decoding, the first 50 dev MRs (the issue's setup), plus
+  the ablations that explain prefix tuning's gap (gradient clipping, initialization);
+- ``lowdata``: 50/100/200/500 training examples drawn at random, several seeds; prefix tuning
+  initialized from real words vs random vs LoRA vs full fine-tuning, each at the learning
+  rate that was best for it in ``lr``;
+- ``report``: tables (Markdown) and plots from whatever rows exist.
+
+Examples::
+
+    python benchmarks/e2e_study.py --phase all --device cuda --workers 4     # the whole study
+    python benchmarks/e2e_study.py --phase lr --methods prefix,lora          # the bar only, on CPU
+    python benchmarks/e2e_study.py --phase report --out runs/e2e-study
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prefixtune.compare.config import CompareConfig  # noqa: E402
+
+LR_GRID = {  # the issue's grid for prefix tuning and LoRA; conventional ranges for the others
+    "prefix": (1e-3, 3e-3, 1e-2),
+    "prefix-words": (1e-3, 3e-3, 1e-2),
+    "lora": (1e-3, 3e-3, 1e-2),
+    "peft-prefix": (1e-3, 3e-3, 1e-2),
+    "prompt": (3e-3, 1e-2, 3e-2),
+    "adapter": (3e-4, 1e-3, 3e-3),
+    "full": (1e-5, 5e-5, 1e-4),
+    "base": (0.0,),
+}
+ABLATIONS = [  # (method, lr, changes): why prefix tuning fell short with the engine's defaults
+    ("prefix", 3e-3, {"max_grad_norm": 1.0}),
+    ("prefix", 1e-2, {"max_grad_norm": 1.0}),
+    ("lora", 1e-2, {"max_grad_norm": 1.0}),
+]
+LOWDATA_METHODS = ("prefix-words", "prefix", "lora", "full")
+PAPER = {  # Li & Liang 2021, table 1, E2E, GPT-2 medium (full training set)
+    "prefix (paper, GPT-2 medium)": {"bleu": 69.7, "nist": 8.81, "meteor": 46.1, "rouge_l": 71.4, "cider": 2.49},
+    "fine-tune (paper, GPT-2 medium)": {"bleu": 68.2, "nist": 8.62, "meteor": 46.2, "rouge_l": 71.0, "cider": 2.47},
+}
+
+
+def base_config(args) -> CompareConfig:
+    return CompareConfig(
+        data=str(Path(args.data_dir) / "trainset.csv"), eval_data=str(Path(args.data_dir) / "devset.csv"),
+        prompt_field="mr", completion_field="ref", prompt_template="Table: {prompt}\nText:", max_length=160,
+        max_steps=args.steps, batch_size=8, warmup_steps=10, schedule="linear", max_grad_norm=0.0,
+        eval_prompts=args.eval_prompts, eval_batch_size=args.eval_batch_size, metrics="bleu,rouge_l", max_new_tokens=64, num_beams=1,
+        model=args.model, device=args.device, threads=args.threads, isolate=False, quiet=True, output_dir=args.out,
+    )
+
+
+def grid(args) -> dict[str, list[float]]:
+    """``--grid prefix=1e-2:3e-3,lora=1e-2`` (a method named twice gets both lists), else LR_GRID."""
+    if not args.grid:
+        return {m: list(LR_GRID[m]) for m in args.methods.split(",")}
+    out = {}
+    for part in args.grid.split(","):
+        method, _, rates = part.partition("=")
+        out.setdefault(method.strip(), []).extend(
+            [float(r) for r in rates.split(":")] if rates else LR_GRID[method.strip()])
+    return out
+
+
+def lr_runs(args) -> list[dict]:
+    """Interleaved (each method's first rate, then each one's second...), so a run cut short
+    has the most important pairs."""
+    rates = grid(args)
+    runs = []
+    for i in range(max(map(len, rates.values()))):
+        for method, values in rates.items():
+            if i < len(values):
+                lr = values[i]
+                runs.append({"id": f"lr-{method}-{lr:g}", "method": method, "lr": lr, "changes": {}})
+    if args.ablations:
+        for method, lr, changes in ABLATIONS:
+            tag = "-".join(f"{k}{v:g}" for k, v in changes.items())
+            runs.append({"id": f"ablation-{method}-{lr:g}-{tag}", "method": method, "lr": lr, "changes": changes})
+    return runs
+
+
+def lowdata_runs(args, rows: dict) -> list[dict]:
+    runs = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for method in LOWDATA_METHODS:
+                lr = best_lr(rows, method)
+                runs.append({"id": f"low-{method}-n{size}-s{seed}", "method": method, "lr": lr,
+                             "changes": {"train_sample": size, "seed": seed}})
+    return runs
+
+
+def best_lr(rows: dict, method: str) -> float:
+    """The rate of ``method``'s grid with the best mean of BLEU and ROUGE-L (the default if none ran)."""
+    from prefixtune.compare.methods import METHODS
+
+    scored = [r for r in rows.values() if r["id"].startswith(f"lr-{method}-") and r.get("status") == "ok"]
+    if not scored:
+        return METHODS[method].lr
+    return max(scored, key=lambda r: r["metrics"]["bleu"] + r["metrics"]["rouge_l"])["lr"]
+
+
+def load_rows(out: Path) -> dict:
+    folder = out / "runs"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+def execute(runs: list[dict], args, shard: tuple[int, int]) -> None:
+    """Run this shard's runs that have no row yet, in this process."""
+    from prefixtune.compare.runner import run_method
+
+    index, count = shard
+    out = Path(args.out) / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    for i, run in enumerate(runs):
+        target = out / f"{run['id']}.json"
+        if i % count != index or target.exists():
+            continue
+        cfg = dataclasses.replace(base_config(args), **run["changes"])
+        start = time.perf_counter()
+        row = run_method(cfg, run["method"], run["lr"], Path(args.out) / "checkpoints" / run["id"])
+        row.update(id=run["id"], changes=run["changes"], wall_seconds=time.perf_counter() - start)
+        row.pop("losses", None) if args.drop_losses else None
+        target.write_text(json.dumps(row, indent=1))
+        scores = " ".join(f"{k} {v:.1f}" for k, v in row.get("metrics", {}).items())
+        print(f"[{index}] {run['id']}: {row['status']} {row.get('reason', '')} {scores} "
+              f"loss {row.get('final_loss', float('nan')):.3f} ({row['wall_seconds']:.0f} s)", flush=True)
+
+
+def run_phase(runs: list[dict], args) -> None:
+    if args.workers <= 1:
+        execute(runs, args, (0, 1))
+        return
+    plan = Path(args.out) / "plan.json"
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_text(json.dumps(runs))
+    workers = [subprocess.Popen([sys.executable, __file__, "--worker", f"{i}/{args.workers}", "--plan", str(plan),
+                                 *sys.argv[1:]]) for i in range(args.workers)]
+    for worker in workers:
+        worker.wait()
+
+
+# ---------------------------------------------------------------------------------- report
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def report(args) -> str:
+    rows = load_rows(Path(args.out))
+    lines = []
+    lr_rows = [r for r in rows.values() if r["id"].startswith(("lr-", "ablation-"))]
+    if lr_rows:
+        lines += ["### Learning rates (120 steps of batch 8, first 50 dev MRs, no clipping unless noted)", "",
+                  "| method | lr | changes | train loss | BLEU | ROUGE-L | s/step | trainable |", "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(lr_rows, key=lambda r: (r["id"].startswith("ablation"), r["method"], r["lr"])):
+            changes = ", ".join(f"{k}={v}" for k, v in r.get("changes", {}).items()) or "-"
+            if r.get("status") != "ok":
+                lines.append(f"| {r['label']} | {r['lr']:g} | {changes} | {r['status']}: {r.get('reason', '')} | | | | |")
+                continue
+            loss = f"{r['final_loss']:.3f}" if "final_loss" in r else "-"
+            sps = f"{r['seconds_per_step']:.2f}" if "seconds_per_step" in r else "-"
+            lines.append(f"| {r['label']} | {r['lr']:g} | {changes} | {loss} | {r['metrics']['bleu']:.1f} | "
+                         f"{r['metrics']['rouge_l']:.1f} | {sps} | {r['trainable_params']:,} |")
+        lines.append("")
+        for method in sorted({r["method"] for r in lr_rows if r["id"].startswith("lr-") and r["method"] != "base"}):
+            lines.append(f"- best rate for {method}: {best_lr(rows, method):g}")
+        lines.append("")
+    low = [r for r in rows.values() if r["id"].startswith("low-") and r.get("status") == "ok"]
+    if low:
+        sizes = sorted({r["changes"]["train_sample"] for r in low})
+        lines += ["### Low-data (mean ± sd over seeds; each method at its best rate from the grid)", "",
+                  "| method | " + " | ".join(f"n={s} BLEU | n={s} ROUGE-L" for s in sizes) + " |",
+                  "|---|" + "---|---|" * len(sizes)]
+        for method in LOWDATA_METHODS:
+            cells = []
+            for s in sizes:
+                picked = [r for r in low if r["method"] == method and r["changes"]["train_sample"] == s]
+                cells += [_mean_sd([r["metrics"]["bleu"] for r in picked]),
+                          _mean_sd([r["metrics"]["rouge_l"] for r in picked])]
+            seeds = sorted({r["changes"]["seed"] for r in low if r["method"] == method})
+            label = f"{method} (lr {next((r['lr'] for r in low if r['method'] == method), 0):g}, seeds {seeds})"
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### The paper, for context (GPT-2 medium, full E2E training set, test set)", "",
+              "| | BLEU | NIST | METEOR | ROUGE-L | CIDEr |", "|---|---|---|---|---|---|"]
+    for name, m in PAPER.items():
+        lines.append(f"| {name} | {m['bleu']} | {m['nist']} | {m['meteor']} | {m['rouge_l']} | {m['cider']} |")
+    text = "\n".join(lines) + "\n"
+    (Path(args.out) / "study.md").write_text(text)
+    plot(rows, Path(args.images))
+    return text
+
+
+def plot(rows: dict, images: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images.mkdir(parents=True, exist_ok=True)
+    lr_rows = [r for r in rows.values() if r["id"].startswith("lr-") and r.get("status") == "ok" and r["lr"]]
+    if lr_rows:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for key, axis in zip(("bleu", "rouge_l"), axes):
+            for method in sorted({r["method"] for r in lr_rows}):
+                picked = sorted((r for r in lr_rows if r["method"] == method), key=lambda r: r["lr"])
+                axis.plot([r["lr"] for r in picked], [r["metrics"][key] for r in picked], marker="o", label=method)
+            axis.set(xscale="log", xlabel="peak learning rate", ylabel=key.upper().replace("_", "-"),
+                     title=f"E2E dev (first 50 MRs): {key.upper().replace('_', '-')} after 120 steps")
+        axes[0].legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(images / "compare-e2e-lr.png", dpi=100)
+        plt.close(fig)
+    low = [r for r in rows.values() if r["id"].startswith("low-") and r.get("status") == "ok"]
+    if low:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for key, axis in zip(("bleu", "rouge_l"), axes):
+            for method in LOWDATA_METHODS:
+                sizes = sorted({r["changes"]["train_sample"] for r in low if r["method"] == method})
+                means, sds = [], []
+                for s in sizes:
+                    values = [r["metrics"][key] for r in low if r["method"] == method and r["changes"]["train_sample"] == s]
+                    means.append(statistics.mean(values))
+                    sds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+                if sizes:
+                    axis.errorbar(sizes, means, yerr=sds, marker="o", capsize=3, label=method)
+            axis.set(xscale="log", xlabel="training examples", ylabel=key.upper().replace("_", "-"),
+                     title=f"low-data E2E: {key.upper().replace('_', '-')} (mean ± sd over seeds)")
+            axis.set_xticks([50, 100, 200, 500], ["50", "100", "200", "500"])
+        axes[0].legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(images / "compare-e2e-lowdata.png", dpi=100)
+        plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", choices=("lr", "lowdata", "all", "report"), default="all")
+    parser.add_argument("--out", default="runs/e2e-study")
+    parser.add_argument("--images", default="docs/images")
+    parser.add_argument("--data-dir", default="../shared/data/e2e")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default=None, help="base model (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
+    parser.add_argument("--workers", type=int, default=1, help="processes sharing the runs (on one GPU: 3-4)")
+    parser.add_argument("--methods", default="prefix,prefix-words,lora,peft-prefix,prompt,adapter,full,base",
+                        help="methods of the learning-rate phase")
+    parser.add_argument("--grid", default=None, help="learning rates to try, in order: 'prefix=1e-2:3e-3,lora=1e-2' "
+                        "(default: LR_GRID for --methods)")
+    parser.add_argument("--no-ablations", dest="ablations", action="store_false")
+    parser.add_argument("--sizes", default="50,100,200,500")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--eval-prompts", type=int, default=50)
+    parser.add_argument("--eval-batch-size", type=int, default=None, help="prompts decoded at once (GPU: 50)")
+    parser.add_argument("--drop-losses", action="store_true", help="do not keep per-step losses in the rows")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--plan", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        index, count = (int(x) for x in args.worker.split("/"))
+        execute(json.loads(Path(args.plan).read_text()), args, (index, count))
+        return 0
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.phase in ("lr", "all"):
+        run_phase(lr_runs(args), args)
+    if args.phase in ("lowdata", "all"):
+        run_phase(lowdata_runs(args, load_rows(Path(args.out))), args)
+    print(report(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

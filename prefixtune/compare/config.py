@@ -1,0 +1,57 @@
+"""What ``prefixtune compare`` runs: one dataclass, so the command line, ``--config FILE`` and
+the ``config`` block of ``compare.json`` are the same thing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import DataOptions, _opt
+
+QUICK = dict(max_steps=8, batch_size=4, train_limit=400, eval_prompts=6, max_new_tokens=40, warmup_steps=2)
+"""What ``--quick`` changes (options given explicitly on the command line or in --config win)."""
+
+
+@dataclass
+class CompareConfig(DataOptions):
+    """The same task, data, step budget and seed under several fine-tuning methods."""
+
+    data: str | None = _opt(None, "training data (same formats as train; default: the built-in demo task)")
+    eval_data: str | None = _opt(None, "held-out data scored after training (default: the demo's held-out set)")
+    output_dir: str = _opt("runs/compare", "where compare.md, compare.json, compare.png and each method's folder go")
+    methods: str = _opt("base,prefix,peft-prefix,prompt,lora,adapter,full,qlora",
+                        "comma-separated methods (see --list-methods); 'base' scores the untuned model")
+    quick: bool = _opt(False, "a few-minute smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+                       + " (options you give still win)")
+    max_steps: int = _opt(120, "optimizer steps per method (the same for every method)")
+    lr: str | None = _opt(None, "peak learning rates: one number for every method, or method=value pairs such as "
+                          "'prefix=1e-2,lora=1e-2' (the rest keep their defaults, see --list-methods)")
+    schedule: str = _opt("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
+    warmup_steps: int = _opt(10, "steps of linear warmup from 0 to the peak rate")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(0.0, "clip each method's gradient to this norm (0 = no clipping, the default: at "
+                                "short budgets clipping slows prefix tuning most, see docs/training.md)")
+    precision: str = _opt("fp32", "fp32, or bf16/fp16 autocast where the device supports it",
+                          choices=("fp32", "bf16", "fp16"))
+    seed: int = _opt(0, "seed for initialization, data order and the --train-sample draw")
+    train_limit: int | None = _opt(None, "use only the first N training rows")
+    train_sample: int | None = _opt(None, "train on N rows drawn at random (seeded by --seed) from the training "
+                                    "data: the paper's low-data setting")
+    eval_limit: int | None = _opt(None, "read only the first N evaluation rows")
+    eval_prompts: int = _opt(50, "distinct evaluation prompts decoded and scored (all their references count)")
+    eval_batch_size: int | None = _opt(None, "prompts decoded at once when scoring (default: --batch-size)")
+    metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics (bleu, nist, meteor, rouge_l, cider, ...)")
+    prefix_length: int = _opt(10, "prefix / virtual-token length of prefix, peft-prefix and prompt")
+    reparam_hidden_size: int = _opt(512, "width of the prefix reparameterization MLP (prefix and peft-prefix)")
+    init_text: str = _opt("table-to-text:", "the real words whose activations seed 'prefix-words' (the paper's "
+                          "initialization for low-data table-to-text)")
+    lora_r: int = _opt(8, "LoRA rank (lora, qlora)")
+    lora_alpha: int = _opt(8, "LoRA alpha (lora, qlora; PEFT's default)")
+    lora_targets: str = _opt("q_proj,v_proj", "modules LoRA adapts (lora, qlora)")
+    adapter_size: int = _opt(64, "bottleneck width of the Houlsby adapters")
+    threads: int | None = _opt(None, "torch CPU threads per method (default: torch's choice; on a machine shared with "
+                                "other jobs, 1 can be several times faster than oversubscribed threads)")
+    isolate: bool = _opt(True, "run each method in its own process (clean peak-memory numbers; a crash "
+                         "costs one row, not the run)")
+    keep_checkpoints: bool = _opt(False, "keep checkpoints over 100 MB (full fine-tuning) instead of deleting "
+                                  "them once measured")
+    quiet: bool = _opt(False, "no per-step progress lines")

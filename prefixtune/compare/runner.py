@@ -1,0 +1,343 @@
+"""Run one method, or all of them, under the same task, data, step budget and seed.
+
+Each method gets a freshly loaded base model (by default in its own process, so that its
+peak memory is its own and a crash costs one row), the same tokenized training rows in the
+same shuffled order, the same schedule (AdamW, warmup then decay, optional clipping), and
+is scored on the same evaluation prompts with the same greedy decoding.
+
+What is measured, per method:
+
+- trainable parameters, and their share of the base model's parameters;
+- peak memory while training: on CUDA the allocator's peak (``torch.cuda.max_memory_allocated``);
+  on CPU the process's resident set size sampled every 5 ms by a thread (``/proc/self/statm``),
+  reported as the peak and as the rise over the resident size just before the first step
+  (weights, optimizer state, activations and gradients of training, not of loading);
+- seconds per optimizer step and input tokens per second (padding excluded), over all
+  steps but the first (which pays one-off costs);
+- the checkpoint's size on disk, in the method's usual format;
+- the task metrics on the evaluation prompts, and the training loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .. import data
+from ..evaluate import generate_texts
+from ..metrics import check_available, compute_metrics
+from ..train import autocast, lr_lambda, pick_device, split_list
+from .config import CompareConfig
+from .methods import METHODS, Method, Plain, learning_rates, parse_methods
+
+BIG_CHECKPOINT = 100 * 2**20
+
+
+def compare(cfg: CompareConfig) -> dict:
+    """Run every method of ``cfg.methods``; write compare.{json,md,png}; return the results."""
+    from . import report
+
+    methods = parse_methods(cfg.methods)
+    rates = learning_rates(cfg.lr, methods)
+    check_available(split_list(cfg.metrics))
+    _validate(cfg)
+    examples(cfg)  # bad data is one clear error now, not the same failure in every row
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in methods:
+        print(f"\n== {method.name}: {method.label} (lr {rates[method.name]:g})", flush=True)
+        run = _run_isolated if cfg.isolate else run_method
+        row = run(cfg, method.name, rates[method.name], out / method.name)
+        print(report.one_line(row), flush=True)
+        rows.append(row)
+    results = {"config": dataclasses.asdict(cfg), "machine": report.machine(pick_device(cfg.device)), "rows": rows}
+    report.write(results, out)
+    return results
+
+
+def run_method(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
+    """Train and score one method in this process; returns its row of the table."""
+    method = METHODS[name]
+    row = {"method": name, "label": method.label, "lr": lr, "status": "ok", "notes": []}
+    device = pick_device(cfg.device)
+    reason = _unavailable(method, cfg, device)
+    if reason:
+        return {**row, "status": "skipped", "reason": reason}
+    try:
+        return _train_and_score(cfg, method, lr, out, device, row)
+    except Exception as error:  # noqa: BLE001 - one method failing must not stop the comparison
+        import traceback
+
+        traceback.print_exc()  # to the terminal, or to METHOD/stderr.txt when isolated
+        return {**row, "status": "failed", "reason": _first_line(error)}
+
+
+def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dict) -> dict:
+    from ..models import load_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_examples, groups = examples(cfg)
+    torch.manual_seed(cfg.seed)
+    if method.load is not None:
+        model, tokenizer = method.load(cfg, device)
+    else:
+        model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+        model.to(device)
+    total_params = _count(model)
+    row["total_params"] = total_params
+    if method.build is None:  # the untuned base model
+        row.update(trainable_params=0, trainable_pct=0.0, checkpoint_bytes=0)
+        return {**row, **_score(cfg, Plain(model), tokenizer, groups)}
+
+    tuned = method.build(model, tokenizer, cfg)
+    row["notes"] += tuned.notes
+    trainable = _count_list(tuned.trainable)
+    row.update(trainable_params=trainable, trainable_pct=100.0 * trainable / total_params)
+    rows, report = data.tokenize(train_examples, tokenizer, max_length=cfg.max_length,
+                                 template=cfg.prompt_template, chat_template=cfg.chat_template,
+                                 overflow=cfg.overflow)
+    if report["truncated"]:
+        row["notes"].append(f"{len(report['truncated'])} training examples truncated to --max-length")
+    row["train_examples"] = len(rows)
+    row.update(_train(cfg, tuned, rows, tokenizer.pad_token_id, lr, device))
+    if row.get("status") != "ok":
+        return row
+    checkpoint = out / "checkpoint"
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    tuned.save(checkpoint)
+    row["checkpoint_bytes"] = _folder_bytes(checkpoint)
+    row["checkpoint"] = str(checkpoint)
+    if row["checkpoint_bytes"] > BIG_CHECKPOINT and not cfg.keep_checkpoints:
+        shutil.rmtree(checkpoint)
+        row["checkpoint"] = None
+        row["notes"].append("checkpoint deleted after measuring it (--keep-checkpoints keeps it)")
+    return {**row, **_score(cfg, tuned.generator, tokenizer, groups)}
+
+
+def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, device) -> dict:
+    optimizer = torch.optim.AdamW(tuned.trainable, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
+    per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    losses, seconds, tokens = [], [], []
+    order: tuple[int, list] = (-1, [])
+    tuned.forward.train()
+    with PeakMemory(device) as memory:
+        for step in range(cfg.max_steps):
+            epoch, index = divmod(step, per_epoch)
+            if order[0] != epoch:  # the same order prefixtune train uses for this seed and epoch
+                order = (epoch, data.batches(rows, cfg.batch_size, seed=cfg.seed, epoch=epoch))
+            batch = data.collate(order[1][index], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            start = time.perf_counter()
+            with autocast(cfg.precision, device):
+                loss = tuned.forward(**batch).loss
+            if not torch.isfinite(loss):
+                return {"status": "failed", "reason": f"loss became {loss.item()} at step {step + 1}",
+                        "losses": losses}
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(tuned.trainable, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.item()  # waits for the device
+            seconds.append(time.perf_counter() - start)
+            tokens.append(int(batch["attention_mask"].sum()))
+            losses.append(value)
+            if not cfg.quiet and (step + 1) % max(1, cfg.max_steps // 10) == 0:
+                print(f"  step {step + 1}/{cfg.max_steps}  loss {value:.3f}  {seconds[-1]:.2f} s/step", flush=True)
+    timed = slice(1, None) if len(seconds) > 1 else slice(None)
+    tail = losses[-max(1, min(10, len(losses) // 5)):]
+    return {
+        "steps": len(losses),
+        "seconds_per_step": sum(seconds[timed]) / len(seconds[timed]),
+        "tokens_per_s": sum(tokens[timed]) / sum(seconds[timed]),
+        "train_seconds": sum(seconds),
+        "first_loss": losses[0],
+        "final_loss": sum(tail) / len(tail),
+        "losses": losses,
+        **memory.result(),
+    }
+
+
+def _score(cfg: CompareConfig, generator, tokenizer, groups) -> dict:
+    start = time.perf_counter()
+    opts = dataclasses.replace(cfg, batch_size=cfg.eval_batch_size or cfg.batch_size)
+    texts = generate_texts(generator, tokenizer, [ex for ex, _ in groups], opts, prefix="default")
+    metrics = compute_metrics(split_list(cfg.metrics), texts, [refs for _, refs in groups])
+    samples = [{"prompt": ex.prompt, "generation": t, "references": refs[:3]}
+               for (ex, refs), t in zip(groups, texts)]
+    return {"metrics": metrics, "eval_prompts": len(groups), "eval_seconds": time.perf_counter() - start,
+            "samples": samples}
+
+
+def examples(cfg: CompareConfig) -> tuple[list, list]:
+    """The training examples and the evaluation groups ``(first example, references)``."""
+    from .. import demo
+
+    if cfg.data is None:
+        train_examples, held_out = demo.train_and_held_out(cfg.seed)
+        train_examples = train_examples[:cfg.train_limit] if cfg.train_limit else train_examples
+    else:
+        train_examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.train_limit)
+        held_out = None
+    if cfg.train_sample:
+        if cfg.train_sample > len(train_examples):
+            raise ValueError(f"--train-sample {cfg.train_sample}: only {len(train_examples)} training examples")
+        train_examples = random.Random(cfg.seed).sample(train_examples, cfg.train_sample)
+    if cfg.eval_data:
+        held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit)
+    if not held_out:
+        raise ValueError("--eval-data is required with --data: the held-out examples to score")
+    return train_examples, data.group_references(held_out)[:cfg.eval_prompts]
+
+
+class PeakMemory:
+    """Peak memory over a ``with`` block: CUDA allocator peak, or sampled resident set size on CPU."""
+
+    def __init__(self, device: torch.device, every: float = 0.005):
+        self.device, self.every = device, every
+        self.baseline = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline = torch.cuda.memory_allocated(self.device)
+        else:
+            self.baseline = self.peak = rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            self._stop.wait(self.every)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
+
+    def result(self) -> dict:
+        kind = "cuda max_memory_allocated" if self.device.type == "cuda" else "process RSS, sampled every 5 ms"
+        return {"peak_memory_mib": self.peak / 2**20, "memory_increase_mib": (self.peak - self.baseline) / 2**20,
+                "memory_kind": kind}
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the peak so far is the best the standard library offers
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+# ---------------------------------------------------------------------------- isolation
+def _run_isolated(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
+    """``run_method`` in a fresh Python process (its own peak memory; a crash costs one row)."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec, result, errors = out / "spec.json", out / "row.json", out / "stderr.txt"
+    spec.write_text(json.dumps({"config": dataclasses.asdict(cfg), "method": name, "lr": lr, "out": str(out)}))
+    result.unlink(missing_ok=True)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    with errors.open("w", encoding="utf-8") as err:
+        code = subprocess.call([sys.executable, "-m", "prefixtune.compare.runner", str(spec), str(result)],
+                               stderr=err, env=env)
+    if result.is_file():
+        return json.loads(result.read_text(encoding="utf-8"))
+    lines = [line for line in errors.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    why = lines[-1] if lines else f"exit code {code}"
+    return {"method": name, "label": METHODS[name].label, "lr": lr, "status": "failed",
+            "reason": f"worker process died ({why}); see {errors}", "notes": []}
+
+
+def _worker(spec_path: str, result_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    cfg = CompareConfig(**spec["config"])
+    _quiet()
+    row = run_method(cfg, spec["method"], spec["lr"], Path(spec["out"]))
+    Path(result_path).write_text(json.dumps(row, indent=1), encoding="utf-8")
+    return 0
+
+
+def _quiet() -> None:
+    import logging
+    import warnings
+
+    import transformers
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+# ------------------------------------------------------------------------------- helpers
+def _validate(cfg: CompareConfig) -> None:
+    for name in ("max_steps", "batch_size", "eval_prompts", "prefix_length", "lora_r", "adapter_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.data is not None and not cfg.eval_data:
+        raise ValueError("--eval-data is required with --data: the held-out examples to score")
+
+
+def _unavailable(method: Method, cfg: CompareConfig, device) -> str | None:
+    import importlib.util
+
+    missing = [p for p in method.needs if importlib.util.find_spec(p) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (pip install 'prefixtune[compare]')"
+    return method.unavailable(cfg, device)
+
+
+def _count(model) -> int:
+    return _count_list(list(model.parameters()))
+
+
+def _count_list(params) -> int:
+    seen, total = set(), 0
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        packed = getattr(p, "quant_state", None) is not None  # bitsandbytes 4-bit: two weights per byte
+        total += p.numel() * (2 if packed else 1)
+    return total
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(*sys.argv[1:3]))

@@ -1,0 +1,223 @@
+"""``prefixtune compare``: every method on a tiny random Llama (seconds), the report, the options."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_model_folder
+
+from prefixtune import cli
+from prefixtune.compare import build_config, runner
+from prefixtune.compare.adapters import add_adapters
+from prefixtune.compare.config import QUICK, CompareConfig
+from prefixtune.compare.methods import METHODS, learning_rates, parse_methods
+from prefixtune.compare.report import markdown, text_table
+
+TRAINED = ("prefix", "prefix-words", "peft-prefix", "prompt", "lora", "adapter", "full")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(tiny_model_folder(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+def tiny_config(model_dir, tmp_path, **changes) -> CompareConfig:
+    values = dict(model=model_dir, max_steps=3, batch_size=4, train_limit=24, eval_prompts=3, max_new_tokens=6,
+                  warmup_steps=1, output_dir=str(tmp_path / "out"), isolate=False, quiet=True, init_text="hello",
+                  methods="base," + ",".join(TRAINED))
+    values.update(changes)
+    return CompareConfig(**values)
+
+
+def test_every_method_trains_and_is_measured(model_dir, tmp_path):
+    results = runner.compare(tiny_config(model_dir, tmp_path))
+    rows = {r["method"]: r for r in results["rows"]}
+    assert [r["status"] for r in rows.values()] == ["ok"] * len(rows), {k: r.get("reason") for k, r in rows.items()}
+    total = rows["base"]["total_params"]
+    assert rows["base"]["trainable_params"] == 0 and set(rows["base"]["metrics"]) == {"bleu", "rouge_l"}
+    assert rows["full"]["trainable_params"] == total and rows["full"]["trainable_pct"] == 100.0
+    # LoRA r=8 on q_proj and v_proj of 2 layers: A (8 x 32) and B (out x 8) each
+    shape = tiny_model("llama").config
+    kv_out = shape.num_key_value_heads * (shape.hidden_size // shape.num_attention_heads)
+    assert rows["lora"]["trainable_params"] == 2 * (8 * 32 + 32 * 8 + 8 * 32 + kv_out * 8)
+    assert rows["prompt"]["trainable_params"] == 10 * 32  # 10 virtual tokens of width 32
+    for name in TRAINED:
+        row = rows[name]
+        assert 0 < row["trainable_params"] <= total
+        assert row["steps"] == 3 and len(row["losses"]) == 3 and all(map(torch.isfinite, torch.tensor(row["losses"])))
+        assert row["seconds_per_step"] > 0 and row["tokens_per_s"] > 0
+        assert row["peak_memory_mib"] > 0 and "memory_kind" in row
+        assert row["checkpoint_bytes"] > 0
+        assert set(row["metrics"]) == {"bleu", "rouge_l"} and len(row["samples"]) == 3
+    assert rows["full"]["checkpoint_bytes"] > rows["lora"]["checkpoint_bytes"]
+    out = tmp_path / "out"
+    assert json.loads((out / "compare.json").read_text())["rows"][1]["method"] == "prefix"
+    table = (out / "compare.md").read_text()
+    assert "| prefix tuning (prefixtune) |" in table and "Houlsby" in table
+    assert (out / "compare.png").stat().st_size > 0
+    assert (out / "prefix" / "checkpoint" / "prefix.safetensors").is_file()
+
+
+def test_methods_see_the_same_batches_and_runs_repeat(model_dir, tmp_path):
+    cfg = tiny_config(model_dir, tmp_path, methods="prefix")
+    first = runner.run_method(cfg, "prefix", 1e-2, tmp_path / "a")
+    again = runner.run_method(cfg, "prefix", 1e-2, tmp_path / "b")
+    assert first["losses"] == again["losses"]
+    # the first loss is taken before any update: methods that start as the base model agree on it
+    lora = runner.run_method(cfg, "lora", 1e-2, tmp_path / "c")
+    adapter = runner.run_method(cfg, "adapter", 1e-3, tmp_path / "d")
+    assert lora["first_loss"] == pytest.approx(adapter["first_loss"], rel=1e-5)
+
+
+def test_adapters_start_as_the_identity_and_only_they_train():
+    model = tiny_model("llama")
+    ids = torch.randint(3, 90, (2, 7))
+    before = model(input_ids=ids).logits
+    params = add_adapters(model, size=4)
+    assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("adapter" in n) or ("norm" in n) for n in trainable)
+    assert len(params) == len(trainable)
+    assert sum(p.numel() for p in params) == 2 * 2 * (32 * 4 + 4 + 4 * 32 + 32) + 32 * (2 * 2 + 1)
+
+
+def test_adapters_refuse_an_unknown_architecture():
+    model = tiny_model("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(NotImplementedError, match="mystery"):
+        add_adapters(model, 4)
+
+
+def test_a_failing_method_costs_one_row(model_dir, tmp_path, monkeypatch):
+    def broken(model, tokenizer, cfg):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(METHODS, "adapter", dataclasses.replace(METHODS["adapter"], build=broken))
+    results = runner.compare(tiny_config(model_dir, tmp_path, methods="adapter,lora"))
+    statuses = {r["method"]: (r["status"], r.get("reason")) for r in results["rows"]}
+    assert statuses == {"adapter": ("failed", "RuntimeError: boom"), "lora": ("ok", None)}
+    assert "failed: RuntimeError: boom" in (tmp_path / "out" / "compare.md").read_text()
+
+
+def test_qlora_says_why_it_is_skipped(model_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    row = runner.run_method(tiny_config(model_dir, tmp_path), "qlora", 1e-2, tmp_path / "q")
+    assert row["status"] == "skipped" and "bitsandbytes is not installed" in row["reason"]
+
+
+def test_isolated_worker_process(model_dir, tmp_path):
+    cfg = tiny_config(model_dir, tmp_path, methods="lora", isolate=True)
+    row = runner._run_isolated(cfg, "lora", 1e-2, tmp_path / "iso")
+    assert row["status"] == "ok" and row["trainable_params"] > 0 and row["peak_memory_mib"] > 0
+
+
+def test_train_sample_draws_a_seeded_subset(tmp_path):
+    cfg = CompareConfig(train_sample=20, eval_prompts=4, seed=3)
+    first, groups = runner.examples(cfg)
+    again, _ = runner.examples(cfg)
+    other, _ = runner.examples(dataclasses.replace(cfg, seed=4))
+    assert len(first) == 20 and len(groups) == 4
+    assert [e.prompt for e in first] == [e.prompt for e in again] != [e.prompt for e in other]
+    with pytest.raises(ValueError, match="only"):
+        runner.examples(dataclasses.replace(cfg, train_sample=10_000))
+
+
+def test_learning_rates_and_method_names():
+    methods = parse_methods("base,prefix,lora")
+    assert learning_rates(None, methods) == {"base": 0.0, "prefix": METHODS["prefix"].lr, "lora": METHODS["lora"].lr}
+    assert learning_rates("3e-3", methods) == {"base": 0.0, "prefix": 3e-3, "lora": 3e-3}
+    assert learning_rates("lora=1e-3", methods)["lora"] == 1e-3
+    for bad in ("lora=fast", "nope=1e-3", "lora"):
+        with pytest.raises(ValueError, match="--lr"):
+            learning_rates(bad, methods)
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("prefix,dora")
+    with pytest.raises(ValueError, match="twice"):
+        parse_methods("lora,lora")
+
+
+def test_quick_defaults_yield_to_explicit_options(tmp_path):
+    parser = argparse.ArgumentParser()
+    from prefixtune.compare import add_arguments
+
+    add_arguments(parser)
+    cfg = build_config(parser.parse_args(["--quick", "--max-steps", "5"]))
+    assert cfg.max_steps == 5 and cfg.batch_size == QUICK["batch_size"] and cfg.eval_prompts == QUICK["eval_prompts"]
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("quick: true\nbatch_size: 2\n")
+    cfg = build_config(parser.parse_args(["--config", str(config_file)]))
+    assert cfg.quick and cfg.batch_size == 2 and cfg.max_steps == QUICK["max_steps"]
+    assert build_config(parser.parse_args([])).max_steps == 120
+
+
+def test_command_line(model_dir, tmp_path, capsys):
+    assert cli.main(["compare", "--list-methods"]) == 0
+    assert "qlora" in capsys.readouterr().out
+    code = cli.main(["compare", "--model", model_dir, "--methods", "base,prefix", "--max-steps", "2",
+                     "--batch-size", "2", "--train-limit", "8", "--eval-prompts", "2", "--max-new-tokens", "4",
+                     "--no-isolate", "--quiet", "--output-dir", str(tmp_path / "cli")])
+    out = capsys.readouterr().out
+    assert code == 0 and "prefix tuning (prefixtune)" in out and (tmp_path / "cli" / "compare.md").is_file()
+    assert cli.main(["compare", "--methods", "dora"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
+def test_report_of_skipped_and_failed_rows():
+    results = {
+        "config": dataclasses.asdict(CompareConfig()),
+        "machine": {"device": "CPU", "torch": "x", "transformers": "y", "peft": None},
+        "rows": [
+            {"method": "qlora", "label": "QLoRA", "status": "skipped", "reason": "no GPU", "notes": []},
+            {"method": "base", "label": "base", "status": "ok", "trainable_params": 0, "trainable_pct": 0.0,
+             "checkpoint_bytes": 0, "metrics": {"bleu": 1.0}, "notes": []},
+        ],
+    }
+    md = markdown(results)
+    assert "| QLoRA | skipped: no GPU |" in md and "| base | 0 | 0 |" in md
+    assert "skipped: no GPU" in text_table(results)
+
+
+def test_e2e_study_plan_picks_best_rates_and_reports(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e_study.py"
+    spec = importlib.util.spec_from_file_location("e2e_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    args = argparse.Namespace(grid="prefix=3e-3,lora=1e-2,prefix=1e-3", methods="", ablations=False,
+                              sizes="50,100", seeds="0,1", out=str(tmp_path), images=str(tmp_path / "img"))
+    assert [r["id"] for r in study.lr_runs(args)] == ["lr-prefix-0.003", "lr-lora-0.01", "lr-prefix-0.001"]
+    rows = {}
+    for run, (bleu, rouge) in zip(study.lr_runs(args), [(10, 20), (60, 70), (50, 60)]):
+        rows[run["id"]] = {**run, "label": run["method"], "status": "ok", "final_loss": 1.0, "seconds_per_step": 1.0,
+                           "trainable_params": 5, "metrics": {"bleu": bleu, "rouge_l": rouge}}
+    assert study.best_lr(rows, "prefix") == 1e-3 and study.best_lr(rows, "lora") == 1e-2
+    low = study.lowdata_runs(args, rows)
+    assert len(low) == 2 * 2 * len(study.LOWDATA_METHODS)
+    assert {r["lr"] for r in low if r["method"] == "prefix"} == {1e-3}
+    for run in low:
+        rows[run["id"]] = {**run, "label": run["method"], "status": "ok",
+                           "metrics": {"bleu": 40.0 + run["changes"]["seed"], "rouge_l": 50.0}}
+    (tmp_path / "runs").mkdir()
+    for key, row in rows.items():
+        (tmp_path / "runs" / f"{key}.json").write_text(json.dumps(row))
+    text = study.report(args)
+    assert "| prefix (lr 0.001, seeds [0, 1]) | 40.5 ± 0.7 |" in text and "69.7" in text
+    assert (tmp_path / "img" / "compare-e2e-lowdata.png").is_file()
+    assert (tmp_path / "img" / "compare-e2e-lr.png").is_file()
+
+
+def test_bad_data_is_one_clear_error(tmp_path, capsys):
+    code = cli.main(["compare", "--data", str(tmp_path / "missing.jsonl"), "--eval-data", str(tmp_path / "x.jsonl"),
+                     "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and "missing.jsonl" in capsys.readouterr().err
+    assert cli.main(["compare", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "--eval-data is required" in capsys.readouterr().err
