@@ -71,6 +71,15 @@ class PrefixBatch:
         )
 
 
+    def cast(self, dtype: torch.dtype) -> "PrefixBatch":
+        """The same prefix in ``dtype``: done once per ``generate`` call, so that a bf16/fp16 model
+        does not convert the float32 prefix again in every layer at every decoding step."""
+        return PrefixBatch(
+            key_values=[None if kv is None else (kv[0].to(dtype), kv[1].to(dtype)) for kv in self.key_values],
+            valid=self.valid, offsets=self.offsets, used=self.used,
+        )
+
+
 def implementation_name(base: str) -> str:
     """Register (once) and return the prefix-aware wrapper of kernel ``base``."""
     if base not in ATTENTION_IMPLEMENTATIONS:

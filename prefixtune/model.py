@@ -315,6 +315,7 @@ class PrefixModel(nn.Module):
             batch = self.prefix_batch(prefix, rows)
         if batch is None:
             return self.model.generate(*args, **kwargs)
+        batch = batch.cast(self.model.dtype)  # no gradients here: convert once, not per layer and token
 
         def hook(module, hook_args, hook_kwargs):
             return hook_args, self._inject(batch, hook_kwargs)

@@ -82,3 +82,22 @@ def test_mixed_prefix_generate_equals_one_prefix_runs(arch):
             alone = pm.generate(input_ids=x[row:row + 1], attention_mask=torch.ones_like(x[row:row + 1]),
                                 prefix=name, **kw)
             assert torch.equal(mixed[row], alone[0]), (kw, row, name)
+
+
+def test_bf16_generate_matches_greedy_forward_steps():
+    """generate() converts the float32 prefix to the model's dtype once per call; the tokens
+    must be those of step-by-step greedy decoding with forward(), which converts per layer."""
+    pm = PrefixModel.wrap(tiny_model("llama").to(torch.bfloat16),
+                          PrefixConfig(prefix_length=L_P, reparameterize=False, init_std=0.5))
+    x = tokens(2, 5, seed=2)
+    generated = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), **GREEDY)[:, x.shape[1]:]
+    ids = x
+    with torch.no_grad():
+        for _ in range(GREEDY["max_new_tokens"]):
+            ids = torch.cat([ids, pm(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    stepped = ids[:, x.shape[1]:]
+    for row in range(x.shape[0]):  # generate() stops a row at eos (2) and pads it; compare up to there
+        ends = (stepped[row] == 2).nonzero()
+        n = int(ends[0]) + 1 if len(ends) else stepped.shape[1]
+        assert torch.equal(generated[row, :n], stepped[row, :n])
+    assert pm.prefixes["default"].key_values.dtype == torch.float32  # the trained prefix itself stays float32
