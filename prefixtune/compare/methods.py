@@ -68,12 +68,12 @@ class Plain:
 
 
 # ------------------------------------------------------------------------------ builders
-def _prefix(init: str) -> Callable:
+def _prefix(init: str, reparameterize: bool = True) -> Callable:
     def build(model, tokenizer, cfg: CompareConfig) -> Tuned:
         from ..config import PrefixConfig
         from ..model import PrefixModel
 
-        config = PrefixConfig(prefix_length=cfg.prefix_length, reparameterize=True,
+        config = PrefixConfig(prefix_length=cfg.prefix_length, reparameterize=reparameterize,
                               reparam_hidden_size=cfg.reparam_hidden_size, init=init,
                               init_text=cfg.init_text if init == "text" else None)
         pm = PrefixModel.wrap(model, config, tokenizer=tokenizer)
@@ -202,6 +202,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # (quick run: loss 3.5 -> 9.3 at step 3; docs/compare.md); 1e-3 trained (quick: BLEU 43.4)
     Method("prefix", "prefix tuning (prefixtune)", 1e-3, _prefix("random"),
            "prefixtune's prefix, MLP-reparameterized (width --reparam-hidden-size), random init"),
+    Method("prefix-flat", "prefix tuning, flat (prefixtune)", 1e-2, _prefix("random", reparameterize=False),
+           "prefixtune's prefix trained directly, without the MLP (P-Tuning v2 style), random init"),
     Method("prefix-words", "prefix tuning, init from words (prefixtune)", 3e-3, _prefix("text"),
            "prefixtune's prefix initialized from the activations of --init-text (the paper's 'real words')"),
     Method("peft-prefix", "prefix tuning (PEFT)", 1e-3, _peft(_peft_prefix_config, _peft_prefix_notes),
