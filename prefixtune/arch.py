@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .config import TARGETS
 
-GROUPS = ("encoder", "decoder", "cross")
+
+GROUPS = TARGETS
 """The kinds of attention a prefix can enter (Li & Liang 2021, section 4.2, for BART):
 the encoder's self-attention, the decoder's self-attention, and the decoder's attention
 over the encoder (cross-attention). A decoder-only model has just "decoder"; an
@@ -157,14 +159,6 @@ class ModelShape:
             for key in ("model_type", "num_layers", "num_kv_heads", "head_dim", "groups")
             if getattr(self, key) != getattr(other, key)
         ]
-
-    def group_of(self, site: int) -> tuple[str, int]:
-        """``(group name, layer within the group)`` of site index ``site``."""
-        for name, count in self.groups.items():
-            if site < count:
-                return name, site
-            site -= count
-        raise IndexError(f"site {site} is beyond the model's {self.num_layers} prefix sites")
 
 
 def layout_for(model: nn.Module) -> Layout:

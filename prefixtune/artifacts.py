@@ -33,6 +33,18 @@ def write_prefix(directory: str | os.PathLike, meta: dict, tensors: dict[str, to
 
 def read_prefix(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read what ``write_prefix`` wrote: ``(meta, tensors)``."""
+    meta = read_meta(directory)
+    weights_path = Path(directory) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_path}: unreadable safetensors file ({err})") from err
+    return meta, tensors
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    """The ``prefix_config.json`` of a saved prefix (the tensors are not read), once both files
+    are known to be there."""
     path = Path(directory)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     for needed in (config_path, weights_path):
@@ -41,11 +53,7 @@ def read_prefix(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
     meta = read_json(config_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{config_path}: not a prefixtune prefix config (expected format {FORMAT!r})")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights_path}: unreadable safetensors file ({err})") from err
-    return meta, tensors
+    return meta
 
 
 def read_json(path: Path):

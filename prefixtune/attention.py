@@ -70,7 +70,6 @@ class PrefixBatch:
             used=self.used,
         )
 
-
     def cast(self, dtype: torch.dtype) -> "PrefixBatch":
         """The same prefix in ``dtype``: done once per ``generate`` call, so that a bf16/fp16 model
         does not convert the float32 prefix again in every layer at every decoding step."""

@@ -127,12 +127,13 @@ def _eval(cfg: EvalConfig) -> int:
 def _eval_classes(cfg: EvalConfig) -> int:
     """Accuracy of a classifier prefix (its task head is saved with it)."""
     from . import data, evaluate
+    from .models import class_names
 
     if not cfg.prefix:
         raise ValueError("--task classification needs --prefix: the task head is trained with the prefix")
     examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit)
     pm, tokenizer = _load(cfg)
-    labels = [pm.model.config.id2label[i] for i in range(len(pm.model.config.id2label))]
+    labels = class_names(pm.model)
     rows, _ = data.tokenize_classes(examples, tokenizer, labels, max_length=cfg.max_length)
     result = evaluate.classify(pm, rows, tokenizer.pad_token_id, batch_size=cfg.batch_size, prefix="default")
     result["predictions"] = [labels[i] for i in result["predictions"]]
@@ -183,9 +184,9 @@ def _load(cfg):
 
     labels = None
     if cfg.task == "classification" and cfg.prefix:
-        from .artifacts import read_prefix
+        from .artifacts import read_meta
 
-        labels = read_prefix(cfg.prefix)[0].get("labels")
+        labels = read_meta(cfg.prefix).get("labels")
         if not labels:
             raise ValueError(f"{cfg.prefix}: this prefix has no task head; it was not trained with --task classification")
     model, tokenizer = load_model(cfg.model, task=cfg.task, labels=labels, attn_implementation=cfg.attn_implementation)

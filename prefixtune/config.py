@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 INITS = ("random", "text")
-TARGETS = ("encoder", "decoder", "cross")  # the attentions a prefix can enter (see prefixtune.arch.GROUPS)
+TARGETS = ("encoder", "decoder", "cross")  # the attentions a prefix can enter (prefixtune.arch.GROUPS)
 
 
 @dataclass

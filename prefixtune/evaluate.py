@@ -15,6 +15,7 @@ from . import data
 from .config import DataOptions
 from .metrics import compute_metrics
 from .model import PrefixModel
+from .models import class_names
 
 
 @torch.no_grad()
@@ -87,7 +88,7 @@ def predict_labels(pm: PrefixModel, tokenizer, texts: list[str], *, batch_size: 
                    prefix) -> list[str]:
     """The class name the model's task head picks for each text."""
     pm.eval()
-    names = pm.model.config.id2label
+    names = class_names(pm.model)
     out = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import arch
+from . import arch, lora  # lora: PEFT adapters (LoRA) trained beside the prefix, issue 6
 from .artifacts import read_prefix, write_prefix
 from .attention import CAUSAL_ATTR, KWARG, LAYER_ATTR, PrefixBatch, implementation_name
 from .config import PrefixConfig
 from .encoder import PrefixEncoder
-from . import lora  # PEFT adapters (LoRA) trained beside the prefix, issue 6
+from .models import class_names
 
 ACTIVE = "__active__"
 """Default of ``prefix=``: the active prefix (the first one added, or ``set_active``)."""
@@ -366,8 +366,7 @@ class PrefixModel(nn.Module):
             "reparameterization_saved": keep,
         }
         if self.heads:  # the class names, so a scorer can rebuild the task model (see models.load_model)
-            id2label = self.model.config.id2label
-            meta["labels"] = [id2label[i] for i in range(len(id2label))]
+            meta["labels"] = class_names(self.model)
         path = write_prefix(directory, meta, tensors)
         if arch.is_peft_model(self.model):  # prefix + LoRA: the adapter goes to DIR/adapter (prefixtune.lora)
             lora.save_adapter(self.model, path)

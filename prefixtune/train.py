@@ -29,7 +29,7 @@ from . import checkpoint, data, demo, distributed, evaluate, options
 from .config import PrefixConfig, TrainConfig
 from .metrics import check_available
 from .model import PrefixModel
-from .models import load_model
+from .models import class_names, load_model
 
 log = logging.getLogger("prefixtune")
 
@@ -93,9 +93,9 @@ class _Loop:
         self.runner = runner or pm
         self.optimizer, self.scheduler = optimizer, scheduler
         self.rows, self.eval_examples, self.out, self.state, self.total = rows, eval_examples, out, state, total
-        self.labels = pm.model.config.id2label if cfg.task == "classification" else None  # classes, by id
+        self.labels = class_names(pm.model) if cfg.task == "classification" else None  # classes, by id
         # a classifier is scored on token rows with class ids; a language model on the examples themselves
-        self.eval_rows = _tokenize(eval_examples, tokenizer, cfg, list(self.labels.values())) if self.labels else None
+        self.eval_rows = _tokenize(eval_examples, tokenizer, cfg, self.labels) if self.labels else None
         self.per_epoch = math.ceil(len(rows) / cfg.batch_size)
         self.metrics_file = out / "metrics.jsonl"
         self._epoch_batches: tuple[int, list] | None = None
@@ -160,7 +160,7 @@ class _Loop:
         self._guard(total, "loss")  # after the reduction, so that every process stops together
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
         self._guard(norm, "gradient norm")
-        self._last_good = _trainable_state(self.pm)
+        self._last_good = [p.detach().clone() for p in params]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -190,8 +190,10 @@ class _Loop:
             return
         self.optimizer.zero_grad(set_to_none=True)
         if self.state["best_step"] is None:  # else the best evaluated prefix is already saved there
-            if self._last_good is not None:  # the prefix (and head) before the update that led here
-                _restore_trainable_state(self.pm, self._last_good)
+            if self._last_good is not None:  # what trains (prefix, head) as before the update that led here
+                with torch.no_grad():
+                    for param, good in zip(self.pm.trainable_parameters(), self._last_good):
+                        param.copy_(good)
             if self.dist.is_main:
                 self.pm.save_prefix(self.out)
         raise TrainingError(
@@ -362,17 +364,6 @@ def _majority(train_rows: list[dict], eval_rows: list[dict]) -> dict:
     top = max(counts, key=counts.get)
     return {"loss": float("nan"), "accuracy": 100.0 * sum(r["labels"] == top for r in eval_rows) / max(len(eval_rows), 1)}
 
-
-def _trainable_state(pm: PrefixModel) -> dict:
-    """A copy of what trains (the prefix, and the task head if any), to undo a bad update."""
-    modules = {"prefix": pm.prefixes["default"], **{f"head.{n}": h for n, h in pm.heads.items()}}
-    return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
-
-
-def _restore_trainable_state(pm: PrefixModel, state: dict) -> None:
-    pm.prefixes["default"].load_state_dict(state["prefix"])
-    for name, head in pm.heads.items():
-        head.load_state_dict(state[f"head.{name}"])
 
 
 def _prefix_config(cfg: TrainConfig, resume_from) -> PrefixConfig:
