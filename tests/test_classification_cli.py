@@ -82,6 +82,18 @@ def test_classification_without_data_or_with_a_text_metric_is_refused(encoder_di
     assert "scored by loss or accuracy" in capsys.readouterr().err
 
 
+def test_classification_eval_needs_a_prefix_with_a_head(encoder_dir, model_dir, data_files, tmp_path, capsys):
+    assert main(["eval", "--task", "classification", "--model", encoder_dir, "--data", "x.tsv"]) == 2
+    assert "needs --prefix" in capsys.readouterr().err
+    lm_prefix = tmp_path / "lm"
+    assert main(["train", "--model", model_dir, "--data", str(data_files / "train.jsonl"), "--max-steps", "1",
+                 "--prefix-length", "2", "--reparam-hidden-size", "8", "--output-dir", str(lm_prefix)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--task", "classification", "--model", encoder_dir, "--prefix", str(lm_prefix),
+                 "--prompt", "fine"]) == 2
+    assert "this prefix has no task head" in capsys.readouterr().err
+
+
 def test_an_unseen_label_in_eval_data_names_the_line(run, tmp_path, capsys):
     fields, _, out = run
     bad = tmp_path / "bad.tsv"
