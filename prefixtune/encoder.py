@@ -99,6 +99,7 @@ class PrefixEncoder(nn.Module):
                 loss.backward()
                 optimizer.step()
                 schedule.step()
+        optimizer.zero_grad(set_to_none=True)  # else training's first step adds the fit's last gradient
         with torch.no_grad():
             return float(((self.raw_key_values() - target).pow(2).mean() / scale).sqrt())
 

@@ -103,6 +103,14 @@ def test_init_from_text_starts_at_the_models_own_key_values(reparameterize):
     assert pm.prefixes["default"].init_fit_error < (1e-6 if not reparameterize else 1e-3)
 
 
+def test_init_from_text_leaves_no_gradient_behind():
+    """Fitting the MLP to the words must not leave its last gradient for training's first step
+    (it was added once per process under the distributed all-reduce)."""
+    cfg = PrefixConfig(prefix_length=6, reparam_hidden_size=64, init="text", init_text="table", init_fit_steps=5)
+    pm = PrefixModel.wrap(tiny_model("llama"), cfg, tokenizer=_Tok())
+    assert all(p.grad is None for p in pm.trainable_parameters())
+
+
 def test_init_text_without_a_tokenizer_says_what_to_pass():
     with pytest.raises(ValueError, match="needs a tokenizer"):
         PrefixModel.wrap(tiny_model("llama"), PrefixConfig(init="text", init_text="hello"))
