@@ -52,13 +52,16 @@ def train(cfg: TrainConfig) -> dict:
     model, tokenizer = load_model(cfg.model, task=cfg.task, labels=labels, attn_implementation=cfg.attn_implementation)
     model.to(device)
     rows = _tokenize(train_examples, tokenizer, cfg, labels)
-    pm = PrefixModel.wrap(model, _prefix_config(cfg, resume_from), tokenizer=tokenizer)
+    prefix_config = _prefix_config(cfg, resume_from)
+    with dist.whole_base(model) if prefix_config.init == "text" else contextlib.nullcontext():
+        pm = PrefixModel.wrap(model, prefix_config, tokenizer=tokenizer)  # --init-text runs the base once
     if resume_from:
         pm.load_prefix(resume_from)
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(pm.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    runner = dist.prepare(pm, optimizer)  # what forward passes call: `pm`, or the FSDP-sharded model around it
+    runner = dist.prepare(pm, optimizer)  # what forward passes call: `pm`, or the FSDP-sharded model around it;
+    # under DeepSpeed ZeRO-3 `pm` itself, its base partitioned
     total = total_steps(cfg, len(rows))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0}

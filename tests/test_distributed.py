@@ -1,21 +1,24 @@
 """Training on several processes (issue 8): 2 CPU processes on gloo, started by the real
-launchers (``accelerate launch`` with the shipped DDP config, and ``torchrun``), train the
-same prefix as one process; only one of them writes; a killed run resumes with 2 or 1
-processes. Plus the sharding plan and the facts that make a DDP wrapper unnecessary."""
+launchers (``accelerate launch`` with the shipped DDP and DeepSpeed ZeRO-3 configs, and
+``torchrun``), train the same prefix as one process; only one of them writes; a killed run
+resumes with 2 or 1 processes. Plus the sharding plan, the DeepSpeed config checks, and the
+facts that make a DDP wrapper unnecessary."""
 
 import json
+import logging
 import os
-import signal
+import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_model
+from tiny import tiny_encoder, tiny_model
 
 from prefixtune import distributed
 from prefixtune.config import PrefixConfig, TrainConfig
@@ -55,10 +58,12 @@ def _port() -> int:
 
 
 def _launcher(name: str) -> list[str]:
-    """The command that starts 2 processes of ``python -m prefixtune.cli``, as a user would."""
-    if name == "accelerate":
+    """The command that starts 2 processes of ``python -m prefixtune.cli``, as a user would:
+    ``accelerate`` (ddp.yaml), ``deepspeed`` (deepspeed-zero3.yaml) or ``torchrun``."""
+    config = {"accelerate": "ddp.yaml", "deepspeed": "deepspeed-zero3.yaml"}.get(name)
+    if config:
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(ROOT / "configs/accelerate/ddp.yaml"), "--num_processes", "2", "--main_process_port", str(_port()),
+                str(ROOT / "configs/accelerate" / config), "--num_processes", "2", "--main_process_port", str(_port()),
                 "-m", "prefixtune.cli"]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_port()),
             "-m", "prefixtune.cli"]
@@ -68,9 +73,10 @@ def _env():
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def _launch(name: str, args: list[str]) -> None:
+def _launch(name: str, args: list[str]) -> subprocess.CompletedProcess:
     done = subprocess.run(_launcher(name) + args, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def _prefix(out):
@@ -172,19 +178,111 @@ def test_fsdp_shards_the_base_and_trains_the_prefix_of_one_process(model_dir, da
     assert scores[0]["bleu"] == scores[1]["bleu"]
 
 
+ACCELERATE_ZERO3 = {  # what Accelerate's plugin makes of deepspeed-zero3.yaml, plus "auto" tuning values
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none", "nvme_path": None},
+                          "offload_param": {"device": "none", "nvme_path": None},
+                          "stage3_prefetch_bucket_size": "auto", "stage3_max_live_parameters": 10**9},
+    "gradient_clipping": "auto", "steps_per_print": float("inf"), "fp16": {"enabled": False},
+    "bf16": {"enabled": False},
+}
+
+
+def test_zero3_config_keeps_the_partitioning_and_nothing_of_an_optimizer(caplog):
+    zero = {"stage": 3, "offload_param": {"device": "none", "nvme_path": None}, "stage3_max_live_parameters": 10**9}
+    assert distributed.zero3_config(ACCELERATE_ZERO3) == {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero}
+    with caplog.at_level(logging.WARNING, logger="prefixtune"):
+        distributed.zero3_config({**ACCELERATE_ZERO3, "optimizer": {"type": "AdamW"}})
+    assert "ignoring the DeepSpeed config's optimizer" in caplog.text
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"zero_optimization": {"stage": 2}}, "ZeRO stage 2: prefixtune supports stage 3"),
+    ({"bf16": {"enabled": True}}, "enables bf16"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offloads parameters"),
+])
+def test_zero3_config_refuses_in_one_line_what_prefixtune_does_not_do(change, message):
+    with pytest.raises(ValueError, match=message) as error:
+        distributed.zero3_config({**ACCELERATE_ZERO3, **change})
+    assert "\n" not in str(error.value)
+
+
+def test_zero3_refuses_a_task_head_that_would_be_partitioned_with_the_base():
+    """A classifier's head trains with the prefix, but it lives in the base that ZeRO-3 partitions."""
+    pytest.importorskip("deepspeed")
+    pm = PrefixModel.wrap(tiny_encoder("bert"), PrefixConfig(prefix_length=3))
+    with pytest.raises(ValueError, match="a task head or LoRA weights would be partitioned"):
+        distributed.partition(pm, distributed.zero3_config(ACCELERATE_ZERO3))
+
+
+def _partitioned(log: str) -> list[tuple[int, int]]:
+    """(held, whole) from each process's "ZeRO-3 partitioned the frozen base" line."""
+    found = re.findall(r"this process holds (\d+) of its (\d+) weights", log)
+    return [(int(held), int(whole)) for held, whole in found]
+
+
+def test_deepspeed_zero3_partitions_the_base_and_trains_the_prefix_of_one_process(model_dir, data_files, tmp_path):
+    """``accelerate launch`` with configs/accelerate/deepspeed-zero3.yaml, 2 CPU processes (DeepSpeed's
+    CPU accelerator, gloo), with evaluation, generation and gradient checkpointing through the
+    partitioned base; shares of 3 and 2 rows in micro-batches of 2, so the second process runs a
+    zero-weight padding pass to keep ZeRO-3's gathers in step."""
+    pytest.importorskip("deepspeed")
+    extra = ["--max-steps", "4", "--save-every", "2", "--eval-data", str(data_files / "eval.jsonl"),
+             "--eval-every", "2", "--metrics", "bleu", "--max-new-tokens", "4", "--gradient-checkpointing"]
+    done = _launch("deepspeed", _args(model_dir, data_files, tmp_path / "zero3", *extra))
+    held = _partitioned(done.stdout + done.stderr)
+    assert len(held) == 2 and all(0 < part <= whole // 2 + 64 for part, whole in held), held  # half, padded
+    train(_cfg(model_dir, data_files, tmp_path / "one", max_steps=4, save_every=2, gradient_checkpointing=True,
+               eval_data=str(data_files / "eval.jsonl"), eval_every=2, metrics="bleu", max_new_tokens=4))
+    zero3, one = tmp_path / "zero3", tmp_path / "one"
+    difference = (_prefix(zero3) - _prefix(one)).abs().max().item()
+    assert difference < 1e-5, f"ZeRO-3 on 2 processes ended {difference} away from 1 process"
+    scores = [json.loads((run / "eval.json").read_text())["with prefix"] for run in (zero3, one)]
+    assert scores[0]["loss"] == pytest.approx(scores[1]["loss"], abs=1e-5)
+    assert scores[0]["bleu"] == scores[1]["bleu"]
+    for folder in (".", "checkpoint"):
+        assert sorted(p.name for p in (zero3 / folder).iterdir()) == sorted(p.name for p in (one / folder).iterdir())
+    rows = [json.loads(line) for line in (zero3 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 2, 3, 4, 4], "each step logged once: one writer"
+
+
+def test_deepspeed_zero3_runs_the_partitioned_base_whole_for_init_text(model_dir, data_files, tmp_path):
+    """``--init-text`` runs the base before DeepSpeed's hooks exist, on a base that transformers
+    loaded partitioned: it is gathered for that forward. After two steps the prefix equals one
+    process's (the fit to the words leaves no gradient behind: it used to be all-reduced too)."""
+    pytest.importorskip("deepspeed")
+    _launch("deepspeed", _args(model_dir, data_files, tmp_path / "zero3", "--max-steps", "2", "--init-text", "red",
+                               "--lr", "1e-2"))
+    train(_cfg(model_dir, data_files, tmp_path / "one", max_steps=2, init_text="red", lr=1e-2))
+    difference = (_prefix(tmp_path / "zero3") - _prefix(tmp_path / "one")).abs().max().item()
+    assert difference < 1e-5, f"the text-initialized prefix under ZeRO-3 is {difference} away from 1 process's"
+
+
+def _kill_with_workers(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and its workers at once. Killing the launcher's process group is not
+    enough: torchrun starts each worker in a session of its own, and they would train on."""
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for member in family:
+        member.kill()
+    psutil.wait_procs(family)
+    proc.wait()
+
+
 def test_a_killed_two_process_run_resumes_with_two_or_one_processes(model_dir, data_files, tmp_path):
     extra = ["--max-steps", "60", "--save-every", "5"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_launcher("torchrun") + _args(model_dir, data_files, killed, *extra), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "checkpoint" / "trainer_state.json"
     deadline = time.time() + 240
     while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["state"]["step"] >= 10):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, at once
-    proc.wait()
+    _kill_with_workers(proc)
     stopped_at = json.loads(state.read_text())["state"]["step"]
     assert 10 <= stopped_at < 60, "the run should have been killed midway"
+    time.sleep(1.5)  # a checkpoint every 5 steps of a fraction of a second each: a survivor would write one
+    assert json.loads(state.read_text())["state"]["step"] == stopped_at, "a worker outlived the kill"
     subprocess.run(["cp", "-r", str(killed), str(tmp_path / "killed1")], check=True)
     _launch("torchrun", _args(model_dir, data_files, killed, *extra, "--resume"))
     train(_cfg(model_dir, data_files, tmp_path / "killed1", max_steps=60, save_every=5, resume=True))
