@@ -88,17 +88,34 @@ def lr_runs(args) -> list[dict]:
     """Interleaved (each method's first rate, then each one's second...), so a run cut short
     has the most important pairs."""
     rates = grid(args)
+    extra = settings(args)
+    tag = "".join(f"-{k}{v}" for k, v in extra.items())
     runs = []
-    for i in range(max(map(len, rates.values()))):
-        for method, values in rates.items():
-            if i < len(values):
-                lr = values[i]
-                runs.append({"id": f"lr-{method}-{lr:g}", "method": method, "lr": lr, "changes": {}})
+    for seed in (int(s) for s in args.lr_seeds.split(",")):
+        for i in range(max(map(len, rates.values()))):
+            for method, values in rates.items():
+                if i < len(values):
+                    lr = values[i]
+                    changes = {**extra, **({"seed": seed} if seed else {})}
+                    runs.append({"id": f"lr-{method}-{lr:g}{tag}" + (f"-s{seed}" if seed else ""), "method": method,
+                                 "lr": lr, "changes": changes})
     if args.ablations:
         for method, lr, changes in ABLATIONS:
             tag = "-".join(f"{k}{v:g}" for k, v in changes.items())
             runs.append({"id": f"ablation-{method}-{lr:g}-{tag}", "method": method, "lr": lr, "changes": changes})
     return runs
+
+
+def settings(args) -> dict:
+    """``--set prefix_length=20,max_grad_norm=1`` as CompareConfig changes (typed like the field)."""
+    fields = {f.name: f.type for f in dataclasses.fields(CompareConfig)}
+    out = {}
+    for part in filter(None, (args.set or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--set: {key!r} is not a compare option")
+        out[key] = {"int": int, "float": float}.get(str(fields[key]).split(" ")[0], str)(value)
+    return out
 
 
 def lowdata_runs(args, rows: dict) -> list[dict]:
@@ -113,13 +130,27 @@ def lowdata_runs(args, rows: dict) -> list[dict]:
 
 
 def best_lr(rows: dict, method: str) -> float:
-    """The rate of ``method``'s grid with the best mean of BLEU and ROUGE-L (the default if none ran)."""
+    """The rate of ``method``'s grid with the best mean of BLEU and ROUGE-L over seeds, among its
+    runs with no other change (the method's default rate if none ran)."""
     from prefixtune.compare.methods import METHODS
 
-    scored = [r for r in rows.values() if r["id"].startswith(f"lr-{method}-") and r.get("status") == "ok"]
-    if not scored:
+    cells = {key: group for key, group in lr_cells(rows).items()
+             if key[:2] == (False, method) and not key[3] and all(r.get("status") == "ok" for r in group)}
+    if not cells:
         return METHODS[method].lr
-    return max(scored, key=lambda r: r["metrics"]["bleu"] + r["metrics"]["rouge_l"])["lr"]
+    return max(cells, key=lambda k: statistics.mean(r["metrics"]["bleu"] + r["metrics"]["rouge_l"] for r in cells[k]))[2]
+
+
+def lr_cells(rows: dict) -> dict[tuple, list[dict]]:
+    """Learning-rate rows grouped by (ablation?, method, lr, other changes): one cell per setting, its seeds inside."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows.values():
+        if r["id"].startswith(("lr-", "ablation-")):
+            other = tuple(sorted((k, v) for k, v in r.get("changes", {}).items() if k != "seed"))
+            cells.setdefault((r["id"].startswith("ablation"), r["method"], r["lr"], other), []).append(r)
+    for group in cells.values():
+        group.sort(key=lambda r: r.get("changes", {}).get("seed", 0))
+    return dict(sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], kv[0][2])))
 
 
 def load_rows(out: Path) -> dict:
@@ -163,32 +194,38 @@ def run_phase(runs: list[dict], args) -> None:
 
 
 # ---------------------------------------------------------------------------------- report
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], digits: int = 1) -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def report(args) -> str:
     rows = load_rows(Path(args.out))
     lines = []
-    lr_rows = [r for r in rows.values() if r["id"].startswith(("lr-", "ablation-"))]
-    if lr_rows:
-        lines += ["### Learning rates (120 steps of batch 8, first 50 dev MRs, no clipping unless noted)", "",
-                  "| method | lr | changes | train loss | BLEU | ROUGE-L | s/step | trainable |", "|---|---|---|---|---|---|---|---|"]
-        for r in sorted(lr_rows, key=lambda r: (r["id"].startswith("ablation"), r["method"], r["lr"])):
-            changes = ", ".join(f"{k}={v}" for k, v in r.get("changes", {}).items()) or "-"
-            if r.get("status") != "ok":
-                lines.append(f"| {r['label']} | {r['lr']:g} | {changes} | {r['status']}: {r.get('reason', '')} | | | | |")
+    cells = lr_cells(rows)
+    if cells:
+        lines += ["### Learning rates (120 steps of batch 8, first 50 dev MRs, no clipping unless noted; "
+                  "mean ± sd over seeds where several ran)", "",
+                  "| method | lr | changes | seeds | train loss | BLEU | ROUGE-L | s/step | trainable |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (_, method, lr, other), group in cells.items():
+            changes = ", ".join(f"{k}={v}" for k, v in other) or "-"
+            seeds = ",".join(str(r.get("changes", {}).get("seed", 0)) for r in group)
+            failed = [r for r in group if r.get("status") != "ok"]
+            if failed:
+                lines.append(f"| {group[0]['label']} | {lr:g} | {changes} | {seeds} | "
+                             f"{failed[0]['status']}: {failed[0].get('reason', '')} | | | | |")
                 continue
-            loss = f"{r['final_loss']:.3f}" if "final_loss" in r else "-"
-            sps = f"{r['seconds_per_step']:.2f}" if "seconds_per_step" in r else "-"
-            lines.append(f"| {r['label']} | {r['lr']:g} | {changes} | {loss} | {r['metrics']['bleu']:.1f} | "
-                         f"{r['metrics']['rouge_l']:.1f} | {sps} | {r['trainable_params']:,} |")
+            metric = lambda key: _mean_sd([r["metrics"][key] for r in group])  # noqa: E731
+            loss = _mean_sd([r["final_loss"] for r in group if "final_loss" in r], digits=3)
+            sps = f"{statistics.median(r['seconds_per_step'] for r in group):.2f}" if "seconds_per_step" in group[0] else "-"
+            lines.append(f"| {group[0]['label']} | {lr:g} | {changes} | {seeds} | {loss} | {metric('bleu')} | "
+                         f"{metric('rouge_l')} | {sps} | {group[0]['trainable_params']:,} |")
         lines.append("")
-        for method in sorted({r["method"] for r in lr_rows if r["id"].startswith("lr-") and r["method"] != "base"}):
+        for method in sorted({k[1] for k in cells if not k[0] and k[1] != "base"}):
             lines.append(f"- best rate for {method}: {best_lr(rows, method):g}")
         lines.append("")
     low = [r for r in rows.values() if r["id"].startswith("low-") and r.get("status") == "ok"]
@@ -224,13 +261,15 @@ def plot(rows: dict, images: Path) -> None:
     import matplotlib.pyplot as plt
 
     images.mkdir(parents=True, exist_ok=True)
-    lr_rows = [r for r in rows.values() if r["id"].startswith("lr-") and r.get("status") == "ok" and r["lr"]]
-    if lr_rows:
+    cells = {k: g for k, g in lr_cells(rows).items()  # the grid itself: no ablation, no other change, lr > 0
+             if not k[0] and not k[3] and k[2] and all(r.get("status") == "ok" for r in g)}
+    if cells:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for key, axis in zip(("bleu", "rouge_l"), axes):
-            for method in sorted({r["method"] for r in lr_rows}):
-                picked = sorted((r for r in lr_rows if r["method"] == method), key=lambda r: r["lr"])
-                axis.plot([r["lr"] for r in picked], [r["metrics"][key] for r in picked], marker="o", label=method)
+            for method in sorted({k[1] for k in cells}):
+                picked = sorted((k[2], g) for k, g in cells.items() if k[1] == method)
+                axis.plot([lr for lr, _ in picked], [statistics.mean(r["metrics"][key] for r in g) for _, g in picked],
+                          marker="o", label=method)
             axis.set(xscale="log", xlabel="peak learning rate", ylabel=key.upper().replace("_", "-"),
                      title=f"E2E dev (first 50 MRs): {key.upper().replace('_', '-')} after 120 steps")
         axes[0].legend(fontsize="small")
@@ -273,6 +312,10 @@ def main() -> int:
                         help="methods of the learning-rate phase")
     parser.add_argument("--grid", default=None, help="learning rates to try, in order: 'prefix=1e-2:3e-3,lora=1e-2' "
                         "(default: LR_GRID for --methods)")
+    parser.add_argument("--lr-seeds", default="0", help="seeds of the learning-rate phase (rows of seed > 0 are "
+                        "named ...-sSEED; the report gives mean ± sd over seeds)")
+    parser.add_argument("--set", default=None, help="compare options changed for the learning-rate phase, e.g. "
+                        "'prefix_length=20' (they name the rows)")
     parser.add_argument("--no-ablations", dest="ablations", action="store_false")
     parser.add_argument("--sizes", default="50,100,200,500")
     parser.add_argument("--seeds", default="0,1,2")
