@@ -43,6 +43,8 @@ from prefixtune.compare.config import CompareConfig  # noqa: E402
 LR_GRID = {  # the grid for prefix tuning and LoRA; conventional ranges for the others
     "prefix": (1e-3, 3e-3, 1e-2),
     "prefix-words": (1e-3, 3e-3, 1e-2),
+    "prefix-flat": (1e-2, 3e-2, 1e-1),  # no MLP to amplify the steps: its rates sit higher (docs/compare.md)
+    "prefix-flat-words": (1e-2, 3e-2),
     "lora": (1e-3, 3e-3, 1e-2),
     "peft-prefix": (1e-3, 3e-3, 1e-2),
     "prompt": (3e-3, 1e-2, 3e-2),
@@ -55,7 +57,7 @@ ABLATIONS = [  # (method, lr, changes): why prefix tuning fell short with the en
     ("prefix", 1e-2, {"max_grad_norm": 1.0}),
     ("lora", 1e-2, {"max_grad_norm": 1.0}),
 ]
-LOWDATA_METHODS = ("prefix-words", "prefix", "lora", "full")
+LOWDATA_METHODS = ("prefix-flat-words", "prefix-flat", "lora", "full")  # the prefixes that were level with LoRA
 PAPER = {  # Li & Liang 2021, table 1, E2E, GPT-2 medium (full training set)
     "prefix (paper, GPT-2 medium)": {"bleu": 69.7, "nist": 8.81, "meteor": 46.1, "rouge_l": 71.4, "cider": 2.49},
     "fine-tune (paper, GPT-2 medium)": {"bleu": 68.2, "nist": 8.62, "meteor": 46.2, "rouge_l": 71.0, "cider": 2.47},
@@ -308,7 +310,8 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="base model (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the runs (on one GPU: 3-4)")
-    parser.add_argument("--methods", default="prefix,prefix-words,lora,peft-prefix,prompt,adapter,full,base",
+    parser.add_argument("--methods", default="prefix,prefix-words,prefix-flat,prefix-flat-words,lora,peft-prefix,"
+                        "prompt,adapter,full,base",
                         help="methods of the learning-rate phase")
     parser.add_argument("--grid", default=None, help="learning rates to try, in order: 'prefix=1e-2:3e-3,lora=1e-2' "
                         "(default: LR_GRID for --methods)")

@@ -192,22 +192,22 @@ def test_e2e_study_plan_picks_best_rates_and_reports(tmp_path):
     spec = importlib.util.spec_from_file_location("e2e_study", path)
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
-    args = argparse.Namespace(grid="prefix=3e-3,lora=1e-2,prefix=1e-3", methods="", ablations=False, lr_seeds="0,1",
+    args = argparse.Namespace(grid="prefix-flat=3e-3,lora=1e-2,prefix-flat=1e-3", methods="", ablations=False, lr_seeds="0,1",
                               set=None, sizes="50,100", seeds="0,1", out=str(tmp_path), images=str(tmp_path / "img"))
-    assert [r["id"] for r in study.lr_runs(args)] == ["lr-prefix-0.003", "lr-lora-0.01", "lr-prefix-0.001",
-                                                      "lr-prefix-0.003-s1", "lr-lora-0.01-s1", "lr-prefix-0.001-s1"]
-    rows = {}  # prefix at 3e-3 has the best single run (seed 1) but the worse mean over seeds
+    assert [r["id"] for r in study.lr_runs(args)] == ["lr-prefix-flat-0.003", "lr-lora-0.01", "lr-prefix-flat-0.001",
+                                                      "lr-prefix-flat-0.003-s1", "lr-lora-0.01-s1", "lr-prefix-flat-0.001-s1"]
+    rows = {}  # prefix-flat at 3e-3 has the best single run (seed 1) but the worse mean over seeds
     for run, (bleu, rouge) in zip(study.lr_runs(args), [(10, 20), (60, 70), (50, 60), (90, 90), (60, 70), (50, 60)]):
         rows[run["id"]] = {**run, "label": run["method"], "status": "ok", "final_loss": 1.0, "seconds_per_step": 1.0,
                            "trainable_params": 5, "metrics": {"bleu": bleu, "rouge_l": rouge}}
-    assert study.best_lr(rows, "prefix") == 1e-3 and study.best_lr(rows, "lora") == 1e-2
+    assert study.best_lr(rows, "prefix-flat") == 1e-3 and study.best_lr(rows, "lora") == 1e-2
     assert study.settings(argparse.Namespace(set="prefix_length=20,max_grad_norm=1")) == {
         "prefix_length": 20, "max_grad_norm": 1.0}
     with pytest.raises(SystemExit, match="prefix_len"):
         study.settings(argparse.Namespace(set="prefix_len=20"))
     low = study.lowdata_runs(args, rows)
     assert len(low) == 2 * 2 * len(study.LOWDATA_METHODS)
-    assert {r["lr"] for r in low if r["method"] == "prefix"} == {1e-3}
+    assert {r["lr"] for r in low if r["method"] == "prefix-flat"} == {1e-3}
     for run in low:
         rows[run["id"]] = {**run, "label": run["method"], "status": "ok",
                            "metrics": {"bleu": 40.0 + run["changes"]["seed"], "rouge_l": 50.0}}
@@ -215,8 +215,8 @@ def test_e2e_study_plan_picks_best_rates_and_reports(tmp_path):
     for key, row in rows.items():
         (tmp_path / "runs" / f"{key}.json").write_text(json.dumps(row))
     text = study.report(args)
-    assert "| prefix (lr 0.001, seeds [0, 1]) | 40.5 ± 0.7 |" in text and "69.7" in text
-    assert "| prefix | 0.003 | - | 0,1 | 1.000 ± 0.000 | 50.0 ± 56.6 | 55.0 ± 49.5 |" in text
+    assert "| prefix-flat (lr 0.001, seeds [0, 1]) | 40.5 ± 0.7 |" in text and "69.7" in text
+    assert "| prefix-flat | 0.003 | - | 0,1 | 1.000 ± 0.000 | 50.0 ± 56.6 | 55.0 ± 49.5 |" in text
     assert (tmp_path / "img" / "compare-e2e-lowdata.png").is_file()
     assert (tmp_path / "img" / "compare-e2e-lr.png").is_file()
 
