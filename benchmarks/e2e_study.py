@@ -91,7 +91,7 @@ def lr_runs(args) -> list[dict]:
     has the most important pairs."""
     rates = grid(args)
     extra = settings(args)
-    tag = "".join(f"-{k}{v}" for k, v in extra.items())
+    named = "".join(f"-{k}{v}" for k, v in extra.items())
     runs = []
     for seed in (int(s) for s in args.lr_seeds.split(",")):
         for i in range(max(map(len, rates.values()))):
@@ -99,7 +99,7 @@ def lr_runs(args) -> list[dict]:
                 if i < len(values):
                     lr = values[i]
                     changes = {**extra, **({"seed": seed} if seed else {})}
-                    runs.append({"id": f"lr-{method}-{lr:g}{tag}" + (f"-s{seed}" if seed else ""), "method": method,
+                    runs.append({"id": f"lr-{method}-{lr:g}{named}" + (f"-s{seed}" if seed else ""), "method": method,
                                  "lr": lr, "changes": changes})
     if args.ablations:
         for method, lr, changes in ABLATIONS:
@@ -109,14 +109,17 @@ def lr_runs(args) -> list[dict]:
 
 
 def settings(args) -> dict:
-    """``--set prefix_length=20,max_grad_norm=1`` as CompareConfig changes (typed like the field)."""
-    fields = {f.name: f.type for f in dataclasses.fields(CompareConfig)}
+    """``--set prefix_length=20,max_grad_norm=1`` as CompareConfig changes; each value is read as
+    YAML, as the same key in a ``--config`` file would be (so ``true``, ``20`` and ``1e-2`` are typed)."""
+    import yaml
+
+    names = {f.name for f in dataclasses.fields(CompareConfig)}
     out = {}
     for part in filter(None, (args.set or "").split(",")):
         key, _, value = part.partition("=")
-        if key not in fields:
+        if key not in names:
             raise SystemExit(f"--set: {key!r} is not a compare option")
-        out[key] = {"int": int, "float": float}.get(str(fields[key]).split(" ")[0], str)(value)
+        out[key] = yaml.safe_load(value)
     return out
 
 
@@ -136,11 +139,16 @@ def best_lr(rows: dict, method: str) -> float:
     runs with no other change (the method's default rate if none ran)."""
     from prefixtune.compare.methods import METHODS
 
-    cells = {key: group for key, group in lr_cells(rows).items()
-             if key[:2] == (False, method) and not key[3] and all(r.get("status") == "ok" for r in group)}
+    cells = {key: group for key, group in grid_cells(rows).items() if key[1] == method}
     if not cells:
         return METHODS[method].lr
     return max(cells, key=lambda k: statistics.mean(r["metrics"]["bleu"] + r["metrics"]["rouge_l"] for r in cells[k]))[2]
+
+
+def grid_cells(rows: dict) -> dict[tuple, list[dict]]:
+    """The cells of the grid itself: no ablation, no other change, every seed's run ok."""
+    return {key: group for key, group in lr_cells(rows).items()
+            if not key[0] and not key[3] and all(r.get("status") == "ok" for r in group)}
 
 
 def lr_cells(rows: dict) -> dict[tuple, list[dict]]:
@@ -229,7 +237,7 @@ def report(args) -> str:
         lines.append("")
         for method in sorted({k[1] for k in cells if not k[0] and k[1] != "base"}):
             lines.append(f"- best rate for {method}: {best_lr(rows, method):g}")
-        lines.append("")
+        lines += ["", *per_seed(rows)]
     low = [r for r in rows.values() if r["id"].startswith("low-") and r.get("status") == "ok"]
     if low:
         sizes = sorted({r["changes"]["train_sample"] for r in low})
@@ -256,6 +264,33 @@ def report(args) -> str:
     return text
 
 
+def per_seed(rows: dict) -> list[str]:
+    """Every grid cell run with several seeds, seed by seed, and each prefix cell minus LoRA's best
+    cell on the seeds they share (paired: the same seed gives both the same data order)."""
+    cells = {k: g for k, g in grid_cells(rows).items() if len(g) > 1}
+    if not cells:
+        return []
+    lines = ["### Seed by seed (BLEU / ROUGE-L)", ""]
+    for (_, method, lr, _), group in cells.items():
+        scores = ", ".join(f"seed {r.get('changes', {}).get('seed', 0)}: {r['metrics']['bleu']:.2f} / "
+                           f"{r['metrics']['rouge_l']:.2f}" for r in group)
+        means = " / ".join(_mean_sd([r["metrics"][key] for r in group], digits=2) for key in ("bleu", "rouge_l"))
+        lines.append(f"- {method} at {lr:g}: {scores}; mean ± sd {means}")
+    lora = cells.get((False, "lora", best_lr(rows, "lora"), ()))
+    for (_, method, lr, _), group in cells.items():
+        if lora is None or not method.startswith("prefix"):
+            continue
+        base = {r.get("changes", {}).get("seed", 0): r["metrics"] for r in lora}
+        for key in ("bleu", "rouge_l"):
+            diffs = [r["metrics"][key] - base[seed][key] for r in group
+                     if (seed := r.get("changes", {}).get("seed", 0)) in base]
+            if len(diffs) > 1:
+                lines.append(f"- {method} at {lr:g} minus LoRA, {key}: per seed " + ", ".join(f"{d:+.2f}" for d in diffs)
+                             + f"; mean {statistics.mean(diffs):+.2f}, sd {statistics.stdev(diffs):.2f}, "
+                             f"prefix ahead in {sum(d > 0 for d in diffs)} of {len(diffs)}")
+    return lines + [""]
+
+
 def plot(rows: dict, images: Path) -> None:
     import matplotlib
 
@@ -263,8 +298,7 @@ def plot(rows: dict, images: Path) -> None:
     import matplotlib.pyplot as plt
 
     images.mkdir(parents=True, exist_ok=True)
-    cells = {k: g for k, g in lr_cells(rows).items()  # the grid itself: no ablation, no other change, lr > 0
-             if not k[0] and not k[3] and k[2] and all(r.get("status") == "ok" for r in g)}
+    cells = {k: g for k, g in grid_cells(rows).items() if k[2]}  # lr 0 (base) has no place on a log axis
     if cells:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for key, axis in zip(("bleu", "rouge_l"), axes):

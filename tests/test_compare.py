@@ -201,8 +201,8 @@ def test_e2e_study_plan_picks_best_rates_and_reports(tmp_path):
         rows[run["id"]] = {**run, "label": run["method"], "status": "ok", "final_loss": 1.0, "seconds_per_step": 1.0,
                            "trainable_params": 5, "metrics": {"bleu": bleu, "rouge_l": rouge}}
     assert study.best_lr(rows, "prefix-flat") == 1e-3 and study.best_lr(rows, "lora") == 1e-2
-    assert study.settings(argparse.Namespace(set="prefix_length=20,max_grad_norm=1")) == {
-        "prefix_length": 20, "max_grad_norm": 1.0}
+    assert study.settings(argparse.Namespace(set="prefix_length=20,max_grad_norm=1.5,isolate=false")) == {
+        "prefix_length": 20, "max_grad_norm": 1.5, "isolate": False}
     with pytest.raises(SystemExit, match="prefix_len"):
         study.settings(argparse.Namespace(set="prefix_len=20"))
     low = study.lowdata_runs(args, rows)
@@ -216,6 +216,7 @@ def test_e2e_study_plan_picks_best_rates_and_reports(tmp_path):
         (tmp_path / "runs" / f"{key}.json").write_text(json.dumps(row))
     text = study.report(args)
     assert "| prefix-flat (lr 0.001, seeds [0, 1]) | 40.5 ± 0.7 |" in text and "69.7" in text
+    assert "- prefix-flat at 0.001 minus LoRA, bleu: per seed -10.00, -10.00; mean -10.00, sd 0.00, prefix ahead in 0 of 2" in text
     assert "| prefix-flat | 0.003 | - | 0,1 | 1.000 ± 0.000 | 50.0 ± 56.6 | 55.0 ± 49.5 |" in text
     assert (tmp_path / "img" / "compare-e2e-lowdata.png").is_file()
     assert (tmp_path / "img" / "compare-e2e-lr.png").is_file()
