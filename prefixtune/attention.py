@@ -46,6 +46,8 @@ class PrefixBatch:
     valid: list[torch.Tensor | None]
     offsets: torch.Tensor
     used: set[int] = field(default_factory=set)
+    in_cache: frozenset[int] = frozenset()
+    """Layers whose keys/values arrive with the prefix already in front (``prefixtune.cache``)."""
 
     @property
     def batch_size(self) -> int:
@@ -68,6 +70,7 @@ class PrefixBatch:
             valid=[rep(v) for v in self.valid],
             offsets=rep(self.offsets),
             used=self.used,
+            in_cache=self.in_cache,
         )
 
     def cast(self, dtype: torch.dtype) -> "PrefixBatch":
@@ -75,7 +78,7 @@ class PrefixBatch:
         does not convert the float32 prefix again in every layer at every decoding step."""
         return PrefixBatch(
             key_values=[None if kv is None else (kv[0].to(dtype), kv[1].to(dtype)) for kv in self.key_values],
-            valid=self.valid, offsets=self.offsets, used=self.used,
+            valid=self.valid, offsets=self.offsets, used=self.used, in_cache=self.in_cache,
         )
 
 
@@ -102,18 +105,20 @@ def _make_attention(base: str):
             return kernel(module, query, key, value, attention_mask, **kwargs)
         prefix_k, prefix_v = prefix.key_values[layer]  # [B, kv_heads, L, head_dim]
         _check_shapes(layer, prefix_k, key)
+        length = prefix_k.shape[2]
+        in_cache = layer in prefix.in_cache  # generate: the cache already starts with the prefix
+        own_key = key[:, :, length:] if in_cache else key
         causal = getattr(module, CAUSAL_ATTR, True)
         fused = None
         if kwargs.get("position_bias") is not None:  # T5's relative position bias: prefix columns get none
-            kwargs["position_bias"] = torch.nn.functional.pad(kwargs["position_bias"], (prefix_k.shape[2], 0))
+            kwargs["position_bias"] = torch.nn.functional.pad(kwargs["position_bias"], (length, 0))
         else:
-            fused = _fused_causal(base, attention_mask, prefix.valid[layer], query, key.shape[2] + prefix_k.shape[2],
-                                  causal)
+            fused = _fused_causal(base, attention_mask, prefix.valid[layer], query, own_key.shape[2] + length, causal)
         if not fused:
-            attention_mask = extend_mask(attention_mask, prefix.valid[layer], prefix_k.shape[2], query, key, causal)
-        # to the layer's own device too: with a device_map the layers may sit on different devices
-        key = torch.cat([prefix_k.to(key.device, key.dtype), key], dim=2)
-        value = torch.cat([prefix_v.to(value.device, value.dtype), value], dim=2)
+            attention_mask = extend_mask(attention_mask, prefix.valid[layer], length, query, own_key, causal)
+        if not in_cache:  # to the layer's own device too: with a device_map the layers may sit on different devices
+            key = torch.cat([prefix_k.to(key.device, key.dtype), key], dim=2)
+            value = torch.cat([prefix_v.to(value.device, value.dtype), value], dim=2)
         prefix.used.add(layer)
         if fused == "pad":
             return _padded_query_causal(kernel, module, query, key, value, **kwargs)

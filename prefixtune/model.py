@@ -11,15 +11,18 @@ keyword argument. ``generate`` does the same through a forward pre-hook, because
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from . import arch, lora  # lora: PEFT adapters (LoRA) trained beside the prefix, issue 6
+from . import arch, lm_loss, lora  # lora: PEFT adapters (LoRA) trained beside the prefix, issue 6
 from .artifacts import read_prefix, write_prefix
 from .attention import CAUSAL_ATTR, KWARG, LAYER_ATTR, PrefixBatch, implementation_name
+from .cache import prefix_cache
 from .config import PrefixConfig
 from .encoder import PrefixEncoder
 from .models import class_names
@@ -183,7 +186,7 @@ class PrefixModel(nn.Module):
     def key_values_for_tokens(self, input_ids: torch.Tensor) -> tuple:
         """The frozen model's own per-layer ``(k, v)`` for tokens ``input_ids`` (``[L]``), each
         ``[kv_heads, L, head_dim]``: the prefix that makes the model act as if it had read them."""
-        if set(self.shape.groups) != {"decoder"}:
+        if not self._decoder_only():
             raise NotImplementedError(
                 "key/values from tokens (init='text') need a decoder-only model: in an encoder the "
                 "activations of a text depend on the text that follows it"
@@ -294,15 +297,35 @@ class PrefixModel(nn.Module):
                 "through transformers' AttentionInterface"
             )
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, prefix: PrefixArg = ACTIVE, **kwargs):
-        """The base model's forward with the prefix; returns the usual output (``.loss``, ``.logits``)."""
+    def forward(self, input_ids=None, attention_mask=None, labels=None, prefix: PrefixArg = ACTIVE,
+                return_logits: bool = True, **kwargs):
+        """The base model's forward with the prefix; returns the usual output (``.loss``, ``.logits``).
+
+        ``return_logits=False`` with ``labels`` asks for the loss only: where
+        :func:`prefixtune.lm_loss.head_of` allows, it is then computed chunk by chunk without
+        the ``[B, T, vocabulary]`` logits (``.logits`` is ``None``), which is what training does.
+        """
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         batch = self.prefix_batch(prefix, _rows(kwargs))
         if batch is not None:
             kwargs = self._inject(batch, kwargs)
-        out = self.model(**kwargs)
+        head = None if return_logits or labels is None else self._causal_lm_head()
+        out = self.model(**kwargs) if head is None else self._loss_only(head, kwargs)
         self._check_applied(batch)
         return out
+
+    def _causal_lm_head(self) -> nn.Linear | None:
+        """The LM head, where the chunked loss applies: a decoder-only causal LM, no task head."""
+        return None if self.heads or not self._decoder_only() else lm_loss.head_of(self.model)
+
+    def _decoder_only(self) -> bool:
+        return set(self.shape.groups) == {"decoder"}
+
+    def _loss_only(self, head: nn.Linear, kwargs: dict) -> CausalLMOutputWithPast:
+        """The body's hidden states, then the chunked loss (:mod:`prefixtune.lm_loss`)."""
+        labels, items = kwargs.pop("labels"), kwargs.pop("num_items_in_batch", None)
+        hidden = lm_loss.body_of(self.model)(**kwargs, use_cache=False).last_hidden_state
+        return CausalLMOutputWithPast(loss=lm_loss.causal_lm_loss(hidden, head, labels, items))
 
     def generate(self, *args, prefix: PrefixArg = ACTIVE, **kwargs):
         """``model.generate`` with the prefix, for every decoding strategy transformers offers.
@@ -316,6 +339,10 @@ class PrefixModel(nn.Module):
         if batch is None:
             return self.model.generate(*args, **kwargs)
         batch = batch.cast(self.model.dtype)  # no gradients here: convert once, not per layer and token
+        cache = prefix_cache(arch.unwrap_adapters(self.model), batch, kwargs) if self._decoder_only() else None
+        if cache is not None:  # the prefix sits in the cache once instead of being copied at every step
+            kwargs["cache"] = cache
+            batch = dataclasses.replace(batch, in_cache=frozenset(i for i, kv in enumerate(batch.key_values) if kv is not None))
 
         def hook(module, hook_args, hook_kwargs):
             return hook_args, self._inject(batch, hook_kwargs)

@@ -172,7 +172,9 @@ class _Loop:
     def _loss(self, batch: dict, items: torch.Tensor) -> torch.Tensor:
         """This micro-batch's summed loss over ``items``, the label count of the whole global batch."""
         if self.labels is None:  # language modelling: transformers sums token losses over num_items_in_batch
-            return self.runner(**batch, num_items_in_batch=items).loss
+            # without the [B, T, vocab] logits (prefixtune.lm_loss), unless FSDP/ZeRO-3 shard the LM head
+            loss_only = {"return_logits": False} if self.dist.kind in ("local", "ddp") else {}
+            return self.runner(**batch, num_items_in_batch=items, **loss_only).loss
         logits = self.runner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum") / items
 

@@ -114,6 +114,16 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(model_dir, data_files, t
     assert {("train/loss", 1), ("train/loss", 2), ("train/tokens_per_s", 2), ("eval/loss", 2)} <= set(Writer.scalars)
 
 
+def test_training_takes_the_loss_without_the_full_logits(model_dir, data_files, tmp_path, monkeypatch):
+    from prefixtune import lm_loss
+
+    calls = []
+    original = lm_loss.causal_lm_loss
+    monkeypatch.setattr(lm_loss, "causal_lm_loss", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    train(_cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=2))
+    assert len(calls) == 2 and all(len(shape) == 3 for shape in calls)  # one micro-batch per step
+
+
 def test_gradient_checkpointing_and_bf16_autocast_train(model_dir, data_files, tmp_path):
     train(_cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=2, gradient_checkpointing=True,
                precision="bf16"))

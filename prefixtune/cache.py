@@ -1,0 +1,130 @@
+"""The prefix as the first entries of ``generate``'s key/value cache.
+
+Without this, every decoding step would concatenate the prefix in front of each layer's
+cached keys and values: a copy of the whole cache per layer and token, on top of the one
+transformers' ``DynamicLayer`` already makes when it appends the new token with
+``torch.cat``. Here each prefixed layer's cache is a :class:`PrefixLayer`: one buffer that
+starts with the prefix and has room to grow (capacity doubles when full), so a step writes
+just its new key/values and hands the attention a view ``[prefix; cache]``. The attention
+(``prefixtune.attention``, told by ``PrefixBatch.in_cache``) then adds no copy of its own.
+
+The layer reports only the real tokens as its length (``get_seq_length``), so positions,
+``cache_position`` and the masks transformers builds are exactly what they are without a
+prefix; the attention widens the mask by the prefix columns as it always does.
+
+Used by ``PrefixModel.generate`` where it is safe (:func:`prefix_cache`); everywhere else the
+prefix is concatenated per call, as in training.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+MIN_CAPACITY = 64
+
+
+class PrefixLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose first ``prefix_length`` slots hold the prefix (``[B, kv_heads, L, head_dim]``)."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        super().__init__()
+        self.prefix = (key, value)
+        self.prefix_length = key.shape[2]
+        self._used = 0  # filled slots of the buffers, prefix included
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Buffers with the prefix in front, for as many rows as the first call brings (beam
+        search and ``num_return_sequences`` repeat each row, as ``PrefixBatch.expand_rows`` does)."""
+        rows = key_states.shape[0]
+        key, value = (_rows(t, rows).to(key_states.device, key_states.dtype) for t in self.prefix)
+        self.device = key_states.device
+        self._keys, self._values = _buffer(key, self.prefix_length), _buffer(value, self.prefix_length)
+        self._used = self.prefix_length
+        self.is_initialized = True
+        self._expose()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._used + key_states.shape[2]
+        if end > self._keys.shape[2]:
+            self._keys, self._values = _grown(self._keys, self._used, end), _grown(self._values, self._used, end)
+        self._keys[:, :, self._used:end] = key_states
+        self._values[:, :, self._used:end] = value_states
+        self._used = end
+        self._expose()
+        return self.keys, self.values
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._keys[:, :, :self._used], self._values[:, :, :self._used]
+
+    def get_seq_length(self) -> int:
+        """The real tokens cached (not the prefix): what positions and masks count."""
+        return self._used - self.prefix_length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if self.is_initialized:
+            self._used = max(self.prefix_length, self._used + tokens_to_remove)
+            self._expose()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(lambda t: t[indices])
+
+    def _select(self, rows) -> None:
+        if self.is_initialized:
+            self._keys, self._values = rows(self._keys), rows(self._values)
+            self._expose()
+        else:
+            self.prefix = tuple(rows(t) for t in self.prefix)
+
+    def reset(self) -> None:
+        super().reset()
+        self._used = 0
+
+
+def prefix_cache(model, batch, kwargs: dict) -> DynamicCache | None:
+    """A cache for ``model.generate(**kwargs)`` holding ``batch``'s prefix, or ``None`` where the
+    caller brings its own cache or asks for another kind (static, offloaded, quantized, none),
+    or where a prefixed layer is not a plain ``DynamicLayer`` (sliding-window layers drop old
+    entries, which would drop the prefix)."""
+    config = kwargs.get("generation_config") or model.generation_config
+    if any(kwargs.get(k) is not None for k in ("cache", "past_key_values", "cache_implementation")):
+        return None
+    if kwargs.get("use_cache", config.use_cache) is False or config.cache_implementation is not None:
+        return None
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    prefixed = [i for i, kv in enumerate(batch.key_values) if kv is not None]
+    if len(cache.layers) != len(batch.key_values) or any(type(cache.layers[i]) is not DynamicLayer for i in prefixed):
+        return None
+    for i in prefixed:
+        cache.layers[i] = PrefixLayer(*batch.key_values[i])
+    return cache
+
+
+def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    if rows % t.shape[0]:
+        raise ValueError(f"batch of {rows} rows cannot carry a prefix made for {t.shape[0]} rows")
+    return t.repeat_interleave(rows // t.shape[0], dim=0)
+
+
+def _buffer(prefix: torch.Tensor, length: int) -> torch.Tensor:
+    out = prefix.new_empty(*prefix.shape[:2], max(MIN_CAPACITY, 2 * length), prefix.shape[3])
+    out[:, :, :length] = prefix
+    return out
+
+
+def _grown(buffer: torch.Tensor, used: int, needed: int) -> torch.Tensor:
+    out = buffer.new_empty(*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3])
+    out[:, :, :used] = buffer[:, :, :used]
+    return out
