@@ -15,7 +15,9 @@ tiny sizes, float32). Sections, each written to the JSON as soon as it is done:
    padding, and for each ``FUSED_CAUSAL`` choice.
 3. ``train``: one training step (forward + backward, ``labels = input_ids``) at 128, 512,
    1024, 2048 tokens (batch = ``--tokens`` // length) for the arms ``floor`` (the frozen
-   model's forward + backward to its input embeddings), ``prefixtune`` (``pad``, the default),
+   model's forward + backward to its input embeddings), ``prefixtune`` (``pad``, the default,
+   called as ``prefixtune train`` calls it: the loss without the full logits, lm_loss.py),
+   ``prefixtune_logits`` (the same with the model's own loss over the full logits),
    ``prefixtune_bias``, ``prefixtune_mask`` (the explicit-mask path before the change),
    ``peft`` and ``prefixtune_gc`` (gradient checkpointing); prefix length 10, MLP width 512.
    Median seconds, paired ratios, and peak memory (``max_memory_allocated`` above what was
@@ -228,7 +230,7 @@ def scaling_floor(model, ids, mask):
 
 
 # ------------------------------------------------------------------------ 3. train
-TRAIN_ARMS = ("floor", "prefixtune", "prefixtune_bias", "prefixtune_mask", "peft", "prefixtune_gc")
+TRAIN_ARMS = ("floor", "prefixtune", "prefixtune_logits", "prefixtune_bias", "prefixtune_mask", "peft", "prefixtune_gc")
 
 
 def train_arms(base, memory: dict) -> tuple[dict, dict]:
@@ -251,16 +253,18 @@ def train_arms(base, memory: dict) -> tuple[dict, dict]:
         model = copy.deepcopy(base).train().requires_grad_(False)
         return measured("floor", lambda ids, mask: scaling_floor(model, ids, mask), model)
 
-    def prefixed(variant, checkpointing=False):
+    def prefixed(variant, checkpointing=False, logits=False):
+        """``logits=False`` is what ``prefixtune train`` runs: the loss without the full logits (lm_loss.py)."""
         def build():
             wrapped = PrefixModel.wrap(copy.deepcopy(base), prefix_config()).train()
             if checkpointing:
                 wrapped.gradient_checkpointing_enable()
             name = "prefixtune" + ("_gc" if checkpointing else "" if variant == "pad" else f"_{variant}")
+            name += "_logits" if logits else ""
 
             def fn(ids, mask):
                 with use_variant(variant):
-                    wrapped(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+                    wrapped(input_ids=ids, attention_mask=mask, labels=ids, return_logits=logits).loss.backward()
             return measured(name, fn, wrapped)
         return build
 
@@ -269,8 +273,9 @@ def train_arms(base, memory: dict) -> tuple[dict, dict]:
         return measured("peft", lambda ids, mask: model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward(),
                         model)
 
-    builders = {"floor": floor, "prefixtune": prefixed("pad"), "prefixtune_bias": prefixed("bias"),
-                "prefixtune_mask": prefixed("mask"), "peft": peft, "prefixtune_gc": prefixed("pad", True)}
+    builders = {"floor": floor, "prefixtune": prefixed("pad"), "prefixtune_logits": prefixed("pad", logits=True),
+                "prefixtune_bias": prefixed("bias"), "prefixtune_mask": prefixed("mask"), "peft": peft,
+                "prefixtune_gc": prefixed("pad", True)}
     return build_each(builders)
 
 
@@ -303,11 +308,12 @@ def train_section(base, seq_lens, tokens, repeats, warmup) -> dict:
         ratios = {
             "prefixtune/floor": paired(times, "prefixtune", "floor"),
             "prefixtune/peft": paired(times, "prefixtune", "peft"),
+            "prefixtune_logits/floor": paired(times, "prefixtune_logits", "floor"),
             "prefixtune_mask/prefixtune (time of the old mask path)": paired(times, "prefixtune_mask", "prefixtune"),
             "prefixtune_bias/prefixtune": paired(times, "prefixtune_bias", "prefixtune"),
             "prefixtune_gc/prefixtune": paired(times, "prefixtune_gc", "prefixtune"),
         }
-        for top in ("prefixtune", "prefixtune_gc", "prefixtune_mask"):
+        for top in ("prefixtune", "prefixtune_logits", "prefixtune_gc", "prefixtune_mask"):
             if top in memory and "peft" in memory:
                 ratios[f"peak {top}/peft"] = (memory[top] + weights[top]) / (memory["peft"] + weights["peft"])
         out["seq_len"][str(seq_len)] = {"batch": ids.shape[0], "arms": rows, "ratios": ratios}

@@ -9,7 +9,11 @@ One step is forward + backward on a random token batch (``labels = input_ids``).
 * ``floor``: the frozen base model's own forward + backward down to its input
   embeddings (``inputs_embeds`` requires grad, every weight is frozen). Any prefix method
   must run at least this much, so it is the least a prefix-tuning step can cost.
-* ``prefixtune``: ``PrefixModel.wrap(model, PrefixConfig(10, reparameterize=True, 512))``.
+* ``prefixtune``: ``PrefixModel.wrap(model, PrefixConfig(10, reparameterize=True, 512))``,
+  called as ``prefixtune train`` calls it (``return_logits=False``: the loss computed chunk by
+  chunk without the ``[B, T, vocabulary]`` logits, prefixtune/lm_loss.py).
+* ``prefixtune_logits``: the same model called with ``return_logits=True`` (the model's own
+  loss over the full logits, as the floor and PEFT compute it).
 * ``peft``: ``peft.get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=10,
   prefix_projection=True, encoder_hidden_size=512)``. If PEFT fails, the arm is reported
   as failed and the rest still runs.
@@ -39,7 +43,7 @@ from common import build_each, first_line, peft_prefix_model, rotated, start, wr
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
-ARMS = ("floor", "prefixtune", "peft")
+ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,14 +71,16 @@ def floor_arm():
     return step, model
 
 
-def prefixtune_arm():
+def prefixtune_arm(return_logits: bool = False):
+    """What ``prefixtune train`` runs (the loss without the full logits, prefixtune/lm_loss.py);
+    ``return_logits=True``: the model's own loss over the materialized logits, like the floor."""
     model, _ = load_model()
     config = PrefixConfig(prefix_length=PREFIX_LENGTH, reparameterize=True, reparam_hidden_size=HIDDEN)
     wrapped = PrefixModel.wrap(model, config)
     wrapped.train()
 
     def step(ids, mask):
-        wrapped(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        wrapped(input_ids=ids, attention_mask=mask, labels=ids, return_logits=return_logits).loss.backward()
 
     return step, wrapped
 
@@ -91,7 +97,8 @@ def peft_arm():
 
 def build_arms() -> tuple[dict, dict]:
     """``({name: (step, module)}, {name: error line})`` for the arms that built / failed."""
-    builders = {"floor": floor_arm, "prefixtune": prefixtune_arm, "peft": peft_arm}
+    builders = {"floor": floor_arm, "prefixtune": prefixtune_arm, "prefixtune_logits": lambda: prefixtune_arm(True),
+                "peft": peft_arm}
     return build_each(builders)
 
 
@@ -150,13 +157,13 @@ def summarize(times: dict, failed: dict) -> dict:
 
 def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
     print(f"\nseq_len={seq_len}  batch={batch_size}")
-    print(f"{'arm':<12}{'median s/step':>15}{'vs floor':>10}")
+    print(f"{'arm':<18}{'median s/step':>15}{'vs floor':>10}")
     for name, row in summary["arms"].items():
         if "error" in row:
-            print(f"{name:<12}{'FAILED':>15}  {row['error']}")
+            print(f"{name:<18}{'FAILED':>15}  {row['error']}")
             continue
         ratio = "-" if row["vs_floor"] is None else f"{row['vs_floor']:.2f}x"
-        print(f"{name:<12}{row['median_s']:>15.3f}{ratio:>10}")
+        print(f"{name:<18}{row['median_s']:>15.3f}{ratio:>10}")
     ratio = summary["prefixtune_vs_peft"]
     print("prefixtune/peft: " + ("n/a" if ratio is None else f"{ratio:.2f}x"), flush=True)
 

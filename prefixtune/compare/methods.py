@@ -84,7 +84,7 @@ def _prefix(init: str, reparameterize: bool = True) -> Callable:
                 self.pm = pm
 
             def forward(self, **batch):
-                return self.pm(**batch, prefix="default")
+                return self.pm(**batch, prefix="default", return_logits=False)  # as `prefixtune train` does
 
         notes = [f"initialized from the activations of {cfg.init_text!r}"] if init == "text" else []
         return Tuned(Forward(), pm, pm.trainable_parameters(), lambda d: pm.save_prefix(d), notes)
