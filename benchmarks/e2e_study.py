@@ -237,7 +237,7 @@ def report(args) -> str:
         lines.append("")
         for method in sorted({k[1] for k in cells if not k[0] and k[1] != "base"}):
             lines.append(f"- best rate for {method}: {best_lr(rows, method):g}")
-        lines += ["", *per_seed(rows)]
+        lines += ["", *per_seed(rows), *all_methods(rows)]
     low = [r for r in rows.values() if r["id"].startswith("low-") and r.get("status") == "ok"]
     if low:
         sizes = sorted({r["changes"]["train_sample"] for r in low})
@@ -262,6 +262,35 @@ def report(args) -> str:
     (Path(args.out) / "study.md").write_text(text)
     plot(rows, Path(args.images))
     return text
+
+
+def all_methods(rows: dict) -> list[str]:
+    """The comparison table (issue 6): every method at its best rate of the grid, the same data,
+    steps and seed; what ``prefixtune compare`` prints, with the E2E budget."""
+    from prefixtune.compare.methods import METHODS
+
+    cells = grid_cells(rows)
+    lines = ["### All methods at the same budget (each at its best rate; mean over seeds where several ran)", "",
+             "| method | lr | seeds | trainable | % of model | peak memory MiB (step increase) | s/step | tokens/s "
+             "| checkpoint | BLEU | ROUGE-L |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, method in METHODS.items():
+        group = cells.get((False, name, best_lr(rows, name) if name != "base" else 0.0, ()))
+        if not group:
+            continue
+        mean = lambda key: statistics.mean(r[key] for r in group)  # noqa: E731
+        score = lambda key: statistics.mean(r["metrics"][key] for r in group)  # noqa: E731
+        trained = "steps" in group[0]
+        lines.append(
+            f"| {method.label} | {group[0]['lr']:g} | {len(group)} | {group[0]['trainable_params']:,} | "
+            f"{group[0]['trainable_pct']:.3f} | "
+            + (f"{mean('peak_memory_mib'):.0f} ({mean('memory_increase_mib'):.0f}) | {mean('seconds_per_step'):.2f} | "
+               f"{mean('tokens_per_s'):.0f} | {_size(group[0]['checkpoint_bytes'])} | " if trained else "- | - | - | - | ")
+            + f"{score('bleu'):.1f} | {score('rouge_l'):.1f} |")
+    return lines + [""]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def per_seed(rows: dict) -> list[str]:
