@@ -243,7 +243,10 @@ class PrefixModel(nn.Module):
                 # index_select, not stacked[row_index]: advanced indexing was ~2000x slower per layer on CPU
                 gathered = stacked.index_select(0, row_index)  # [B, 2, kv_heads, width, head_dim]
                 batch.key_values.append((gathered[:, 0], gathered[:, 1]))
-                batch.valid.append(valid.index_select(0, row_index))
+                # every row's every slot real (all rows prefixed, equal lengths, this layer in each):
+                # no mask to build, so attention keeps its mask-free path
+                full = None not in names and all(p is not None and p.shape[2] == width for p in per_prefix)
+                batch.valid.append(None if full else valid.index_select(0, row_index))
         return batch
 
     def _row_names(self, prefix: PrefixArg, rows: int) -> list[str | None]:

@@ -95,6 +95,24 @@ def test_mixed_prefix_batch_equals_one_prefix_runs_row_by_row(arch):
     torch.testing.assert_close(mixed[1], base[0], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_mixed_prefixes_of_one_length_need_no_mask_and_equal_one_prefix_runs(arch):
+    """Rows with different prefixes of the same length fill every slot: no mask is built (the
+    mask-free attention path), and each row still equals its one-prefix run."""
+    pm = PrefixModel.wrap(tiny_model(arch), PrefixConfig(prefix_length=3, reparameterize=False, init_std=1.0), name="a")
+    pm.add_prefix("b", PrefixConfig(prefix_length=3, reparameterize=False, init_std=1.0))
+    names = ["b", "a", "b"]
+    assert all(v is None for v in pm.prefix_batch(names, 3).valid)
+    pm.add_prefix("c", PrefixConfig(prefix_length=3, reparameterize=False, layers=(1,)))
+    assert pm.prefix_batch(["a", "c"], 2).valid[0] is not None  # "c" has no slots in layer 0
+    x = tokens(3, 7, seed=6)
+    with torch.no_grad():
+        mixed = pm(input_ids=x, prefix=names).logits
+        for row, name in enumerate(names):
+            torch.testing.assert_close(mixed[row], pm(input_ids=x[row:row + 1], prefix=name).logits[0],
+                                       atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_prefix_none_for_every_row_is_exactly_the_base_model(arch):
     model = tiny_model(arch)
