@@ -1,0 +1,75 @@
+"""SDPA alone, forward + backward, with one layer's shapes of the bundled model: what a prefix
+costs the attention kernel itself on this machine.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/attention_kernel.py --seq-lens 128 512
+
+Shapes: batch 8, 9 query heads, 3 key/value heads (grouped-query attention), head size 64,
+float32, random values. Arms, interleaved (25 rounds, the first 3 dropped, median):
+
+* ``plain``: ``T`` queries over ``T`` keys, ``is_causal=True`` (what the frozen model runs);
+* ``pad``: what prefixtune runs by default (``FUSED_CAUSAL = "pad"``): 10 prefix keys in front,
+  10 zero query rows in front so that ``is_causal`` lines up, their outputs dropped;
+* ``bias``: ``FUSED_CAUSAL = "bias"``: the ``T`` queries over ``10 + T`` keys with torch's
+  bottom-right causal bias (the key/values repeated per query head, as transformers does
+  whenever a mask is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from torch.nn.attention.bias import causal_lower_right
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+BATCH, HEADS, KV_HEADS, HEAD_DIM, PREFIX = 8, 9, 3, 64, 10
+
+
+def arm(seq_len: int, prefix: int, mode: str):
+    q = torch.randn(BATCH, HEADS, seq_len, HEAD_DIM, requires_grad=True)
+    k = torch.randn(BATCH, KV_HEADS, seq_len + prefix, HEAD_DIM, requires_grad=True)
+    v = torch.randn(BATCH, KV_HEADS, seq_len + prefix, HEAD_DIM, requires_grad=True)
+    groups = HEADS // KV_HEADS
+
+    def step():
+        if mode == "plain":
+            out = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+        elif mode == "pad":
+            padded = torch.cat([q.new_zeros(BATCH, HEADS, prefix, HEAD_DIM), q], dim=2)
+            out = sdpa(padded, k, v, is_causal=True, enable_gqa=True)[:, :, prefix:]
+        else:
+            out = sdpa(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                       attn_mask=causal_lower_right(seq_len, seq_len + prefix))
+        out.sum().backward()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for seq_len in args.seq_lens:
+        arms = {"plain": arm(seq_len, 0, "plain"), "pad": arm(seq_len, PREFIX, "pad"),
+                "bias": arm(seq_len, PREFIX, "bias")}
+        times = {name: [] for name in arms}
+        for _ in range(args.rounds):
+            for name, step in arms.items():
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+        ms = {name: statistics.median(t[3:]) * 1e3 for name, t in times.items()}
+        print(f"seq_len={seq_len}: " + "  ".join(f"{name} {value:.2f} ms ({value / ms['plain']:.2f}x)"
+                                                 for name, value in ms.items()))
+
+
+if __name__ == "__main__":
+    main()
