@@ -277,15 +277,18 @@ def all_methods(rows: dict) -> list[str]:
         group = cells.get((False, name, best_lr(rows, name) if name != "base" else 0.0, ()))
         if not group:
             continue
-        mean = lambda key: statistics.mean(r[key] for r in group)  # noqa: E731
-        score = lambda key: statistics.mean(r["metrics"][key] for r in group)  # noqa: E731
-        trained = "steps" in group[0]
+        def mean(key: str, fmt: str = ".0f") -> str:  # "-" where a row lacks it (the untuned base trains nothing)
+            values = [r[key] for r in group if r.get(key) is not None]
+            return format(statistics.mean(values), fmt) if len(values) == len(group) else "-"
+
+        first = group[0]
+        size = _size(first["checkpoint_bytes"]) if first.get("checkpoint_bytes") else "-"
         lines.append(
-            f"| {method.label} | {group[0]['lr']:g} | {len(group)} | {group[0]['trainable_params']:,} | "
-            f"{group[0]['trainable_pct']:.3f} | "
-            + (f"{mean('peak_memory_mib'):.0f} ({mean('memory_increase_mib'):.0f}) | {mean('seconds_per_step'):.2f} | "
-               f"{mean('tokens_per_s'):.0f} | {_size(group[0]['checkpoint_bytes'])} | " if trained else "- | - | - | - | ")
-            + f"{score('bleu'):.1f} | {score('rouge_l'):.1f} |")
+            f"| {method.label} | {first['lr']:g} | {len(group)} | {first['trainable_params']:,} | "
+            f"{mean('trainable_pct', '.3f')} | {mean('peak_memory_mib')} ({mean('memory_increase_mib')}) | "
+            f"{mean('seconds_per_step', '.2f')} | {mean('tokens_per_s')} | {size} | "
+            f"{statistics.mean(r['metrics']['bleu'] for r in group):.1f} | "
+            f"{statistics.mean(r['metrics']['rouge_l'] for r in group):.1f} |")
     return lines + [""]
 
 

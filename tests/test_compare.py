@@ -218,6 +218,9 @@ def test_e2e_study_plan_picks_best_rates_and_reports(tmp_path):
     assert "| prefix-flat (lr 0.001, seeds [0, 1]) | 40.5 ± 0.7 |" in text and "69.7" in text
     assert "- prefix-flat at 0.001 minus LoRA, bleu: per seed -10.00, -10.00; mean -10.00, sd 0.00, prefix ahead in 0 of 2" in text
     assert "| prefix-flat | 0.003 | - | 0,1 | 1.000 ± 0.000 | 50.0 ± 56.6 | 55.0 ± 49.5 |" in text
+    # the all-methods table: each method at its best rate, means over its seeds
+    assert "| LoRA (PEFT) | 0.01 | 2 | 5 | - | - (-) | 1.00 | - | - | 60.0 | 70.0 |" in text
+    assert "| prefix tuning, flat (prefixtune) | 0.001 | 2 | 5 | - | - (-) | 1.00 | - | - | 50.0 | 60.0 |" in text
     assert (tmp_path / "img" / "compare-e2e-lowdata.png").is_file()
     assert (tmp_path / "img" / "compare-e2e-lr.png").is_file()
 
