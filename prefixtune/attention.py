@@ -58,12 +58,9 @@ class PrefixBatch:
         ``num_return_sequences`` do with ``repeat_interleave``."""
         if batch_size == self.batch_size:
             return self
-        if batch_size % self.batch_size:
-            raise ValueError(f"batch of {batch_size} rows cannot carry a prefix made for {self.batch_size} rows")
-        times = batch_size // self.batch_size
 
         def rep(t):
-            return None if t is None else t.repeat_interleave(times, dim=0)
+            return None if t is None else repeat_rows(t, batch_size)
 
         return PrefixBatch(
             key_values=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.key_values],
@@ -73,6 +70,11 @@ class PrefixBatch:
             in_cache=self.in_cache,
         )
 
+    @property
+    def prefixed_layers(self) -> frozenset[int]:
+        """The layers that carry a prefix in this call."""
+        return frozenset(i for i, kv in enumerate(self.key_values) if kv is not None)
+
     def cast(self, dtype: torch.dtype) -> "PrefixBatch":
         """The same prefix in ``dtype``: done once per ``generate`` call, so that a bf16/fp16 model
         does not convert the float32 prefix again in every layer at every decoding step."""
@@ -80,6 +82,16 @@ class PrefixBatch:
             key_values=[None if kv is None else (kv[0].to(dtype), kv[1].to(dtype)) for kv in self.key_values],
             valid=self.valid, offsets=self.offsets, used=self.used, in_cache=self.in_cache,
         )
+
+
+def repeat_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with each row repeated to make ``rows`` rows, as beam search and
+    ``num_return_sequences`` repeat the inputs (``repeat_interleave``)."""
+    if t.shape[0] == rows:
+        return t
+    if rows % t.shape[0]:
+        raise ValueError(f"batch of {rows} rows cannot carry a prefix made for {t.shape[0]} rows")
+    return t.repeat_interleave(rows // t.shape[0], dim=0)
 
 
 def implementation_name(base: str) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .attention import repeat_rows
+
 MIN_CAPACITY = 64
 
 
@@ -37,7 +39,7 @@ class PrefixLayer(DynamicLayer):
         """Buffers with the prefix in front, for as many rows as the first call brings (beam
         search and ``num_return_sequences`` repeat each row, as ``PrefixBatch.expand_rows`` does)."""
         rows = key_states.shape[0]
-        key, value = (_rows(t, rows).to(key_states.device, key_states.dtype) for t in self.prefix)
+        key, value = (repeat_rows(t, rows).to(key_states.device, key_states.dtype) for t in self.prefix)
         self.device = key_states.device
         self._keys, self._values = _buffer(key, self.prefix_length), _buffer(value, self.prefix_length)
         self._used = self.prefix_length
@@ -102,20 +104,12 @@ def prefix_cache(model, batch, kwargs: dict) -> DynamicCache | None:
     if kwargs.get("use_cache", config.use_cache) is False or config.cache_implementation is not None:
         return None
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    prefixed = [i for i, kv in enumerate(batch.key_values) if kv is not None]
+    prefixed = batch.prefixed_layers
     if len(cache.layers) != len(batch.key_values) or any(type(cache.layers[i]) is not DynamicLayer for i in prefixed):
         return None
     for i in prefixed:
         cache.layers[i] = PrefixLayer(*batch.key_values[i])
     return cache
-
-
-def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] == rows:
-        return t
-    if rows % t.shape[0]:
-        raise ValueError(f"batch of {rows} rows cannot carry a prefix made for {t.shape[0]} rows")
-    return t.repeat_interleave(rows // t.shape[0], dim=0)
 
 
 def _buffer(prefix: torch.Tensor, length: int) -> torch.Tensor:

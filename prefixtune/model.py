@@ -290,8 +290,7 @@ class PrefixModel(nn.Module):
         """Refuse to return outputs computed without the prefix (PEFT's silent failure)."""
         if batch is None:
             return
-        expected = {i for i, kv in enumerate(batch.key_values) if kv is not None}
-        missing = sorted(expected - batch.used)
+        missing = sorted(batch.prefixed_layers - batch.used)
         batch.used.clear()
         if missing:
             raise RuntimeError(
@@ -345,7 +344,7 @@ class PrefixModel(nn.Module):
         cache = prefix_cache(arch.unwrap_adapters(self.model), batch, kwargs) if self._decoder_only() else None
         if cache is not None:  # the prefix sits in the cache once instead of being copied at every step
             kwargs["cache"] = cache
-            batch = dataclasses.replace(batch, in_cache=frozenset(i for i, kv in enumerate(batch.key_values) if kv is not None))
+            batch = dataclasses.replace(batch, in_cache=batch.prefixed_layers)
 
         def hook(module, hook_args, hook_kwargs):
             return hook_args, self._inject(batch, hook_kwargs)
