@@ -43,7 +43,7 @@ from common import build_each, first_line, peft_prefix_model, rotated, start, wr
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
-ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
+ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft", "floor_b")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cpu count)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--second-floor", action="store_true",
+                        help="add an arm floor_b: the floor on a second model instance, to see how far identical arms land apart")
     return parser.parse_args(argv)
 
 
@@ -95,10 +97,10 @@ def peft_arm():
     return step, wrapped
 
 
-def build_arms() -> tuple[dict, dict]:
+def build_arms(second_floor: bool = False) -> tuple[dict, dict]:
     """``({name: (step, module)}, {name: error line})`` for the arms that built / failed."""
     builders = {"floor": floor_arm, "prefixtune": prefixtune_arm, "prefixtune_logits": lambda: prefixtune_arm(True),
-                "peft": peft_arm}
+                "peft": peft_arm, **({"floor_b": floor_arm} if second_floor else {})}
     return build_each(builders)
 
 
@@ -173,7 +175,7 @@ def main(argv=None) -> None:
     info = start(args.threads)
     print(f"warmup={args.warmup} repeats={args.repeats} prefix_length={PREFIX_LENGTH} hidden={HIDDEN}")
 
-    arms, failed = build_arms()
+    arms, failed = build_arms(args.second_floor)
     if not arms:
         raise SystemExit(f"every arm failed: {failed}")
     vocab_size = next(iter(arms.values()))[1].config.vocab_size
