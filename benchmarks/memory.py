@@ -34,7 +34,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from common import machine_info, peft_prefix_model, rotated, write_json  # noqa:
 from scaling import random_model  # noqa: E402
 
 from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
-from prefixtune.compare.runner import rss_bytes  # noqa: E402
+from prefixtune.compare.runner import PeakMemory  # noqa: E402
 
 ARMS = ("floor", "peft", "prefixtune_logits", "prefixtune", "prefixtune_gc_logits", "prefixtune_gc")
 
@@ -73,34 +72,14 @@ def build(arm: str):
     return step
 
 
-class Sampler:
-    """The peak resident set size while the block runs (a thread reading /proc every 2 ms)."""
-
-    def __enter__(self):
-        self.peak, self._stop = rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            self._stop.wait(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-
 def worker(arm: str, seq_len: int, batch: int, timed: int) -> dict:
     torch.manual_seed(0)
     step = build(arm)
     ids = torch.randint(3, 49152, (batch, seq_len))
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    resident = rss_bytes()
-    with Sampler() as sampler:
+    with PeakMemory(torch.device("cpu"), every=0.002) as sampler:  # resident size sampled every 2 ms
         step(ids)
+    resident = sampler.baseline
     times = []
     for _ in range(timed):
         start = time.perf_counter()
