@@ -19,15 +19,18 @@ from .models import class_names
 
 
 @torch.no_grad()
-def completion_loss(pm: PrefixModel, rows: list[dict], pad_id: int, *, batch_size: int, prefix) -> float:
-    """Mean loss per completion token over ``rows`` (from ``data.tokenize``)."""
+def completion_loss(pm: PrefixModel, rows: list[dict], pad_id: int, *, batch_size: int, prefix,
+                    return_logits: bool = False) -> float:
+    """Mean loss per completion token over ``rows`` (from ``data.tokenize``). By default without
+    the ``[B, T, vocabulary]`` logits (prefixtune.lm_loss); ``return_logits=True`` where the LM
+    head is sharded (FSDP, ZeRO-3) and only the model's own forward can gather it."""
     pm.eval()
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(pm.device) for k, v in data.collate(rows[start:start + batch_size], pad_id).items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         if tokens:
-            total += pm(**batch, prefix=prefix).loss.item() * tokens
+            total += pm(**batch, prefix=prefix, return_logits=return_logits).loss.item() * tokens
             count += tokens
     return total / max(count, 1)
 
@@ -50,12 +53,13 @@ def generate_texts(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions
 
 
 def score(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions, *, prefix, metrics: list[str],
-          generate_limit: int | None = None) -> dict:
+          generate_limit: int | None = None, return_logits: bool = False) -> dict:
     """Loss and perplexity over ``examples``, plus ``metrics`` over the generations for their
     distinct prompts (at most ``generate_limit`` of them)."""
     rows, _ = data.tokenize(examples, tokenizer, max_length=opts.max_length, template=opts.prompt_template,
                             chat_template=opts.chat_template, overflow="truncate")
-    loss = completion_loss(pm, rows, tokenizer.pad_token_id, batch_size=opts.batch_size, prefix=prefix)
+    loss = completion_loss(pm, rows, tokenizer.pad_token_id, batch_size=opts.batch_size, prefix=prefix,
+                           return_logits=return_logits)
     result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     if metrics:
         groups = data.group_references(examples)[:generate_limit]

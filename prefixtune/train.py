@@ -172,9 +172,7 @@ class _Loop:
     def _loss(self, batch: dict, items: torch.Tensor) -> torch.Tensor:
         """This micro-batch's summed loss over ``items``, the label count of the whole global batch."""
         if self.labels is None:  # language modelling: transformers sums token losses over num_items_in_batch
-            # without the [B, T, vocab] logits (prefixtune.lm_loss), unless FSDP/ZeRO-3 shard the LM head
-            loss_only = {"return_logits": False} if self.dist.kind in ("local", "ddp") else {}
-            return self.runner(**batch, num_items_in_batch=items, **loss_only).loss
+            return self.runner(**batch, num_items_in_batch=items, return_logits=self._sharded_head).loss
         logits = self.runner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum") / items
 
@@ -187,7 +185,13 @@ class _Loop:
             result.pop("predictions")
             return result
         return evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix=prefix,
-                              metrics=metrics, generate_limit=generate_limit)
+                              metrics=metrics, generate_limit=generate_limit, return_logits=self._sharded_head)
+
+    @property
+    def _sharded_head(self) -> bool:
+        """Whether FSDP/ZeRO-3 shard the LM head: then only the model's own forward can gather it,
+        and the loss needs the full logits; elsewhere it is computed without them (prefixtune.lm_loss)."""
+        return self.dist.kind not in ("local", "ddp")
 
     def _guard(self, value: torch.Tensor, what: str) -> None:
         """Stop on NaN/inf before it reaches the prefix, keeping the last good prefix."""

@@ -7,7 +7,7 @@ import torch
 from tiny import ARCHS, VOCAB, tiny_model, tokens
 
 from prefixtune import PrefixConfig, PrefixModel, lm_loss
-from prefixtune.lm_loss import causal_lm_loss
+from prefixtune.lm_loss import causal_lm_loss, chunk_bounds
 
 
 @pytest.fixture(autouse=True)
@@ -87,3 +87,33 @@ def test_equal_with_lora_beside_the_prefix():
     assert chunked.logits is None
     torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked_grad, full_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 6, 11, 21, 27, 100])
+def test_chunks_are_as_few_as_the_limit_allows_and_of_nearly_one_size(rows):
+    bounds = chunk_bounds(rows, VOCAB)  # at most 5 rows per chunk (the fixture above)
+    sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    assert bounds[0] == 0 and bounds[-1] == rows
+    assert len(sizes) == -(-rows // 5) and max(sizes) <= 5 and max(sizes) - min(sizes) <= 1
+
+
+def test_the_bundled_models_rows_chunk_evenly(monkeypatch):
+    monkeypatch.undo()  # the real limit: 1365 rows of a 49,152-word vocabulary
+    assert chunk_bounds(1024, 49152) == [0, 1024]  # 8 x 128 tokens: one chunk
+    assert chunk_bounds(4096, 49152) == [0, 1024, 2048, 3072, 4096]  # 8 x 512: four of 1024, not 3 x 1365 + 1
+
+
+def test_evaluation_loss_without_the_logits_equals_the_models_own(monkeypatch):
+    """``evaluate.completion_loss`` (``prefixtune evaluate``, validation during training) takes the
+    chunked loss by default; with ragged rows and unscored prompts it equals the model's own."""
+    from prefixtune import evaluate
+
+    calls = []
+    apply = lm_loss.LinearCrossEntropy.apply
+    monkeypatch.setattr(lm_loss.LinearCrossEntropy, "apply", lambda *a: calls.append(1) or apply(*a))
+    pm = _wrapped("llama").eval()
+    rows = [{"input_ids": list(range(3, 3 + n)), "labels": [-100] * 2 + list(range(5, 3 + n))} for n in (5, 9, 7, 4)]
+    chunked = evaluate.completion_loss(pm, rows, 0, batch_size=3, prefix="default")
+    assert len(calls) == 2  # two batches, both chunked
+    full = evaluate.completion_loss(pm, rows, 0, batch_size=3, prefix="default", return_logits=True)
+    assert len(calls) == 2 and chunked == pytest.approx(full, rel=1e-6) and chunked > 0
