@@ -40,11 +40,15 @@ class PrefixBatch:
         valid: Per model layer, ``[B, L]`` bool marking real prefix slots, or ``None``
             when every slot of every row is real (then no mask work is needed).
         offsets: ``[B]`` position shift of each row (its prefix length, or 0).
+        shift: the one shift of every row when they share it, else ``None``: then the
+            positions can stay ``[1, T]`` (per-row ``[B, T]`` positions turn the rotary
+            embedding's product into a batched one at every call).
     """
 
     key_values: list[tuple[torch.Tensor, torch.Tensor] | None]
     valid: list[torch.Tensor | None]
     offsets: torch.Tensor
+    shift: int | None = None
     used: set[int] = field(default_factory=set)
     in_cache: frozenset[int] = frozenset()
     """Layers whose keys/values arrive with the prefix already in front (``prefixtune.cache``)."""
@@ -66,6 +70,7 @@ class PrefixBatch:
             key_values=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.key_values],
             valid=[rep(v) for v in self.valid],
             offsets=rep(self.offsets),
+            shift=self.shift,
             used=self.used,
             in_cache=self.in_cache,
         )
@@ -80,7 +85,7 @@ class PrefixBatch:
         does not convert the float32 prefix again in every layer at every decoding step."""
         return PrefixBatch(
             key_values=[None if kv is None else (kv[0].to(dtype), kv[1].to(dtype)) for kv in self.key_values],
-            valid=self.valid, offsets=self.offsets, used=self.used, in_cache=self.in_cache,
+            valid=self.valid, offsets=self.offsets, shift=self.shift, used=self.used, in_cache=self.in_cache,
         )
 
 

@@ -224,10 +224,13 @@ class PrefixModel(nn.Module):
         encoders = [self.prefixes[n] for n in unique]
         made = [encoder() for encoder in encoders]  # each [n_layers, 2, kv_heads, L_p, head_dim]
         width = max(kv.shape[3] for kv in made)
-        row_index = torch.tensor([unique.index(n) if n is not None else len(unique) for n in names], device=self.device)
+        index = [unique.index(n) if n is not None else len(unique) for n in names]
+        row_index = torch.tensor(index, device=self.device)
         lengths = torch.tensor([e.config.prefix_length for e in encoders] + [0], device=self.device)
         shifts = torch.tensor([e.config.prefix_length * e.config.shift_positions for e in encoders] + [0])
-        batch = PrefixBatch(key_values=[], valid=[], offsets=shifts.to(self.device)[row_index])
+        row_shifts = {int(shifts[i]) for i in set(index)}
+        batch = PrefixBatch(key_values=[], valid=[], offsets=shifts.to(self.device)[row_index],
+                            shift=row_shifts.pop() if len(row_shifts) == 1 else None)
         uniform = len(unique) == 1 and None not in names
         for layer in range(self.shape.num_layers):
             per_prefix = [_layer_slice(e, kv, layer) for e, kv in zip(encoders, made)]  # [2, kvh, L, hd] | None
@@ -273,7 +276,8 @@ class PrefixModel(nn.Module):
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = self._base_positions(tokens.shape[1], kwargs)
-        return {**kwargs, KWARG: batch, "position_ids": positions + batch.offsets[:, None].to(positions.device)}
+        shift = batch.shift if batch.shift is not None else batch.offsets[:, None].to(positions.device)
+        return {**kwargs, KWARG: batch, "position_ids": positions + shift}
 
     def _base_positions(self, length: int, kwargs: dict) -> torch.Tensor:
         """The positions the base model would give these tokens itself (see ``arch.Layout.positions``)."""

@@ -138,3 +138,25 @@ def test_shift_positions_false_keeps_the_real_tokens_at_zero():
         moved = pm(input_ids=x, prefix="shifted", position_ids=torch.arange(6)[None] - L_P).logits
     torch.testing.assert_close(unshifted, moved, atol=ATOL, rtol=0)
     assert not torch.allclose(unshifted, shifted, atol=1e-3)
+
+
+def test_rows_that_share_a_shift_keep_one_row_of_positions():
+    """Every row shifted alike: the positions stay ``[1, T]``, as the base model makes them
+    (per-row ``[B, T]`` positions turn the rotary embedding into a batched product at every
+    call, decoding included); rows shifted differently get ``[B, T]``. Both are exact: the
+    mixed-batch tests above compare them with row-by-row runs."""
+    config = dict(reparameterize=False, init_std=1.0)
+    pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, **config), name="a")
+    pm.add_prefix("b", PrefixConfig(prefix_length=3, **config))
+    pm.add_prefix("short", PrefixConfig(prefix_length=2, **config))
+    seen = []
+    pm.model.model.rotary_emb.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["position_ids"].shape)), with_kwargs=True)
+    x = tokens(3, 5, seed=9)
+    with torch.no_grad():
+        for prefix in ("a", ["a", "b", "a"], ["a", "short", "a"], ["a", None, "a"]):
+            pm(input_ids=x, prefix=prefix)
+        one_row = pm(input_ids=x, prefix="a").logits
+        per_row = pm(input_ids=x, prefix="a", position_ids=torch.arange(5).expand(3, 5)).logits  # caller's [B, T]
+    assert seen == [(1, 5), (1, 5), (3, 5), (3, 5), (1, 5), (3, 5)]
+    torch.testing.assert_close(one_row, per_row, atol=ATOL, rtol=0)
