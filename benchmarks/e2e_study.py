@@ -124,9 +124,11 @@ def settings(args) -> dict:
 
 
 def lowdata_runs(args, rows: dict) -> list[dict]:
+    """Seed by seed: a run stopped part-way leaves whole seeds (every size and method) behind,
+    which the report and plot can use, rather than some sizes with all seeds."""
     runs = []
-    for size in (int(s) for s in args.sizes.split(",")):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for size in (int(s) for s in args.sizes.split(",")):
             for method in LOWDATA_METHODS:
                 lr = best_lr(rows, method)
                 runs.append({"id": f"low-{method}-n{size}-s{seed}", "method": method, "lr": lr,
