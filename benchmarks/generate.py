@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cpu count)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                        help="arms to run (default: all); e.g. --arms plain prefixtune for more repeats of the "
+                        "ratio that matters in the same time")
     return parser.parse_args(argv)
 
 
@@ -126,12 +129,12 @@ def sequential_arm(seed: int):
     return run, wrapped
 
 
-def build_arms(batch_sizes: list[int], seed: int) -> tuple[dict, dict]:
-    """``({name: (run, module)}, {name: error line})`` for the arms that built / failed."""
+def build_arms(batch_sizes: list[int], seed: int, wanted: list[str]) -> tuple[dict, dict]:
+    """``({name: (run, module)}, {name: error line})`` for the ``wanted`` arms that built / failed."""
     builders = {"plain": plain_arm, "prefixtune": prefixtune_arm, "peft": peft_arm}
     if NUM_MIXED in batch_sizes:
         builders.update(mixed=lambda: mixed_arm(seed), sequential=lambda: sequential_arm(seed))
-    return build_each(builders)
+    return build_each({name: build for name, build in builders.items() if name in wanted})
 
 
 # ---------------------------------------------------------------------------- timing
@@ -235,7 +238,7 @@ def main(argv=None) -> None:
         f"greedy, min_new_tokens=max_new_tokens={args.new_tokens}"
     )
 
-    arms, failed = build_arms(args.batch_sizes, args.seed)
+    arms, failed = build_arms(args.batch_sizes, args.seed, args.arms)
     if not arms:
         raise SystemExit(f"every arm failed: {failed}")
     some_model = next(iter(arms.values()))[1]
@@ -250,7 +253,7 @@ def main(argv=None) -> None:
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     results = {"machine": info, "args": settings, "batch_size": {}}
     for batch_size in args.batch_sizes:
-        names = [n for n in ARMS if n not in MULTI_ARMS or batch_size == NUM_MIXED]
+        names = [n for n in args.arms if n not in MULTI_ARMS or batch_size == NUM_MIXED]
         here = {n: arms[n] for n in names if n in arms}
         failed_here = {n: failed[n] for n in names if n in failed}
         ids, mask = make_prompts(args.seed, batch_size, args.prompt_len, vocab_size)

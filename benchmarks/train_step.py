@@ -14,6 +14,8 @@ One step is forward + backward on a random token batch (``labels = input_ids``).
   chunk without the ``[B, T, vocabulary]`` logits, prefixtune/lm_loss.py).
 * ``prefixtune_logits``: the same model called with ``return_logits=True`` (the model's own
   loss over the full logits, as the floor and PEFT compute it).
+* ``prefixtune_gc`` (only with ``--arms``): ``prefixtune`` with gradient checkpointing, for
+  the cost of checkpointing (PEFT refuses it for prefix tuning).
 * ``peft``: ``peft.get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=10,
   prefix_projection=True, encoder_hidden_size=512)``. If PEFT fails, the arm is reported
   as failed and the rest still runs.
@@ -43,7 +45,8 @@ from common import build_each, first_line, peft_prefix_model, rotated, start, wr
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
-ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft", "floor_b")
+ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft", "prefixtune_gc", "floor_b")
+DEFAULT_ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cpu count)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--arms", nargs="+", choices=ARMS[:-1], default=list(DEFAULT_ARMS),
+                        help="arms to run (default: %(default)s); prefixtune_gc is prefixtune with gradient checkpointing")
     parser.add_argument("--second-floor", action="store_true",
                         help="add an arm floor_b: the floor on a second model instance, to see how far identical arms land apart")
     return parser.parse_args(argv)
@@ -73,13 +78,16 @@ def floor_arm():
     return step, model
 
 
-def prefixtune_arm(return_logits: bool = False):
+def prefixtune_arm(return_logits: bool = False, checkpointing: bool = False):
     """What ``prefixtune train`` runs (the loss without the full logits, prefixtune/lm_loss.py);
-    ``return_logits=True``: the model's own loss over the materialized logits, like the floor."""
+    ``return_logits=True``: the model's own loss over the materialized logits, like the floor;
+    ``checkpointing``: with gradient checkpointing (``--gradient-checkpointing``)."""
     model, _ = load_model()
     config = PrefixConfig(prefix_length=PREFIX_LENGTH, reparameterize=True, reparam_hidden_size=HIDDEN)
     wrapped = PrefixModel.wrap(model, config)
     wrapped.train()
+    if checkpointing:
+        wrapped.gradient_checkpointing_enable()
 
     def step(ids, mask):
         wrapped(input_ids=ids, attention_mask=mask, labels=ids, return_logits=return_logits).loss.backward()
@@ -97,11 +105,12 @@ def peft_arm():
     return step, wrapped
 
 
-def build_arms(second_floor: bool = False) -> tuple[dict, dict]:
-    """``({name: (step, module)}, {name: error line})`` for the arms that built / failed."""
+def build_arms(wanted=DEFAULT_ARMS, second_floor: bool = False) -> tuple[dict, dict]:
+    """``({name: (step, module)}, {name: error line})`` for the ``wanted`` arms that built / failed."""
     builders = {"floor": floor_arm, "prefixtune": prefixtune_arm, "prefixtune_logits": lambda: prefixtune_arm(True),
-                "peft": peft_arm, **({"floor_b": floor_arm} if second_floor else {})}
-    return build_each(builders)
+                "peft": peft_arm, "prefixtune_gc": lambda: prefixtune_arm(checkpointing=True)}
+    chosen = {name: builders[name] for name in wanted}
+    return build_each({**chosen, **({"floor_b": floor_arm} if second_floor else {})})
 
 
 # ---------------------------------------------------------------------------- timing
@@ -154,7 +163,8 @@ def summarize(times: dict, failed: dict) -> dict:
             }
         elif name in failed:
             rows[name] = {"error": failed[name]}
-    return {"arms": rows, "prefixtune_vs_peft": paired_ratio(times, "prefixtune", "peft")}
+    return {"arms": rows, "prefixtune_vs_peft": paired_ratio(times, "prefixtune", "peft"),
+            "checkpointing_vs_prefixtune": paired_ratio(times, "prefixtune_gc", "prefixtune")}
 
 
 def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
@@ -167,7 +177,10 @@ def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
         ratio = "-" if row["vs_floor"] is None else f"{row['vs_floor']:.2f}x"
         print(f"{name:<18}{row['median_s']:>15.3f}{ratio:>10}")
     ratio = summary["prefixtune_vs_peft"]
-    print("prefixtune/peft: " + ("n/a" if ratio is None else f"{ratio:.2f}x"), flush=True)
+    print("prefixtune/peft: " + ("n/a" if ratio is None else f"{ratio:.2f}x"))
+    if summary["checkpointing_vs_prefixtune"] is not None:
+        print(f"prefixtune_gc/prefixtune: {summary['checkpointing_vs_prefixtune']:.2f}x")
+    sys.stdout.flush()
 
 
 def main(argv=None) -> None:
@@ -175,7 +188,7 @@ def main(argv=None) -> None:
     info = start(args.threads)
     print(f"warmup={args.warmup} repeats={args.repeats} prefix_length={PREFIX_LENGTH} hidden={HIDDEN}")
 
-    arms, failed = build_arms(args.second_floor)
+    arms, failed = build_arms(args.arms, args.second_floor)
     if not arms:
         raise SystemExit(f"every arm failed: {failed}")
     vocab_size = next(iter(arms.values()))[1].config.vocab_size
