@@ -246,16 +246,22 @@ def report(args) -> str:
         lines += ["### Low-data (mean ± sd over seeds; each method at its best rate from the grid)", "",
                   "| method | " + " | ".join(f"n={s} BLEU | n={s} ROUGE-L" for s in sizes) + " |",
                   "|---|" + "---|---|" * len(sizes)]
+        losses = ["", f"Final training loss (mean over seeds; every size gets the same {args.steps} steps, so the "
+                  "small sets are passed over many times):", "",
+                  "| method | " + " | ".join(f"n={s}" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
         for method in LOWDATA_METHODS:
-            cells = []
+            mine = [r for r in low if r["method"] == method]
+            cells, loss = [], []
             for s in sizes:
-                picked = [r for r in low if r["method"] == method and r["changes"]["train_sample"] == s]
+                picked = [r for r in mine if r["changes"]["train_sample"] == s]
                 cells += [_mean_sd([r["metrics"]["bleu"] for r in picked]),
                           _mean_sd([r["metrics"]["rouge_l"] for r in picked])]
-            seeds = sorted({r["changes"]["seed"] for r in low if r["method"] == method})
-            label = f"{method} (lr {next((r['lr'] for r in low if r['method'] == method), 0):g}, seeds {seeds})"
+                loss.append(_mean_sd([r["final_loss"] for r in picked], digits=3))
+            seeds = sorted({r["changes"]["seed"] for r in mine})
+            label = f"{method} (lr {mine[0]['lr']:g}, seeds {seeds})" if mine else f"{method} (not run yet)"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
+            losses.append(f"| {method} | " + " | ".join(loss) + " |")
+        lines += [*losses, ""]
     lines += ["### The paper, for context (GPT-2 medium, full E2E training set, test set)", "",
               "| | BLEU | NIST | METEOR | ROUGE-L | CIDEr |", "|---|---|---|---|---|---|"]
     for name, m in PAPER.items():

@@ -193,7 +193,8 @@ def test_e2e_study_plan_picks_best_rates_and_reports(tmp_path):
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     args = argparse.Namespace(grid="prefix-flat=3e-3,lora=1e-2,prefix-flat=1e-3", methods="", ablations=False, lr_seeds="0,1",
-                              set=None, sizes="50,100", seeds="0,1", out=str(tmp_path), images=str(tmp_path / "img"))
+                              set=None, sizes="50,100", seeds="0,1", out=str(tmp_path), images=str(tmp_path / "img"),
+                              steps=120)
     assert [r["id"] for r in study.lr_runs(args)] == ["lr-prefix-flat-0.003", "lr-lora-0.01", "lr-prefix-flat-0.001",
                                                       "lr-prefix-flat-0.003-s1", "lr-lora-0.01-s1", "lr-prefix-flat-0.001-s1"]
     rows = {}  # prefix-flat at 3e-3 has the best single run (seed 1) but the worse mean over seeds
@@ -206,16 +207,20 @@ def test_e2e_study_plan_picks_best_rates_and_reports(tmp_path):
     with pytest.raises(SystemExit, match="prefix_len"):
         study.settings(argparse.Namespace(set="prefix_len=20"))
     low = study.lowdata_runs(args, rows)
-    assert len(low) == 2 * 2 * len(study.LOWDATA_METHODS)
+    per_seed = 2 * len(study.LOWDATA_METHODS)
+    assert [r["changes"]["seed"] for r in low] == [0] * per_seed + [1] * per_seed  # whole seeds first
     assert {r["lr"] for r in low if r["method"] == "prefix-flat"} == {1e-3}
     for run in low:
-        rows[run["id"]] = {**run, "label": run["method"], "status": "ok",
-                           "metrics": {"bleu": 40.0 + run["changes"]["seed"], "rouge_l": 50.0}}
+        if run["method"] != "full":  # a method with no low-data row yet
+            rows[run["id"]] = {**run, "label": run["method"], "status": "ok", "final_loss": 0.5 + run["changes"]["seed"],
+                               "metrics": {"bleu": 40.0 + run["changes"]["seed"], "rouge_l": 50.0}}
     (tmp_path / "runs").mkdir()
     for key, row in rows.items():
         (tmp_path / "runs" / f"{key}.json").write_text(json.dumps(row))
     text = study.report(args)
     assert "| prefix-flat (lr 0.001, seeds [0, 1]) | 40.5 ± 0.7 |" in text and "69.7" in text
+    assert "| prefix-flat | 1.000 ± 0.707 | 1.000 ± 0.707 |" in text  # final training loss, n=50 and n=100
+    assert "| full (not run yet) | - | - | - | - |" in text
     assert "- prefix-flat at 0.001 minus LoRA, bleu: per seed -10.00, -10.00; mean -10.00, sd 0.00, prefix ahead in 0 of 2" in text
     assert "| prefix-flat | 0.003 | - | 0,1 | 1.000 ± 0.000 | 50.0 ± 56.6 | 55.0 ± 49.5 |" in text
     # the all-methods table: each method at its best rate, means over its seeds
