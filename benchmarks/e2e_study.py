@@ -368,6 +368,7 @@ def plot(rows: dict, images: Path) -> None:
             axis.set(xscale="log", xlabel="training examples", ylabel=key.upper().replace("_", "-"),
                      title=f"low-data E2E: {key.upper().replace('_', '-')} (mean ± sd over seeds)")
             axis.set_xticks([50, 100, 200, 500], ["50", "100", "200", "500"])
+            axis.minorticks_off()  # the log axis' minor labels ("6 x 10^1") would crowd the four sizes
         axes[0].legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(images / "compare-e2e-lowdata.png", dpi=100)
