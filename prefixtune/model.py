@@ -227,9 +227,9 @@ class PrefixModel(nn.Module):
         index = [unique.index(n) if n is not None else len(unique) for n in names]
         row_index = torch.tensor(index, device=self.device)
         lengths = torch.tensor([e.config.prefix_length for e in encoders] + [0], device=self.device)
-        shifts = torch.tensor([e.config.prefix_length * e.config.shift_positions for e in encoders] + [0])
-        row_shifts = {int(shifts[i]) for i in set(index)}
-        batch = PrefixBatch(key_values=[], valid=[], offsets=shifts.to(self.device)[row_index],
+        shifts = [e.config.prefix_length * e.config.shift_positions for e in encoders] + [0]
+        row_shifts = {shifts[i] for i in index}
+        batch = PrefixBatch(key_values=[], valid=[], offsets=torch.tensor(shifts, device=self.device)[row_index],
                             shift=row_shifts.pop() if len(row_shifts) == 1 else None)
         uniform = len(unique) == 1 and None not in names
         for layer in range(self.shape.num_layers):
