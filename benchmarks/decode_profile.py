@@ -29,12 +29,16 @@ from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
 from prefixtune.models import load_model  # noqa: E402
 
 
-def op_times(call) -> tuple[collections.Counter, collections.Counter]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def op_times(call, by_shape: str | None = None) -> tuple[collections.Counter, collections.Counter]:
+    """Self CPU ms and call count per op during ``call()``; the op named ``by_shape`` (e.g.
+    ``aten::mm``) is split by its input shapes, so that its calls can be told apart."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=bool(by_shape)) as prof:
         call()
     times, counts = collections.Counter(), collections.Counter()
-    for event in prof.key_averages():
-        times[event.key], counts[event.key] = event.self_cpu_time_total / 1e3, event.count
+    for event in prof.key_averages(group_by_input_shape=bool(by_shape)):
+        key = f"{event.key} {event.input_shapes}" if event.key == by_shape else event.key
+        times[key] += event.self_cpu_time_total / 1e3
+        counts[key] += event.count
     return times, counts
 
 

@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cpu count)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
-    parser.add_argument("--arms", nargs="+", choices=ARMS[:-1], default=list(DEFAULT_ARMS),
+    parser.add_argument("--arms", nargs="+", choices=[a for a in ARMS if a != "floor_b"], default=list(DEFAULT_ARMS),
                         help="arms to run (default: %(default)s); prefixtune_gc is prefixtune with gradient checkpointing")
     parser.add_argument("--second-floor", action="store_true",
                         help="add an arm floor_b: the floor on a second model instance, to see how far identical arms land apart")

@@ -27,10 +27,9 @@ IGNORE = -100
 CHUNK_ELEMENTS = 1 << 26
 """Most logit elements per chunk (256 MiB in float32: 1365 rows of a 49,152-word vocabulary,
 against the three full-size tensors of the model's own loss). Each chunk reads the whole head
-weight again, so fewer, larger chunks are faster: on the 2-core CPU the head's product cost
-1.00 / 1.05 / 1.11 / 1.17x per row at 1024 / 512 / 341 / 256 rows, and in a training step at
-8 x 128 tokens 341-row chunks cost 2.3 % of the step, 512-row chunks 1.6 %
-(benchmarks/step_profile.py, docs/performance.md)."""
+weight again, so fewer, larger chunks cost less per row: on the 2-core CPU the head's forward
+product cost 1.00 / 1.02 / 1.08 / 1.12 / 1.27x per row at 1024 / 512 / 341 / 256 / 128 rows
+(benchmarks/head_chunks.py; docs/performance.md)."""
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 """Config keys of families that soft-cap or scale the logits after the head (Gemma 2,
