@@ -41,8 +41,7 @@ class PrefixBatch:
             when every slot of every row is real (then no mask work is needed).
         offsets: ``[B]`` position shift of each row (its prefix length, or 0).
         shift: the one shift of every row when they share it, else ``None``: then the
-            positions can stay ``[1, T]`` (per-row ``[B, T]`` positions turn the rotary
-            embedding's product into a batched one at every call).
+            positions stay ``[1, T]``, as the base model makes them.
     """
 
     key_values: list[tuple[torch.Tensor, torch.Tensor] | None]

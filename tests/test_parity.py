@@ -141,10 +141,9 @@ def test_shift_positions_false_keeps_the_real_tokens_at_zero():
 
 
 def test_rows_that_share_a_shift_keep_one_row_of_positions():
-    """Every row shifted alike: the positions stay ``[1, T]``, as the base model makes them
-    (per-row ``[B, T]`` positions turn the rotary embedding into a batched product at every
-    call, decoding included); rows shifted differently get ``[B, T]``. Both are exact: the
-    mixed-batch tests above compare them with row-by-row runs."""
+    """Every row shifted alike: the positions stay ``[1, T]``, as the base model makes them;
+    rows shifted differently get ``[B, T]``. Both are exact: the mixed-batch tests above compare
+    them with row-by-row runs."""
     config = dict(reparameterize=False, init_std=1.0)
     pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, **config), name="a")
     pm.add_prefix("b", PrefixConfig(prefix_length=3, **config))
