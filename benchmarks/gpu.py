@@ -18,6 +18,7 @@ tiny sizes, float32). Sections, each written to the JSON as soon as it is done:
    model's forward + backward to its input embeddings), ``prefixtune`` (``pad``, the default,
    called as ``prefixtune train`` calls it: the loss without the full logits, lm_loss.py),
    ``prefixtune_logits`` (the same with the model's own loss over the full logits),
+   ``prefixtune_chunk28`` (the chunked loss with chunks of up to 2^28 logits, not 2^26),
    ``prefixtune_bias``, ``prefixtune_mask`` (the explicit-mask path before the change),
    ``peft`` and ``prefixtune_gc`` (gradient checkpointing); prefix length 10, MLP width 512.
    Median seconds, paired ratios, and peak memory (``max_memory_allocated`` above what was
@@ -27,8 +28,10 @@ tiny sizes, float32). Sections, each written to the JSON as soon as it is done:
    measurement, with a CUDA sync at the end of each call).
 5. ``scaling``: benchmarks/scaling.py's three sweeps.
 6. ``profile``: torch.profiler over 3 calls each of the floor and prefixtune training steps
-   (512 tokens) and of plain and prefixtune batch-1 decoding (16 new tokens): wall time vs
-   summed CUDA kernel time and launches, i.e. whether an overhead is GPU work or host work.
+   (512 tokens; prefixtune with the chunked loss and with the model's own) for each of
+   ``--profile-shapes``, and of plain and prefixtune batch-1 decoding (16 new tokens, the first
+   shape): wall time vs summed CUDA kernel time and launches, i.e. whether an overhead is GPU
+   work or host work.
 
 ``--sections`` picks some of them (e.g. ``--sections train generate``).
 
@@ -53,7 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
-from prefixtune import attention  # noqa: E402
+from prefixtune import attention, lm_loss  # noqa: E402
 
 import generate as gen_bench  # noqa: E402  (benchmarks/generate.py)
 import scaling  # noqa: E402  (benchmarks/scaling.py)
@@ -63,6 +66,10 @@ from common import build_each, machine_info, peft_prefix_model, write_json  # no
 PREFIX_LENGTH = 10
 HIDDEN = 512
 VARIANTS = ("pad", "bias", "mask")
+BIG_CHUNK = 1 << 28
+"""The ``prefixtune_chunk28`` arm's loss chunks (1 GiB of float32 logits): does the default
+2^26 (chosen on the CPU, where the head's per-row cost flattens at ~1024 rows) cost the GPU
+time, with 32 chunks of 512 rows on a 128k vocabulary?"""
 
 
 def prefix_config(**kw) -> PrefixConfig:
@@ -75,16 +82,19 @@ def sync() -> None:
 
 
 class use_variant:
-    """``with use_variant("mask"):`` sets ``attention.FUSED_CAUSAL`` for the block."""
+    """``with use_variant("mask", chunk=1 << 28):`` sets ``attention.FUSED_CAUSAL`` (and, if
+    given, ``lm_loss.CHUNK_ELEMENTS``) for the block."""
 
-    def __init__(self, variant: str):
-        self.variant = variant
+    def __init__(self, variant: str, chunk: int | None = None):
+        self.variant, self.chunk = variant, chunk
 
     def __enter__(self):
-        self.old, attention.FUSED_CAUSAL = attention.FUSED_CAUSAL, self.variant
+        self.old = attention.FUSED_CAUSAL, lm_loss.CHUNK_ELEMENTS
+        attention.FUSED_CAUSAL = self.variant
+        lm_loss.CHUNK_ELEMENTS = self.chunk or lm_loss.CHUNK_ELEMENTS
 
     def __exit__(self, *exc):
-        attention.FUSED_CAUSAL = self.old
+        attention.FUSED_CAUSAL, lm_loss.CHUNK_ELEMENTS = self.old
 
 
 def param_bytes(module) -> int:
@@ -230,7 +240,8 @@ def scaling_floor(model, ids, mask):
 
 
 # ------------------------------------------------------------------------ 3. train
-TRAIN_ARMS = ("floor", "prefixtune", "prefixtune_logits", "prefixtune_bias", "prefixtune_mask", "peft", "prefixtune_gc")
+TRAIN_ARMS = ("floor", "prefixtune", "prefixtune_logits", "prefixtune_chunk28", "prefixtune_bias", "prefixtune_mask",
+              "peft", "prefixtune_gc")
 
 
 def train_arms(base, memory: dict) -> tuple[dict, dict]:
@@ -253,17 +264,17 @@ def train_arms(base, memory: dict) -> tuple[dict, dict]:
         model = copy.deepcopy(base).train().requires_grad_(False)
         return measured("floor", lambda ids, mask: scaling_floor(model, ids, mask), model)
 
-    def prefixed(variant, checkpointing=False, logits=False):
+    def prefixed(variant, checkpointing=False, logits=False, chunk=None):
         """``logits=False`` is what ``prefixtune train`` runs: the loss without the full logits (lm_loss.py)."""
         def build():
             wrapped = PrefixModel.wrap(copy.deepcopy(base), prefix_config()).train()
             if checkpointing:
                 wrapped.gradient_checkpointing_enable()
             name = "prefixtune" + ("_gc" if checkpointing else "" if variant == "pad" else f"_{variant}")
-            name += "_logits" if logits else ""
+            name += ("_logits" if logits else "") + ("_chunk28" if chunk else "")
 
             def fn(ids, mask):
-                with use_variant(variant):
+                with use_variant(variant, chunk):
                     wrapped(input_ids=ids, attention_mask=mask, labels=ids, return_logits=logits).loss.backward()
             return measured(name, fn, wrapped)
         return build
@@ -274,6 +285,7 @@ def train_arms(base, memory: dict) -> tuple[dict, dict]:
                         model)
 
     builders = {"floor": floor, "prefixtune": prefixed("pad"), "prefixtune_logits": prefixed("pad", logits=True),
+                "prefixtune_chunk28": prefixed("pad", chunk=BIG_CHUNK),
                 "prefixtune_bias": prefixed("bias"), "prefixtune_mask": prefixed("mask"), "peft": peft,
                 "prefixtune_gc": prefixed("pad", True)}
     return build_each(builders)
@@ -309,11 +321,12 @@ def train_section(base, seq_lens, tokens, repeats, warmup) -> dict:
             "prefixtune/floor": paired(times, "prefixtune", "floor"),
             "prefixtune/peft": paired(times, "prefixtune", "peft"),
             "prefixtune_logits/floor": paired(times, "prefixtune_logits", "floor"),
+            "prefixtune_chunk28/prefixtune": paired(times, "prefixtune_chunk28", "prefixtune"),
             "prefixtune_mask/prefixtune (time of the old mask path)": paired(times, "prefixtune_mask", "prefixtune"),
             "prefixtune_bias/prefixtune": paired(times, "prefixtune_bias", "prefixtune"),
             "prefixtune_gc/prefixtune": paired(times, "prefixtune_gc", "prefixtune"),
         }
-        for top in ("prefixtune", "prefixtune_logits", "prefixtune_gc", "prefixtune_mask"):
+        for top in ("prefixtune", "prefixtune_logits", "prefixtune_chunk28", "prefixtune_gc", "prefixtune_mask"):
             if top in memory and "peft" in memory:
                 ratios[f"peak {top}/peft"] = (memory[top] + weights[top]) / (memory["peft"] + weights["peft"])
         out["seq_len"][str(seq_len)] = {"batch": ids.shape[0], "arms": rows, "ratios": ratios}
@@ -415,37 +428,46 @@ def device_profile(fn, steps: int) -> dict:
             "by_kernel_us": {k: t / steps for k, (t, _) in kernels.items()}}
 
 
-def profile_section(base, seq_len: int, tokens: int, new_tokens: int) -> dict:
-    """Where prefixtune's extra time goes: GPU work (kernel time) or host overhead (wall - kernel)."""
+def profile_section(base, seq_len: int, tokens: int, new_tokens: int | None) -> dict:
+    """Where prefixtune's extra time goes: GPU work (kernel time) or host overhead (wall - kernel).
+    The training step as ``prefixtune train`` runs it (chunked loss) and with the model's own
+    loss (``_logits``); batch-1 decoding of ``new_tokens`` tokens unless ``None``."""
     ids = scaling.batch(base.config.vocab_size, tokens, seq_len, "cpu").to(base.device)
     floor_model = copy.deepcopy(base).train().requires_grad_(False)
     wrapped = PrefixModel.wrap(copy.deepcopy(base), prefix_config()).train()
-    plain = copy.deepcopy(base).eval()
-    served = PrefixModel.wrap(copy.deepcopy(base), prefix_config()).eval()
-    served.materialize()
-    prompt = ids[:1, :32]
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
 
-    def pt_step():
-        wrapped.zero_grad(set_to_none=True)
-        wrapped(input_ids=ids, labels=ids).loss.backward()
-
-    def decode(model):
+    def pt_step(logits):
         def run():
-            with torch.inference_mode():
-                model.generate(input_ids=prompt, **kw)
+            wrapped.zero_grad(set_to_none=True)
+            wrapped(input_ids=ids, labels=ids, return_logits=logits).loss.backward()
         return run
 
-    cases = {"train floor": lambda: scaling.floor_step(floor_model, ids), "train prefixtune": pt_step,
-             f"generate plain b1 {new_tokens}": decode(plain), f"generate prefixtune b1 {new_tokens}": decode(served)}
+    cases = {"train floor": lambda: scaling.floor_step(floor_model, ids), "train prefixtune": pt_step(False),
+             "train prefixtune_logits": pt_step(True)}
+    pairs = [("train prefixtune", "train floor"), ("train prefixtune_logits", "train floor")]
+    if new_tokens:
+        plain = copy.deepcopy(base).eval()
+        served = PrefixModel.wrap(copy.deepcopy(base), prefix_config()).eval()
+        served.materialize()
+        prompt = ids[:1, :32]
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+
+        def decode(model):
+            def run():
+                with torch.inference_mode():
+                    model.generate(input_ids=prompt, **kw)
+            return run
+
+        cases.update({f"generate plain b1 {new_tokens}": decode(plain),
+                      f"generate prefixtune b1 {new_tokens}": decode(served)})
+        pairs.append((f"generate prefixtune b1 {new_tokens}", f"generate plain b1 {new_tokens}"))
     out = {}
     for name, fn in cases.items():
         r = device_profile(fn, 3)
         top = sorted(r.pop("by_kernel_us").items(), key=lambda kv: -kv[1])[:12]
         out[name] = {**r, "top_kernels_us": dict(top)}
         print(f"  {name:<32} wall {r['wall_ms']:8.1f} ms  kernels {r['kernel_ms']:8.1f} ms  ({r['kernels']:.0f} launches)")
-    for a, b in (("train prefixtune", "train floor"),
-                 (f"generate prefixtune b1 {new_tokens}", f"generate plain b1 {new_tokens}")):
+    for a, b in pairs:
         diff = {k: out[a]["top_kernels_us"].get(k, 0) - out[b]["top_kernels_us"].get(k, 0)
                 for k in set(out[a]["top_kernels_us"]) | set(out[b]["top_kernels_us"])}
         print(f"  {a} - {b}: " + "; ".join(f"{k[:60]} {v:+.0f}us" for k, v in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:6]))
@@ -459,6 +481,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write the results here (after every section)")
     parser.add_argument("--sections", nargs="+", default=["check", "kernels", "train", "generate", "scaling", "profile"])
     parser.add_argument("--train-shapes", nargs="+", default=["smollm2-135m", "llama-1b"])
+    parser.add_argument("--profile-shapes", nargs="+", default=["smollm2-135m", "llama-1b"],
+                        help="shapes whose training step is profiled (decoding: the first one's)")
     return parser.parse_args(argv)
 
 
@@ -516,8 +540,13 @@ def main(argv=None) -> None:
         layer_counts=[1, 8, 15, 23, 30] if not args.smoke else [1, 4], base_seq=512 if not args.smoke else 16,
         tokens=sizes["tokens"], repeats=3 if not args.smoke else 1, warmup=1,
         log=lambda line: print("  " + line, flush=True)))
-    section("profile", lambda: profile_section(base, 16 if args.smoke else 512, 64 if args.smoke else 16384,
-                                               4 if args.smoke else 16))
+    profile_shapes = ["tiny"] if args.smoke else args.profile_shapes
+    for i, profile_shape in enumerate(profile_shapes):
+        def run_profile(profile_shape=profile_shape, decode=i == 0):
+            model = base if profile_shape == shape else scaling.random_model(profile_shape, device, dtype)
+            return profile_section(model, 16 if args.smoke else 512, 64 if args.smoke else 16384,
+                                   (4 if args.smoke else 16) if decode else None)
+        section(f"profile:{profile_shape}", run_profile)
     print(f"\ndone in {time.perf_counter() - started:.0f}s")
     print_summary(results)
 
