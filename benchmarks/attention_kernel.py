@@ -4,16 +4,20 @@ costs the attention kernel itself on this machine.
 Run from the repository root:
 
     .venv/bin/python benchmarks/attention_kernel.py --seq-lens 128 512
+    .venv/bin/python benchmarks/attention_kernel.py --seq-lens 256 --prefix 10 50 100 200 256
 
 Shapes: batch 8, 9 query heads, 3 key/value heads (grouped-query attention), head size 64,
 float32, random values. Arms, interleaved (25 rounds, the first 3 dropped, median):
 
 * ``plain``: ``T`` queries over ``T`` keys, ``is_causal=True`` (what the frozen model runs);
-* ``pad``: what prefixtune runs by default (``FUSED_CAUSAL = "pad"``): 10 prefix keys in front,
-  10 zero query rows in front so that ``is_causal`` lines up, their outputs dropped;
-* ``bias``: ``FUSED_CAUSAL = "bias"``: the ``T`` queries over ``10 + T`` keys with torch's
+* ``pad``: what prefixtune runs by default (``FUSED_CAUSAL = "pad"``): ``L_p`` prefix keys in
+  front (``--prefix``, 10 by default), ``L_p`` zero query rows in front so that ``is_causal``
+  lines up, their outputs dropped;
+* ``bias``: ``FUSED_CAUSAL = "bias"``: the ``T`` queries over ``L_p + T`` keys with torch's
   bottom-right causal bias (the key/values repeated per query head, as transformers does
-  whenever a mask is given).
+  whenever a mask is given);
+* ``mask``: ``FUSED_CAUSAL = "mask"``, the path for calls where ``pad`` would more than double
+  the queries: an explicit boolean bottom-right mask ``[1, 1, T, L_p + T]``, key/values repeated.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def arm(seq_len: int, prefix: int, mode: str):
     k = torch.randn(BATCH, KV_HEADS, seq_len + prefix, HEAD_DIM, requires_grad=True)
     v = torch.randn(BATCH, KV_HEADS, seq_len + prefix, HEAD_DIM, requires_grad=True)
     groups = HEADS // KV_HEADS
+    rows = torch.arange(seq_len)[:, None] + prefix
+    mask = (torch.arange(seq_len + prefix)[None, :] <= rows)[None, None]
 
     def step():
         if mode == "plain":
@@ -42,9 +48,11 @@ def arm(seq_len: int, prefix: int, mode: str):
         elif mode == "pad":
             padded = torch.cat([q.new_zeros(BATCH, HEADS, prefix, HEAD_DIM), q], dim=2)
             out = sdpa(padded, k, v, is_causal=True, enable_gqa=True)[:, :, prefix:]
-        else:
+        elif mode == "bias":
             out = sdpa(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                        attn_mask=causal_lower_right(seq_len, seq_len + prefix))
+        else:
+            out = sdpa(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask)
         out.sum().backward()
 
     return step
@@ -53,13 +61,14 @@ def arm(seq_len: int, prefix: int, mode: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--prefix", type=int, nargs="+", default=[PREFIX], help="prefix lengths L_p")
+    parser.add_argument("--modes", nargs="+", default=["pad", "bias", "mask"], choices=["pad", "bias", "mask"])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for seq_len in args.seq_lens:
-        arms = {"plain": arm(seq_len, 0, "plain"), "pad": arm(seq_len, PREFIX, "pad"),
-                "bias": arm(seq_len, PREFIX, "bias")}
+    for seq_len, prefix in ((t, p) for t in args.seq_lens for p in args.prefix):
+        arms = {"plain": arm(seq_len, 0, "plain"), **{mode: arm(seq_len, prefix, mode) for mode in args.modes}}
         times = {name: [] for name in arms}
         for _ in range(args.rounds):
             for name, step in arms.items():
@@ -67,7 +76,7 @@ def main() -> None:
                 step()
                 times[name].append(time.perf_counter() - start)
         ms = {name: statistics.median(t[3:]) * 1e3 for name, t in times.items()}
-        print(f"seq_len={seq_len}: " + "  ".join(f"{name} {value:.2f} ms ({value / ms['plain']:.2f}x)"
+        print(f"seq_len={seq_len} prefix={prefix}: " + "  ".join(f"{name} {value:.2f} ms ({value / ms['plain']:.2f}x)"
                                                  for name, value in ms.items()))
 
 

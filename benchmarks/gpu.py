@@ -15,7 +15,7 @@ tiny sizes, float32). Sections, each written to the JSON as soon as it is done:
    padding, and for each ``FUSED_CAUSAL`` choice.
 3. ``train``: one training step (forward + backward, ``labels = input_ids``) at 128, 512,
    1024, 2048 tokens (batch = ``--tokens`` // length) for the arms ``floor`` (the frozen
-   model's forward + backward to its input embeddings), ``prefixtune`` (``pad``, the default,
+   model's forward + backward to its input embeddings), ``prefixtune`` (``pad``, what the default ``auto`` takes on CUDA,
    called as ``prefixtune train`` calls it: the loss without the full logits, lm_loss.py),
    ``prefixtune_logits`` (the same with the model's own loss over the full logits),
    ``prefixtune_chunk28`` (the chunked loss with chunks of up to 2^28 logits, not 2^26),

@@ -23,6 +23,8 @@ Arms:
 * ``prefixtune``: what ``prefixtune train`` runs: ``return_logits=False``, the loss computed
   chunk by chunk without the ``[B, T, vocabulary]`` logits (``prefixtune/lm_loss.py``).
 * ``prefixtune_gc_logits`` / ``prefixtune_gc``: the same two with gradient checkpointing.
+* ``prefixtune_pad``: ``prefixtune`` with ``FUSED_CAUSAL = "pad"``, the attention path that the
+  default ``"auto"`` replaced by the mask on short CPU rows (prefixtune/attention.py).
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, peft_prefix_model, rotated, write_json  # noqa: E402
 from scaling import random_model  # noqa: E402
 
-from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
+from prefixtune import PrefixConfig, PrefixModel, attention  # noqa: E402
 from prefixtune.compare.runner import PeakMemory  # noqa: E402
 
-ARMS = ("floor", "peft", "prefixtune_logits", "prefixtune", "prefixtune_gc_logits", "prefixtune_gc")
+ARMS = ("floor", "peft", "prefixtune_logits", "prefixtune", "prefixtune_gc_logits", "prefixtune_gc", "prefixtune_pad")
 
 
 def build(arm: str):
@@ -63,6 +65,8 @@ def build(arm: str):
     wrapped = PrefixModel.wrap(model, PrefixConfig(prefix_length=10, reparam_hidden_size=512)).train()
     if "_gc" in arm:
         wrapped.gradient_checkpointing_enable()
+    if arm == "prefixtune_pad":
+        attention.FUSED_CAUSAL = "pad"  # this process runs this arm alone
     logits = arm.endswith("_logits")
 
     def step(ids):

@@ -16,6 +16,8 @@ One step is forward + backward on a random token batch (``labels = input_ids``).
   loss over the full logits, as the floor and PEFT compute it).
 * ``prefixtune_gc`` (only with ``--arms``): ``prefixtune`` with gradient checkpointing, for
   the cost of checkpointing (PEFT refuses it for prefix tuning).
+* ``prefixtune_pad`` (only with ``--arms``): ``prefixtune`` with ``FUSED_CAUSAL = "pad"``, the
+  attention path the default ``"auto"`` replaced on short CPU rows (prefixtune/attention.py).
 * ``peft``: ``peft.get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=10,
   prefix_projection=True, encoder_hidden_size=512)``. If PEFT fails, the arm is reported
   as failed and the rest still runs.
@@ -38,14 +40,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
+from prefixtune import PrefixConfig, PrefixModel, attention  # noqa: E402
 from prefixtune.models import load_model  # noqa: E402
 
 from common import build_each, first_line, peft_prefix_model, rotated, start, write_json  # noqa: E402  (benchmarks/common.py)
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
-ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft", "prefixtune_gc", "floor_b")
+ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft", "prefixtune_gc", "prefixtune_pad", "floor_b")
 DEFAULT_ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
 
 
@@ -53,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, nargs="+", default=[128], help="one or more sequence lengths")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--prefix-length", type=int, default=PREFIX_LENGTH, help="prefix length of every prefix arm")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per arm and sequence length")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per arm and sequence length")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cpu count)")
@@ -78,25 +81,31 @@ def floor_arm():
     return step, model
 
 
-def prefixtune_arm(return_logits: bool = False, checkpointing: bool = False):
+def prefixtune_arm(return_logits: bool = False, checkpointing: bool = False, fused: str | None = None,
+                   prefix_length: int = PREFIX_LENGTH):
     """What ``prefixtune train`` runs (the loss without the full logits, prefixtune/lm_loss.py);
     ``return_logits=True``: the model's own loss over the materialized logits, like the floor;
-    ``checkpointing``: with gradient checkpointing (``--gradient-checkpointing``)."""
+    ``checkpointing``: with gradient checkpointing (``--gradient-checkpointing``);
+    ``fused``: ``attention.FUSED_CAUSAL`` during the step."""
     model, _ = load_model()
-    config = PrefixConfig(prefix_length=PREFIX_LENGTH, reparameterize=True, reparam_hidden_size=HIDDEN)
+    config = PrefixConfig(prefix_length=prefix_length, reparameterize=True, reparam_hidden_size=HIDDEN)
     wrapped = PrefixModel.wrap(model, config)
     wrapped.train()
     if checkpointing:
         wrapped.gradient_checkpointing_enable()
 
     def step(ids, mask):
-        wrapped(input_ids=ids, attention_mask=mask, labels=ids, return_logits=return_logits).loss.backward()
+        default, attention.FUSED_CAUSAL = attention.FUSED_CAUSAL, fused or attention.FUSED_CAUSAL
+        try:
+            wrapped(input_ids=ids, attention_mask=mask, labels=ids, return_logits=return_logits).loss.backward()
+        finally:
+            attention.FUSED_CAUSAL = default
 
     return step, wrapped
 
 
-def peft_arm():
-    wrapped = peft_prefix_model(load_model()[0], PREFIX_LENGTH, HIDDEN)
+def peft_arm(prefix_length: int = PREFIX_LENGTH):
+    wrapped = peft_prefix_model(load_model()[0], prefix_length, HIDDEN)
     wrapped.train()
 
     def step(ids, mask):
@@ -105,10 +114,13 @@ def peft_arm():
     return step, wrapped
 
 
-def build_arms(wanted=DEFAULT_ARMS, second_floor: bool = False) -> tuple[dict, dict]:
+def build_arms(wanted=DEFAULT_ARMS, second_floor: bool = False, prefix_length: int = PREFIX_LENGTH) -> tuple[dict, dict]:
     """``({name: (step, module)}, {name: error line})`` for the ``wanted`` arms that built / failed."""
-    builders = {"floor": floor_arm, "prefixtune": prefixtune_arm, "prefixtune_logits": lambda: prefixtune_arm(True),
-                "peft": peft_arm, "prefixtune_gc": lambda: prefixtune_arm(checkpointing=True)}
+    length = {"prefix_length": prefix_length}
+    builders = {"floor": floor_arm, "prefixtune": lambda: prefixtune_arm(**length),
+                "prefixtune_logits": lambda: prefixtune_arm(True, **length), "peft": lambda: peft_arm(**length),
+                "prefixtune_gc": lambda: prefixtune_arm(checkpointing=True, **length),
+                "prefixtune_pad": lambda: prefixtune_arm(fused="pad", **length)}
     chosen = {name: builders[name] for name in wanted}
     return build_each({**chosen, **({"floor_b": floor_arm} if second_floor else {})})
 
@@ -164,7 +176,8 @@ def summarize(times: dict, failed: dict) -> dict:
         elif name in failed:
             rows[name] = {"error": failed[name]}
     return {"arms": rows, "prefixtune_vs_peft": paired_ratio(times, "prefixtune", "peft"),
-            "checkpointing_vs_prefixtune": paired_ratio(times, "prefixtune_gc", "prefixtune")}
+            "checkpointing_vs_prefixtune": paired_ratio(times, "prefixtune_gc", "prefixtune"),
+            "prefixtune_vs_pad": paired_ratio(times, "prefixtune", "prefixtune_pad")}
 
 
 def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
@@ -180,15 +193,17 @@ def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
     print("prefixtune/peft: " + ("n/a" if ratio is None else f"{ratio:.2f}x"))
     if summary["checkpointing_vs_prefixtune"] is not None:
         print(f"prefixtune_gc/prefixtune: {summary['checkpointing_vs_prefixtune']:.2f}x")
+    if summary["prefixtune_vs_pad"] is not None:
+        print(f"prefixtune/prefixtune_pad: {summary['prefixtune_vs_pad']:.3f}x")
     sys.stdout.flush()
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     info = start(args.threads)
-    print(f"warmup={args.warmup} repeats={args.repeats} prefix_length={PREFIX_LENGTH} hidden={HIDDEN}")
+    print(f"warmup={args.warmup} repeats={args.repeats} prefix_length={args.prefix_length} hidden={HIDDEN}")
 
-    arms, failed = build_arms(args.arms, args.second_floor)
+    arms, failed = build_arms(args.arms, args.second_floor, args.prefix_length)
     if not arms:
         raise SystemExit(f"every arm failed: {failed}")
     vocab_size = next(iter(arms.values()))[1].config.vocab_size

@@ -148,26 +148,47 @@ def _make_attention(base: str):
     return prefix_attention
 
 
-FUSED_CAUSAL = "pad"
+FUSED_CAUSAL = "auto"
 """How a causal prefixed call without padding and with several queries (training, prefill)
 reaches SDPA. The real keys need a bottom-right-aligned causal mask, which SDPA's
 ``is_causal`` (top-left) cannot express, and an explicit mask keeps SDPA off flash
 attention and makes transformers repeat the key/values for every query head (on an H200,
 torch 2.11, both paths run cuDNN's fused kernel, and the mask path's training steps took
-1.14-1.17x as long at 2048 tokens, with 0.7-1.5 GiB more memory: docs/performance-gpu.md).
+1.14-1.22x as long at 2048 tokens, with 0.7-1.5 GiB more memory: docs/performance-gpu.md).
 
 * ``"pad"``: put ``S - T`` zero query rows in front, so that queries and keys have the
   same length, where top-left and bottom-right agree; the stock kernel then takes its
   mask-free ``is_causal`` path (flash or cuDNN attention, grouped-query attention without
-  copies),
-  and the extra rows' outputs are dropped. Used when it at most doubles the queries.
+  copies), and the extra rows' outputs are dropped. Used when it at most doubles the queries.
 * ``"bias"``: pass torch's ``causal_lower_right`` bias to the stock kernel (flash or
   memory-efficient attention, but the key/values are still repeated per query head).
   Measured on par with ``"pad"`` or up to 4 % slower (1B model, H200), so not the default.
 * ``"mask"``: always build the explicit boolean mask (:func:`extend_mask`).
+* ``"auto"`` (the default): ``"pad"`` where :func:`pad_pays` says the padded rows cost less
+  than the mask, else ``"mask"``.
 
-Only the ``sdpa`` base kernel is affected. ``benchmarks/gpu.py`` measures all three.
+Only the ``sdpa`` base kernel is affected. ``benchmarks/gpu.py`` measures the GPU paths,
+``benchmarks/attention_kernel.py`` the kernel alone on any device.
 """
+
+CPU_PAD_FREE_ROWS = 256
+"""On the CPU, ``pad`` pays only where ``2 * L_p <= T - CPU_PAD_FREE_ROWS``. torch's CPU flash
+kernel skips the key blocks above the diagonal under ``is_causal`` but not under a mask, and
+that saving outweighs ``L_p`` extra query rows only on long rows. Forward + backward of one
+layer's attention, pad / mask (batch 8, 9/3 heads, float32, 2 threads,
+``benchmarks/attention_kernel.py``, docs/performance-scaling.md): ``T = 128``: 1.05-1.29x
+(``L_p`` 5-100); 256: 0.97-1.00x at ``L_p = 10``, 1.07-1.75x at 5 and 50-256; 384: 0.97x at
+5-10, 1.04x at 50, 1.19-1.26x at 100-200; 512: 0.90-0.95x at 5-100, 1.05x at 200; 1024:
+0.69-0.79x at 10-200, 0.93x at 500. The rule is off by 4 % at (384, 50) and 7 % at (1024, 500)."""
+
+
+def pad_pays(device_type: str, q_len: int, prefix_len: int) -> bool:
+    """Whether ``"auto"`` pads the queries: on CUDA wherever ``pad`` applies (measured faster
+    than the mask at ``L_p = 10``, 128-2048 tokens, H200; longer prefixes not measured there),
+    on the CPU only on rows long enough for the causal block skipping to pay (above)."""
+    if device_type == "cpu":
+        return 2 * prefix_len <= q_len - CPU_PAD_FREE_ROWS
+    return prefix_len <= q_len
 
 
 def _fused_causal(base: str, mask, valid, query: torch.Tensor, kv_len: int, causal: bool) -> str | None:
@@ -175,6 +196,8 @@ def _fused_causal(base: str, mask, valid, query: torch.Tensor, kv_len: int, caus
     q_len = query.shape[2]
     if base != "sdpa" or FUSED_CAUSAL == "mask" or mask is not None or valid is not None or not causal or q_len < 2:
         return None
+    if FUSED_CAUSAL == "auto":
+        return "pad" if pad_pays(query.device.type, q_len, kv_len - q_len) else None
     if FUSED_CAUSAL == "pad" and kv_len - q_len > q_len:
         return None
     return FUSED_CAUSAL

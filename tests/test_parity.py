@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny import ARCHS, tiny_model, tokens
 
-from prefixtune import PrefixConfig, PrefixModel
+from prefixtune import PrefixConfig, PrefixModel, attention
 
 ATOL = 1e-5
 L_P = 4
@@ -34,6 +34,33 @@ def test_prefix_of_own_key_values_equals_reading_the_tokens(arch):
     with torch.no_grad():
         got = pm(input_ids=x).logits
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["pad", "bias", "mask"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parity_holds_on_each_fused_causal_path(arch, variant, monkeypatch):
+    """``"auto"`` picks between ``pad`` and ``mask`` by device and length, and the tiny models'
+    rows are too short for ``pad`` on the CPU: each path is forced here so that all stay tested."""
+    monkeypatch.setattr(attention, "FUSED_CAUSAL", variant)
+    test_prefix_of_own_key_values_equals_reading_the_tokens(arch)
+
+
+@pytest.mark.parametrize("free_rows, padded", [(attention.CPU_PAD_FREE_ROWS, False), (0, True)])
+def test_auto_pads_the_queries_only_where_the_rule_says(free_rows, padded, monkeypatch):
+    calls = []
+    real = attention._padded_query_causal
+    monkeypatch.setattr(attention, "_padded_query_causal", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(attention, "CPU_PAD_FREE_ROWS", free_rows)
+    test_prefix_of_own_key_values_equals_reading_the_tokens("llama")  # 9 queries, L_P = 4 prefix slots
+    assert bool(calls) == padded
+
+
+def test_pad_pays_on_long_cpu_rows_and_wherever_it_fits_on_cuda():
+    assert not attention.pad_pays("cpu", 128, 10) and not attention.pad_pays("cpu", 256, 10)
+    assert attention.pad_pays("cpu", 512, 100) and not attention.pad_pays("cpu", 512, 200)
+    assert attention.pad_pays("cpu", 1024, 200)
+    assert attention.pad_pays("cuda", 128, 10) and attention.pad_pays("cuda", 256, 200)
+    assert not attention.pad_pays("cuda", 128, 200)
 
 
 EAGER_TOO = [(arch, "eager") for arch in ("llama", "gpt2", "opt", "qwen3")]
