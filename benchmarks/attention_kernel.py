@@ -5,9 +5,12 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/attention_kernel.py --seq-lens 128 512
     .venv/bin/python benchmarks/attention_kernel.py --seq-lens 256 --prefix 10 50 100 200 256
+    python3 benchmarks/attention_kernel.py --device cuda --dtype bfloat16 --batch 32 \
+        --seq-lens 128 512 2048 --prefix 10 100 200 --modes pad mask     # on a GPU
 
-Shapes: batch 8, 9 query heads, 3 key/value heads (grouped-query attention), head size 64,
-float32, random values. Arms, interleaved (25 rounds, the first 3 dropped, median):
+Shapes: batch 8 (``--batch``), 9 query heads, 3 key/value heads (grouped-query attention), head
+size 64, float32 (``--dtype``), random values, on the CPU (``--device``; on CUDA each step ends
+with a synchronize). Arms, interleaved (25 rounds, the first 3 dropped, median):
 
 * ``plain``: ``T`` queries over ``T`` keys, ``is_causal=True`` (what the frozen model runs);
 * ``pad``: what prefixtune runs by default (``FUSED_CAUSAL = "pad"``): ``L_p`` prefix keys in
@@ -34,19 +37,20 @@ from torch.nn.functional import scaled_dot_product_attention as sdpa
 BATCH, HEADS, KV_HEADS, HEAD_DIM, PREFIX = 8, 9, 3, 64, 10
 
 
-def arm(seq_len: int, prefix: int, mode: str):
-    q = torch.randn(BATCH, HEADS, seq_len, HEAD_DIM, requires_grad=True)
-    k = torch.randn(BATCH, KV_HEADS, seq_len + prefix, HEAD_DIM, requires_grad=True)
-    v = torch.randn(BATCH, KV_HEADS, seq_len + prefix, HEAD_DIM, requires_grad=True)
+def arm(seq_len: int, prefix: int, mode: str, batch: int = BATCH, **where):
+    """One forward + backward of ``mode``; ``where``: ``device`` and ``dtype`` of the tensors."""
+    q = torch.randn(batch, HEADS, seq_len, HEAD_DIM, **where).requires_grad_(True)
+    k = torch.randn(batch, KV_HEADS, seq_len + prefix, HEAD_DIM, **where).requires_grad_(True)
+    v = torch.randn(batch, KV_HEADS, seq_len + prefix, HEAD_DIM, **where).requires_grad_(True)
     groups = HEADS // KV_HEADS
-    rows = torch.arange(seq_len)[:, None] + prefix
-    mask = (torch.arange(seq_len + prefix)[None, :] <= rows)[None, None]
+    rows = torch.arange(seq_len, device=q.device)[:, None] + prefix
+    mask = (torch.arange(seq_len + prefix, device=q.device)[None, :] <= rows)[None, None]
 
     def step():
         if mode == "plain":
             out = sdpa(q, k, v, is_causal=True, enable_gqa=True)
         elif mode == "pad":
-            padded = torch.cat([q.new_zeros(BATCH, HEADS, prefix, HEAD_DIM), q], dim=2)
+            padded = torch.cat([q.new_zeros(batch, HEADS, prefix, HEAD_DIM), q], dim=2)
             out = sdpa(padded, k, v, is_causal=True, enable_gqa=True)[:, :, prefix:]
         elif mode == "bias":
             out = sdpa(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
@@ -54,6 +58,8 @@ def arm(seq_len: int, prefix: int, mode: str):
         else:
             out = sdpa(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask)
         out.sum().backward()
+        if q.is_cuda:
+            torch.cuda.synchronize()
 
     return step
 
@@ -65,10 +71,15 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["pad", "bias", "mask"], choices=["pad", "bias", "mask"])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    where = {"batch": args.batch, "device": torch.device(args.device), "dtype": getattr(torch, args.dtype)}
     for seq_len, prefix in ((t, p) for t in args.seq_lens for p in args.prefix):
-        arms = {"plain": arm(seq_len, 0, "plain"), **{mode: arm(seq_len, prefix, mode) for mode in args.modes}}
+        arms = {"plain": arm(seq_len, 0, "plain", **where),
+                **{mode: arm(seq_len, prefix, mode, **where) for mode in args.modes}}
         times = {name: [] for name in arms}
         for _ in range(args.rounds):
             for name, step in arms.items():
