@@ -43,6 +43,27 @@ def start(threads: int) -> dict:
     return info
 
 
+class use_variant:
+    """``with use_variant("mask", chunk=1 << 28):`` sets ``prefixtune.attention.FUSED_CAUSAL``
+    (and, if given, ``prefixtune.lm_loss.CHUNK_ELEMENTS``) for the block: arms that differ only
+    in these run side by side in one process."""
+
+    def __init__(self, variant: str | None, chunk: int | None = None):
+        self.variant, self.chunk = variant, chunk
+
+    def __enter__(self):
+        from prefixtune import attention, lm_loss
+
+        self.old = attention.FUSED_CAUSAL, lm_loss.CHUNK_ELEMENTS
+        attention.FUSED_CAUSAL = self.variant or attention.FUSED_CAUSAL
+        lm_loss.CHUNK_ELEMENTS = self.chunk or lm_loss.CHUNK_ELEMENTS
+
+    def __exit__(self, *exc):
+        from prefixtune import attention, lm_loss
+
+        attention.FUSED_CAUSAL, lm_loss.CHUNK_ELEMENTS = self.old
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"

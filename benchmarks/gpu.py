@@ -56,12 +56,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
-from prefixtune import attention, lm_loss  # noqa: E402
 
 import generate as gen_bench  # noqa: E402  (benchmarks/generate.py)
 import scaling  # noqa: E402  (benchmarks/scaling.py)
 import train_step  # noqa: E402  (benchmarks/train_step.py)
-from common import build_each, machine_info, peft_prefix_model, write_json  # noqa: E402
+from common import build_each, machine_info, peft_prefix_model, use_variant, write_json  # noqa: E402
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
@@ -79,22 +78,6 @@ def prefix_config(**kw) -> PrefixConfig:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-class use_variant:
-    """``with use_variant("mask", chunk=1 << 28):`` sets ``attention.FUSED_CAUSAL`` (and, if
-    given, ``lm_loss.CHUNK_ELEMENTS``) for the block."""
-
-    def __init__(self, variant: str, chunk: int | None = None):
-        self.variant, self.chunk = variant, chunk
-
-    def __enter__(self):
-        self.old = attention.FUSED_CAUSAL, lm_loss.CHUNK_ELEMENTS
-        attention.FUSED_CAUSAL = self.variant
-        lm_loss.CHUNK_ELEMENTS = self.chunk or lm_loss.CHUNK_ELEMENTS
-
-    def __exit__(self, *exc):
-        attention.FUSED_CAUSAL, lm_loss.CHUNK_ELEMENTS = self.old
 
 
 def param_bytes(module) -> int:

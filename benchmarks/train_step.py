@@ -40,10 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefixtune import PrefixConfig, PrefixModel, attention  # noqa: E402
+from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
 from prefixtune.models import load_model  # noqa: E402
 
-from common import build_each, first_line, peft_prefix_model, rotated, start, write_json  # noqa: E402  (benchmarks/common.py)
+from common import build_each, first_line, peft_prefix_model, rotated, start, use_variant, write_json  # noqa: E402  (benchmarks/common.py)
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
@@ -95,11 +95,8 @@ def prefixtune_arm(return_logits: bool = False, checkpointing: bool = False, fus
         wrapped.gradient_checkpointing_enable()
 
     def step(ids, mask):
-        default, attention.FUSED_CAUSAL = attention.FUSED_CAUSAL, fused or attention.FUSED_CAUSAL
-        try:
+        with use_variant(fused):
             wrapped(input_ids=ids, attention_mask=mask, labels=ids, return_logits=return_logits).loss.backward()
-        finally:
-            attention.FUSED_CAUSAL = default
 
     return step, wrapped
 

@@ -183,11 +183,16 @@ layer's attention, pad / mask (batch 8, 9/3 heads, float32, 2 threads,
 
 
 def pad_pays(device_type: str, q_len: int, prefix_len: int) -> bool:
-    """Whether ``"auto"`` pads the queries: on CUDA wherever ``pad`` applies (measured faster
-    than the mask at ``L_p = 10``, 128-2048 tokens, H200; longer prefixes not measured there),
-    on the CPU only on rows long enough for the causal block skipping to pay (above)."""
-    if device_type == "cpu":
-        return 2 * prefix_len <= q_len - CPU_PAD_FREE_ROWS
+    """Whether ``"auto"`` pads the queries: wherever ``pad`` fits on CUDA (measured faster than
+    the mask at ``L_p = 10``, 128-2048 tokens, H200; longer prefixes not measured there), on the
+    CPU only on rows long enough for the causal block skipping to pay (above)."""
+    if not _pad_fits(q_len, prefix_len):
+        return False
+    return device_type != "cpu" or 2 * prefix_len <= q_len - CPU_PAD_FREE_ROWS
+
+
+def _pad_fits(q_len: int, prefix_len: int) -> bool:
+    """``pad`` is used only where it at most doubles the queries."""
     return prefix_len <= q_len
 
 
@@ -196,11 +201,12 @@ def _fused_causal(base: str, mask, valid, query: torch.Tensor, kv_len: int, caus
     q_len = query.shape[2]
     if base != "sdpa" or FUSED_CAUSAL == "mask" or mask is not None or valid is not None or not causal or q_len < 2:
         return None
-    if FUSED_CAUSAL == "auto":
-        return "pad" if pad_pays(query.device.type, q_len, kv_len - q_len) else None
-    if FUSED_CAUSAL == "pad" and kv_len - q_len > q_len:
-        return None
-    return FUSED_CAUSAL
+    if FUSED_CAUSAL == "bias":
+        return "bias"
+    prefix_len = kv_len - q_len
+    auto = FUSED_CAUSAL == "auto"
+    pad = pad_pays(query.device.type, q_len, prefix_len) if auto else _pad_fits(q_len, prefix_len)
+    return "pad" if pad else None
 
 
 def _padded_query_causal(kernel, module, query, key, value, **kwargs):
