@@ -14,6 +14,13 @@ interleaved after one warm-up step each (the compiled arm's warm-up is the compi
 on its own): median seconds per step, the median of the paired ratios, and the largest
 difference between the two arms' losses over the timed steps (float32: the compiled kernels
 fuse and reorder arithmetic).
+
+``--train-demo OUT`` instead runs ``prefixtune train`` with no arguments (the README's job: the
+bundled model, 80 steps of the built-in demo task) into ``OUT`` with every block compiled the
+same way but with ``dynamic=True`` (the batches differ in length), which is what a
+``--compile`` training option would do; compare its ``OUT/metrics.jsonl`` and final scores
+with a plain ``prefixtune train --output-dir OTHER``. docs/performance.md says why there is no
+such option.
 """
 
 from __future__ import annotations
@@ -42,20 +49,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--train-demo", metavar="OUT", help="run the README's training job with compiled blocks into OUT")
     return parser.parse_args(argv)
+
+
+def compile_blocks(model: PrefixModel, **options) -> int:
+    """``module.compile(**options)`` on every transformer block of ``model``; dynamo's recompile
+    limit raised so that each block (its own module, its own site index) gets its own entry."""
+    blocks = [block for group in model.layout.groups for block in arch._blocks(model.model, group)]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
+def train_demo(out: str) -> None:
+    """``prefixtune train --output-dir OUT`` with each block compiled as soon as the model is wrapped."""
+    from prefixtune.cli import main as cli
+
+    wrap = PrefixModel.wrap.__func__
+
+    def wrap_and_compile(cls, *args, **kwargs):
+        wrapped = wrap(cls, *args, **kwargs)
+        compile_blocks(wrapped, dynamic=True)
+        return wrapped
+
+    PrefixModel.wrap = classmethod(wrap_and_compile)
+    raise SystemExit(cli(["train", "--output-dir", out]))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.train_demo:
+        train_demo(args.train_demo)
     torch.manual_seed(0)
     base = random_model("smollm2-135m", "cpu", torch.float32).requires_grad_(False).train()
     eager = PrefixModel.wrap(base, PrefixConfig(prefix_length=10, reparam_hidden_size=512)).train()
     compiled = copy.deepcopy(eager)
-    blocks = [block for group in compiled.layout.groups for block in arch._blocks(compiled.model, group)]
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(blocks))
-    for block in blocks:
-        block.compile()
+    blocks = compile_blocks(compiled)
     ids = torch.randint(3, base.config.vocab_size, (args.batch_size, args.seq_len))
 
     def step(model) -> tuple[float, float]:
@@ -76,7 +108,7 @@ def main(argv=None) -> None:
             losses[name].append(loss)
     ratio = statistics.median(c / e for c, e in zip(times["compiled"], times["eager"]))
     diff = max(abs(c - e) for c, e in zip(losses["compiled"], losses["eager"]))
-    print(f"batch {args.batch_size} x {args.seq_len}, {len(blocks)} blocks, {args.threads} threads")
+    print(f"batch {args.batch_size} x {args.seq_len}, {blocks} blocks, {args.threads} threads")
     print(f"first compiled step (compilation): {compile_s:.1f} s")
     for name in arms:
         print(f"{name:9s} {statistics.median(times[name]):.3f} s/step  {[round(t, 2) for t in times[name]]}")
