@@ -11,7 +11,7 @@ SmolLM2-135M-Instruct (float32). It serves ``N`` prefixes (length 10, reparamete
 hidden 512 and random weights, materialized at load as the server always does). Each
 request is a ``/v1/completions`` call with ``temperature=0``, ``max_tokens=T`` and
 ``ignore_eos=true``, so every request generates exactly ``T`` tokens; its prompt is one of
-the demo task's prompts (different lengths, so rows are padded). Arms, each on the same
+the demo task's prompts (different lengths, so rows are padded). Arms (``--arms``), each on the same
 ``N * --per-prefix`` requests:
 
 * ``mixed``: all requests sent at once (one client thread each); the batcher decodes them
@@ -19,11 +19,13 @@ the demo task's prompts (different lengths, so rows are padded). Arms, each on t
 * ``one-at-a-time``: the prefixes in turn; a prefix's requests are sent together (with
   ``--per-prefix 1``, a single request), and the next prefix only once they are answered.
   This is what a server that batches one adapter at a time can do at best.
+* ``base``: the same requests, all sent at once, to the base model (no prefix): the floor
+  of ``mixed``, i.e. what carrying ``N`` different prefixes costs the batch.
 
-Arms are interleaved (each repeat runs both, rotating the order) after one untimed warm-up
-each; the table shows median seconds, generated tokens per second (requests x T / seconds)
-and the median of the per-repeat ratios. The warm-up outputs of the two arms are compared
-text for text (greedy: they must be identical). ``--via batcher`` measures the batcher alone,
+Arms are interleaved (each repeat runs every arm, rotating the order) after one untimed
+warm-up each; the table shows median seconds, generated tokens per second (requests x T /
+seconds) and the median of the per-repeat paired ratios to ``mixed``. The warm-up outputs of
+``mixed`` and ``one-at-a-time`` are compared text for text (greedy: they must be identical). ``--via batcher`` measures the batcher alone,
 without HTTP; ``--random-weights`` builds ``--model`` (a folder with its config and tokenizer)
 with random weights, for a GPU machine without a copy of the weights (speed does not depend on
 their values). ``--json PATH`` writes the results.
@@ -55,7 +57,7 @@ from common import rotated, start, write_json  # noqa: E402  (benchmarks/common.
 PREFIX_LENGTH = 10
 HIDDEN = 512
 BASE = "base"
-ARMS = ("mixed", "one-at-a-time")
+ARMS = ("mixed", "one-at-a-time", "base")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per-prefix", type=int, default=1, help="requests per prefix")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per request (T)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per arm and N")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:2]),
+                        help="arms to run; 'mixed' always runs (the others are compared with it)")
     parser.add_argument("--via", choices=["http", "batcher"], default="http")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--device", default="cpu")
@@ -142,8 +146,8 @@ class DirectClient:
 
 def run_arm(arm: str, client, jobs: list[tuple[str, str]], tokens: int) -> tuple[float, list[str]]:
     start = time.perf_counter()
-    if arm == "mixed":
-        texts = client.run(jobs, tokens)
+    if arm in ("mixed", "base"):
+        texts = client.run(jobs if arm == "mixed" else [(BASE, prompt) for _, prompt in jobs], tokens)
     else:
         texts, order = [""] * len(jobs), list(dict.fromkeys(model for model, _ in jobs))
         for model in order:
@@ -154,32 +158,37 @@ def run_arm(arm: str, client, jobs: list[tuple[str, str]], tokens: int) -> tuple
 
 
 def measure(client, count: int, args) -> dict:
+    arms = list(dict.fromkeys(["mixed", *args.arms]))
     prompts = [ex.prompt for ex in examples(count * args.per_prefix, args.seed)]
     jobs = [(f"p{i % count}", prompt) for i, prompt in enumerate(prompts)]
-    warm = {arm: run_arm(arm, client, jobs, args.new_tokens)[1] for arm in ARMS}
-    times = {arm: [] for arm in ARMS}
+    warm = {arm: run_arm(arm, client, jobs, args.new_tokens)[1] for arm in arms}
+    times = {arm: [] for arm in arms}
     for repeat in range(args.repeats):
-        for arm in rotated(list(ARMS), repeat):
+        for arm in rotated(arms, repeat):
             times[arm].append(run_arm(arm, client, jobs, args.new_tokens)[0])
     tokens = len(jobs) * args.new_tokens
-    ratios = [o / m for m, o in zip(times["mixed"], times["one-at-a-time"])]
-    return {
+    summary = {
         "requests": len(jobs), "tokens": tokens,
         "arms": {arm: {"seconds": times[arm], "median_s": statistics.median(times[arm]),
-                       "tokens_per_s": tokens / statistics.median(times[arm])} for arm in ARMS},
-        "speedup_median": statistics.median(ratios),
-        "identical_outputs": warm["mixed"] == warm["one-at-a-time"],
+                       "tokens_per_s": tokens / statistics.median(times[arm]),
+                       # mixed's throughput over this arm's, paired per repeat
+                       "mixed_vs_arm": statistics.median(t / m for m, t in zip(times["mixed"], times[arm]))}
+                 for arm in arms},
     }
+    if "one-at-a-time" in arms:
+        summary["speedup_median"] = summary["arms"]["one-at-a-time"]["mixed_vs_arm"]
+        summary["identical_outputs"] = warm["mixed"] == warm["one-at-a-time"]
+    return summary
 
 
 def print_table(count: int, summary: dict) -> None:
-    print(f"\nN = {count} prefixes, {summary['requests']} requests, {summary['tokens']} tokens "
-          f"(outputs identical across arms: {'yes' if summary['identical_outputs'] else 'NO'})")
-    print(f"{'arm':<16}{'median s':>10}{'tokens/s':>12}")
-    for arm in ARMS:
-        row = summary["arms"][arm]
-        print(f"{arm:<16}{row['median_s']:>10.2f}{row['tokens_per_s']:>12.1f}")
-    print(f"mixed / one-at-a-time throughput (median of paired ratios): {summary['speedup_median']:.2f}x")
+    same = summary.get("identical_outputs")
+    print(f"\nN = {count} prefixes, {summary['requests']} requests, {summary['tokens']} tokens"
+          + ("" if same is None else f" (mixed and one-at-a-time outputs identical: {'yes' if same else 'NO'})"))
+    print(f"{'arm':<16}{'median s':>10}{'tokens/s':>12}{'mixed / arm':>14}")
+    for arm, row in summary["arms"].items():
+        print(f"{arm:<16}{row['median_s']:>10.2f}{row['tokens_per_s']:>12.1f}{row['mixed_vs_arm']:>13.3f}x")
+    print("(mixed / arm: mixed's throughput over the arm's, median of paired ratios)")
 
 
 def main(argv=None) -> None:
