@@ -27,18 +27,24 @@ MIN_CAPACITY = 64
 
 
 class PrefixLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose first ``prefix_length`` slots hold the prefix (``[B, kv_heads, L, head_dim]``)."""
+    """A ``DynamicLayer`` whose first ``prefix_length`` slots hold the prefix (``[B, kv_heads, L, head_dim]``).
 
-    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+    Also the layer of ``prefixtune.serve``'s batch cache, where each row brings its own prefix
+    (or none) and rows join and leave between steps.
+    """
+
+    def __init__(self, key: torch.Tensor | None, value: torch.Tensor | None):
         super().__init__()
-        self.prefix = (key, value)
-        self.prefix_length = key.shape[2]
+        self.prefix = None if key is None else (key, value)  # None: no prefix, just the growing buffer
+        self.prefix_length = 0 if key is None else key.shape[2]
         self._used = 0  # filled slots of the buffers, prefix included
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Buffers with the prefix in front, for as many rows as the first call brings (beam
         search and ``num_return_sequences`` repeat each row, as ``PrefixBatch.expand_rows`` does)."""
         rows = key_states.shape[0]
+        if self.prefix is None:
+            self.prefix = (key_states[:, :, :0], value_states[:, :, :0])
         key, value = (repeat_rows(t, rows).to(key_states.device, key_states.dtype) for t in self.prefix)
         self.device = key_states.device
         self._keys, self._values = _buffer(key, self.prefix_length), _buffer(value, self.prefix_length)
@@ -85,7 +91,7 @@ class PrefixLayer(DynamicLayer):
         if self.is_initialized:
             self._keys, self._values = rows(self._keys), rows(self._values)
             self._expose()
-        else:
+        elif self.prefix is not None:
             self.prefix = tuple(rows(t) for t in self.prefix)
 
     def reset(self) -> None:

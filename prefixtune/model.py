@@ -30,7 +30,7 @@ from .models import class_names
 ACTIVE = "__active__"
 """Default of ``prefix=``: the active prefix (the first one added, or ``set_active``)."""
 
-PrefixArg = str | None | Sequence[str | None]
+PrefixArg = str | None | Sequence[str | None] | PrefixBatch
 
 
 class PrefixModel(nn.Module):
@@ -216,7 +216,10 @@ class PrefixModel(nn.Module):
 
     # ------------------------------------------------------------- per call
     def prefix_batch(self, prefix: PrefixArg, rows: int) -> PrefixBatch | None:
-        """Lay out ``prefix`` (one name, or one name / ``None`` per row) for a batch of ``rows``."""
+        """Lay out ``prefix`` (one name, or one name / ``None`` per row) for a batch of ``rows``;
+        a :class:`PrefixBatch` (one laid out already, e.g. by ``prefixtune.serve``) is used as it is."""
+        if isinstance(prefix, PrefixBatch):
+            return prefix
         names = self._row_names(prefix, rows)
         unique = list(dict.fromkeys(n for n in names if n is not None))
         if not unique:

@@ -9,6 +9,7 @@ import torch
 from tiny import tiny_model, tokens
 
 from prefixtune import PrefixConfig, PrefixModel
+from prefixtune.attention import PrefixBatch
 from prefixtune.serve import Batcher, Limits, Request, SamplingParams
 from prefixtune.serve.errors import APIError
 from prefixtune.serve.kvcache import BatchCache
@@ -215,24 +216,45 @@ def test_cancelled_requests_leave_the_batch(served):
     assert not any(batcher._refs.values())
 
 
-def test_batch_cache_join_and_keep_left_pad_and_trim():
-    def cache(rows, length, fill):
-        c = BatchCache()
-        from transformers import DynamicCache
+def _prefilled(rows, length, fill, slots):
+    """A BatchCache of ``rows`` rows of ``length`` tokens (keys = ``fill``), one layer, each row with a
+    prefix of ``slots`` slots (keys = -``fill``; none when 0), as the batcher's prefill leaves it."""
+    prefix = torch.full((rows, 1, slots, 2), -float(fill))
+    batch = None if not slots else PrefixBatch(key_values=[(prefix, prefix)], valid=[None],
+                                               offsets=torch.full((rows,), slots))
+    cache, told = BatchCache.open(batch, layers=1)
+    assert told is None or told.in_cache == {0}
+    keys = torch.full((rows, 1, length, 2), float(fill))
+    cache.update(keys, keys, 0)  # what the prefill's forward does
+    return cache, torch.ones(rows, length, dtype=torch.long), batch
 
-        kv = DynamicCache()
-        kv.update(torch.full((rows, 1, length, 2), float(fill)), torch.full((rows, 1, length, 2), float(fill)), 0)
-        c.join(kv, torch.ones(rows, length, dtype=torch.long))
-        return c
 
-    mine, theirs = cache(2, 3, 1), cache(1, 5, 2)
-    mine.join(theirs.cache, theirs.mask)
-    assert mine.mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert mine.cache.layers[0].keys[:, 0, :, 0].tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [2, 2, 2, 2, 2]]
-    mine.keep([1, 0])  # the long row leaves: the all-padding columns go
-    assert mine.mask.tolist() == [[1, 1, 1], [1, 1, 1]] and mine.cache.layers[0].keys.shape[2] == 3
+def test_batch_cache_join_and_keep_pad_prefix_slots_right_tokens_left_and_trim():
+    mine = BatchCache()
+    mine.join(*_prefilled(2, 3, 1, slots=2))
+    assert mine.prefix_batch().valid == [None]  # every slot real: no mask work for the attention
+    mine.join(*_prefilled(1, 5, 2, slots=4))
+    mine.join(*_prefilled(1, 2, 3, slots=0))  # a base-model row
+    keys = mine.cache.layers[0].keys[:, 0, :, 0]
+    assert keys.tolist() == [[-1, -1, 0, 0, 0, 0, 1, 1, 1],
+                             [-1, -1, 0, 0, 0, 0, 1, 1, 1],
+                             [-2, -2, -2, -2, 2, 2, 2, 2, 2],
+                             [0, 0, 0, 0, 0, 0, 0, 3, 3]]
+    assert mine.mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    told = mine.prefix_batch()
+    assert told.in_cache == {0} and told.key_values[0][0].shape == (4, 1, 4, 2)
+    assert told.valid[0].tolist() == [[True, True, False, False]] * 2 + [[True] * 4, [False] * 4]
+    assert told.offsets.tolist() == [2, 2, 4, 0] and told.shift is None
+    assert mine.cache.get_seq_length() == 5  # positions and masks count tokens, not prefix slots
+
+    mine.keep([3, 1])  # the long row and its long prefix leave: their columns and slots go
+    assert mine.cache.layers[0].keys[:, 0, :, 0].tolist() == [[0, 0, 0, 3, 3], [-1, -1, 1, 1, 1]]
+    assert mine.mask.tolist() == [[0, 1, 1], [1, 1, 1]] and mine.shifts == [0, 2]
+    assert mine.prefix_batch().valid[0].tolist() == [[False, False], [True, True]]
+    mine.keep([0])  # only the base-model row: no prefix left anywhere
+    assert mine.prefix_batch() is None and mine.cache.layers[0].keys[:, 0, :, 0].tolist() == [[3, 3]]
     mine.keep([])
-    assert mine.rows == 0
+    assert mine.rows == 0 and mine.prefix_batch() is None
 
 
 def test_text_stream_holds_back_partial_stop_strings():

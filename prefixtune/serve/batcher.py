@@ -7,8 +7,8 @@ background thread owns the model. Between two steps it
 1. applies prefix changes (load, replace, remove) queued by the HTTP side,
 2. admits waiting requests: their prompts are prefilled together in one forward, each
    row with its own prefix, and their rows join the batch's cache,
-3. runs one decoding step for all rows, whatever their prefixes
-   (``prefix=[name or None per row]``), and
+3. runs one decoding step for all rows, whatever their prefixes (each row's prefix sits
+   in front of its cached keys/values since it joined: ``kvcache``), and
 4. lets finished rows leave.
 
 Prefixes are materialized once when loaded (the reparameterization MLP folded away), so
@@ -34,8 +34,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-
 from . import errors
 from .kvcache import BatchCache
 from .sampling import SamplingParams, next_tokens
@@ -378,14 +376,15 @@ class Batcher:
             mask[i, width - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        cache = DynamicCache()
+        batch = self.model.prefix_batch([r.prefix for r in requests], len(requests))
+        cache, prefix = BatchCache.open(batch, self.model.shape.num_layers)  # the prefixes go in once, here
         extra = {"logits_to_keep": 1} if self._keep_logits else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         prefix=[r.prefix for r in requests], **{self._cache_kwarg: cache}, **extra)
+                         prefix=prefix, **{self._cache_kwarg: cache}, **extra)
         rows = [_Row(r, TextStream(self.tokenizer, r.params.stop), r.params.generator(device), len(r.prompt_ids))
                 for r in requests]
         self._advance(rows, out.logits[:, -1])
-        self._cache.join(cache, mask)
+        self._cache.join(cache, mask, batch)
         self._rows.extend(rows)
         self._evict()
         self._report("prefill", len(rows), int(mask.sum()), start)
@@ -409,8 +408,7 @@ class Batcher:
         positions = torch.tensor([[row.position] for row in self._rows], device=device)
         mask = self._cache.step_mask()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         prefix=[row.request.prefix for row in self._rows],
-                         **{self._cache_kwarg: self._cache.cache})
+                         prefix=self._cache.prefix_batch(), **{self._cache_kwarg: self._cache.cache})
         self._cache.mask = mask
         for row in self._rows:
             row.position += 1

@@ -1,30 +1,48 @@
-"""The key/value cache of a continuous batch: rows that join and leave between steps.
+"""The key/value cache of a continuous batch: rows that join and leave between steps, each
+with its own prefix (or none).
 
-Rows are left-padded to a common length ``T``: every layer keeps keys and values
-``[B, kv_heads, T, head_dim]`` and one ``[B, T]`` mask says which slots hold real
-tokens. A joining row is padded on the left (or the others are) and stacked under the
-rest; a leaving row is dropped and the columns that are now padding in every row are
-trimmed away, so the cache never grows past the longest live row. Prefix key/values are
-not in here: the attention kernel puts each row's prefix in front at every step.
+Every layer is one :class:`prefixtune.cache.PrefixLayer` holding, per row, first that
+layer's prefix slots (as many as the longest prefix among the rows; a shorter or absent
+prefix leaves slots that ``valid`` marks unused), then the row's tokens, left-padded to a
+common length ``T``, with one ``[B, T]`` mask saying which token slots are real. A row's
+prefix is thus copied into the cache once, when the row joins, and a decoding step only
+writes its new key/values: :meth:`BatchCache.prefix_batch` tells the attention that the
+prefixes are already in front of the keys (``PrefixBatch.in_cache``) and which slots are
+real. (Before, the attention concatenated every row's prefix in front of its cached keys and
+values in every layer at every step: a copy of the whole cache per layer and token.)
 
-Positions are not derived from ``T``: each row counts its own real tokens and the
-batcher passes them as ``position_ids``, so a row sees exactly the positions it would
-have alone, whatever padding its neighbours force on it.
+A joining row is padded (its prefix slots on the right, its tokens on the left), or the
+others are, and stacked under the rest; a leaving row is dropped, and the token columns that
+are padding in every row and the prefix slots that no row uses any more are trimmed away, so
+the cache never grows past what its live rows need.
+
+Positions are not derived from ``T``: each row counts its own real tokens and the batcher
+passes them as ``position_ids`` (the model shifts them by the row's prefix where the prefix
+asks for that), so a row sees exactly the positions it would have alone, whatever padding
+its neighbours force on it.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
+from ..attention import PrefixBatch
+from ..cache import PrefixLayer
+
 
 class BatchCache:
-    """Per-layer keys/values and the padding mask of the rows being decoded."""
+    """Per-layer prefix slots and keys/values of the rows being decoded, and their padding."""
 
     def __init__(self):
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [B, T], 1 = real token
+        self.valid: list[torch.Tensor] = []  # per layer [B, slots], True = a real prefix slot
+        self.shifts: list[int] = []  # per row, its position shift (PrefixBatch.offsets)
+        self._told: PrefixBatch | None = None  # what each step tells the attention, but the key/values
 
     @property
     def rows(self) -> int:
@@ -34,38 +52,107 @@ class BatchCache:
     def length(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def _layers(self):
-        return self.cache.layers if self.cache is not None else []
+    @staticmethod
+    def open(batch: PrefixBatch | None, layers: int) -> tuple[DynamicCache, PrefixBatch | None]:
+        """An empty cache for prefilling new rows, each layer starting with their prefix
+        (``batch``), and the prefix argument that tells the prefill's attention so."""
+        cache = DynamicCache()
+        pairs = [None] * layers if batch is None else batch.key_values
+        cache.layers = [PrefixLayer(*(pair or (None, None))) for pair in pairs]
+        return cache, None if batch is None else dataclasses.replace(batch, in_cache=batch.prefixed_layers)
 
-    def join(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Stack the rows of ``cache`` (with padding mask ``mask``, ``[b, t]``) under ours."""
-        if self.cache is None:
-            self.cache, self.mask = cache, mask
-            return
-        width = max(self.length, mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
-        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+    def join(self, cache: DynamicCache, mask: torch.Tensor, batch: PrefixBatch | None) -> None:
+        """Stack the rows just prefilled into ``cache`` (made by :meth:`open` from ``batch``;
+        token padding ``mask``, ``[b, t]``) under ours."""
+        valid = [_valid(batch, i, layer.prefix_length, mask) for i, layer in enumerate(cache.layers)]
+        shifts = [0] * mask.shape[0] if batch is None else batch.offsets.tolist()
+        if self.cache is not None:
+            width = max(self.length, mask.shape[1])
+            for i, (mine, theirs) in enumerate(zip(self.cache.layers, cache.layers)):
+                slots = max(mine.prefix_length, theirs.prefix_length)
+                parts = [torch.cat([_pad_right(a, slots), _pad_right(b, slots)])
+                         for a, b in zip(_prefix(mine), _prefix(theirs))]
+                parts += [torch.cat([_pad_left(a, width), _pad_left(b, width)])
+                          for a, b in zip(_tokens(mine), _tokens(theirs))]
+                cache.layers[i] = _layer(*parts)
+                valid[i] = torch.cat([_pad_right(self.valid[i], slots), _pad_right(valid[i], slots)])
+            mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
+            shifts = self.shifts + shifts
+        self.cache, self.mask, self.valid, self.shifts = cache, mask, valid, shifts
+        self._retell()
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in that order); trim columns that are padding everywhere."""
+        """Keep only ``rows`` (in that order); trim the token columns that are padding in every
+        row and the prefix slots that no row uses."""
         if not rows:
-            self.cache = self.mask = None
+            self.cache = self.mask = self._told = None
+            self.valid, self.shifts = [], []
             return
         index = torch.tensor(rows, device=self.mask.device)
         mask = self.mask.index_select(0, index)
+        valid = [v.index_select(0, index) for v in self.valid]
         real = mask.any(dim=0).nonzero()
         start = int(real[0]) if real.numel() else mask.shape[1]
-        self.mask = mask[:, start:]
-        for layer in self._layers():
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        # a row's real slots come first (see _valid), so the slots still used are its longest count
+        slots = torch.stack([v.sum(1).max() for v in valid]).tolist()
+        for i, layer in enumerate(self.cache.layers):
+            prefix = [t.index_select(0, index)[:, :, :slots[i]] for t in _prefix(layer)]
+            tokens = [t.index_select(0, index)[:, :, start:] for t in _tokens(layer)]
+            self.cache.layers[i] = _layer(*prefix, *tokens)
+            valid[i] = valid[i][:, :slots[i]]
+        self.mask, self.valid = mask[:, start:], valid
+        self.shifts = [self.shifts[r] for r in rows]
+        self._retell()
 
     def step_mask(self, new_tokens: int = 1) -> torch.Tensor:
         """The attention mask for a step adding ``new_tokens`` real tokens to every row."""
         ones = self.mask.new_ones(self.rows, new_tokens)
         return torch.cat([self.mask, ones], dim=1)
+
+    def prefix_batch(self) -> PrefixBatch | None:
+        """The ``prefix=`` of a decoding step: the prefixes are in the cache already; this says
+        where (``None`` when no row has a prefix)."""
+        if self._told is None:
+            return None
+        pairs = [(layer.keys[:, :, :layer.prefix_length], layer.values[:, :, :layer.prefix_length])
+                 if layer.prefix_length else None for layer in self.cache.layers]
+        return dataclasses.replace(self._told, key_values=pairs, used=set())
+
+    def _retell(self) -> None:
+        """Rebuild what steps tell the attention, after rows joined or left (one sync, not one per step)."""
+        prefixed = [i for i, layer in enumerate(self.cache.layers) if layer.prefix_length]
+        if not prefixed:
+            self._told = None
+            return
+        full = torch.stack([self.valid[i].all() for i in prefixed]).tolist()
+        unused = {i for i, every in zip(prefixed, full) if every}  # every slot real: no mask work
+        self._told = PrefixBatch(
+            key_values=[], valid=[None if i in unused or i not in prefixed else v for i, v in enumerate(self.valid)],
+            offsets=torch.tensor(self.shifts, device=self.mask.device),
+            shift=self.shifts[0] if len(set(self.shifts)) == 1 else None,
+            in_cache=frozenset(prefixed),
+        )
+
+
+def _valid(batch: PrefixBatch | None, layer: int, slots: int, mask: torch.Tensor) -> torch.Tensor:
+    """``[b, slots]``: which of a layer's prefix slots are real, per new row (real ones first)."""
+    if batch is not None and slots and batch.valid[layer] is not None:
+        return batch.valid[layer].to(mask.device)
+    return torch.full((mask.shape[0], slots), bool(slots), dtype=torch.bool, device=mask.device)
+
+
+def _prefix(layer: PrefixLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.keys[:, :, :layer.prefix_length], layer.values[:, :, :layer.prefix_length]
+
+
+def _tokens(layer: PrefixLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.keys[:, :, layer.prefix_length:], layer.values[:, :, layer.prefix_length:]
+
+
+def _layer(prefix_k, prefix_v, keys, values) -> PrefixLayer:
+    layer = PrefixLayer(prefix_k, prefix_v)
+    layer.update(keys, values)
+    return layer
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -73,3 +160,10 @@ def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
     if t.dim() == 2:
         return F.pad(t, (width - t.shape[1], 0))
     return F.pad(t, (0, 0, width - t.shape[2], 0))
+
+
+def _pad_right(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero- (False-) pad dimension -2 (prefix keys/values) or -1 (``valid``) of ``t`` on the right up to ``width``."""
+    if t.dim() == 2:
+        return F.pad(t, (0, width - t.shape[1]))
+    return F.pad(t, (0, 0, 0, width - t.shape[2]))
