@@ -8,8 +8,8 @@ SmolLM2-135M's shape and of a ~1B Llama; timings do not depend on the weight val
 and ``.venv/bin/python benchmarks/gpu.py --smoke`` on a CPU to check the script (tiny model,
 tiny sizes, float32). Sections, each written to the JSON as soon as it is done:
 
-1. ``check``: logits of the three ways a padding-free causal prefixed call can reach SDPA
-   (``prefixtune.attention.FUSED_CAUSAL``: ``pad``, ``bias``, ``mask``) agree.
+1. ``check``: logits of the ways a padding-free causal prefixed call can reach SDPA
+   (``prefixtune.attention.FUSED_CAUSAL``: ``pad``, ``bias``, ``bias_gqa``, ``mask``) agree.
 2. ``kernels``: which SDPA backend runs (flash / efficient / cudnn / math), read from the
    profiler's aten op names, for plain and prefixed training and decoding, with and without
    padding, and for each ``FUSED_CAUSAL`` choice.
@@ -19,7 +19,9 @@ tiny sizes, float32). Sections, each written to the JSON as soon as it is done:
    called as ``prefixtune train`` calls it: the loss without the full logits, lm_loss.py),
    ``prefixtune_logits`` (the same with the model's own loss over the full logits),
    ``prefixtune_chunk28`` (the chunked loss with chunks of up to 2^28 logits, not 2^26),
-   ``prefixtune_bias``, ``prefixtune_mask`` (the explicit-mask path before the change),
+   ``prefixtune_bias``, ``prefixtune_bias_gqa`` (the lower-right bias with grouped heads read as
+   they are: no padded query rows, no per-head copies), ``prefixtune_mask`` (the explicit-mask
+   path before the change),
    ``peft`` and ``prefixtune_gc`` (gradient checkpointing); prefix length 10, MLP width 512.
    Median seconds, paired ratios, and peak memory (``max_memory_allocated`` above what was
    resident before the step, plus the arm's own parameters).
@@ -64,7 +66,7 @@ from common import build_each, machine_info, peft_prefix_model, use_variant, wri
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
-VARIANTS = ("pad", "bias", "mask")
+VARIANTS = ("pad", "bias", "bias_gqa", "mask")
 BIG_CHUNK = 1 << 28
 """The ``prefixtune_chunk28`` arm's loss chunks (1 GiB of float32 logits): does the default
 2^26 (chosen on the CPU, where the head's per-row cost flattens at ~1024 rows) cost the GPU
@@ -188,6 +190,7 @@ def kernel_cases(base, device) -> dict:
         "train plain (floor), padding": floor(padded),
         "train prefixtune pad, no padding": prefixed(full, "pad"),
         "train prefixtune bias, no padding": prefixed(full, "bias"),
+        "train prefixtune bias_gqa, no padding": prefixed(full, "bias_gqa"),
         "train prefixtune mask, no padding": prefixed(full, "mask"),
         "train prefixtune, padding": prefixed(padded),
         "train prefixtune, 2 prefixes in one batch": prefixed(full, prefix=["default", "other"]),
@@ -223,7 +226,8 @@ def scaling_floor(model, ids, mask):
 
 
 # ------------------------------------------------------------------------ 3. train
-TRAIN_ARMS = ("floor", "prefixtune", "prefixtune_logits", "prefixtune_chunk28", "prefixtune_bias", "prefixtune_mask",
+TRAIN_ARMS = ("floor", "prefixtune", "prefixtune_logits", "prefixtune_chunk28", "prefixtune_bias", "prefixtune_bias_gqa",
+              "prefixtune_mask",
               "peft", "prefixtune_gc")
 
 
@@ -269,7 +273,8 @@ def train_arms(base, memory: dict) -> tuple[dict, dict]:
 
     builders = {"floor": floor, "prefixtune": prefixed("pad"), "prefixtune_logits": prefixed("pad", logits=True),
                 "prefixtune_chunk28": prefixed("pad", chunk=BIG_CHUNK),
-                "prefixtune_bias": prefixed("bias"), "prefixtune_mask": prefixed("mask"), "peft": peft,
+                "prefixtune_bias": prefixed("bias"), "prefixtune_bias_gqa": prefixed("bias_gqa"),
+                "prefixtune_mask": prefixed("mask"), "peft": peft,
                 "prefixtune_gc": prefixed("pad", True)}
     return build_each(builders)
 
@@ -307,6 +312,8 @@ def train_section(base, seq_lens, tokens, repeats, warmup) -> dict:
             "prefixtune_chunk28/prefixtune": paired(times, "prefixtune_chunk28", "prefixtune"),
             "prefixtune_mask/prefixtune (time of the old mask path)": paired(times, "prefixtune_mask", "prefixtune"),
             "prefixtune_bias/prefixtune": paired(times, "prefixtune_bias", "prefixtune"),
+            "prefixtune_bias_gqa/prefixtune": paired(times, "prefixtune_bias_gqa", "prefixtune"),
+            "prefixtune_bias_gqa/floor": paired(times, "prefixtune_bias_gqa", "floor"),
             "prefixtune_gc/prefixtune": paired(times, "prefixtune_gc", "prefixtune"),
         }
         for top in ("prefixtune", "prefixtune_logits", "prefixtune_chunk28", "prefixtune_gc", "prefixtune_mask"):

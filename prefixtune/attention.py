@@ -138,6 +138,8 @@ def _make_attention(base: str):
         prefix.used.add(layer)
         if fused == "pad":
             return _padded_query_causal(kernel, module, query, key, value, **kwargs)
+        if fused == "bias_gqa":
+            return _lower_right_gqa(query, key, value, **kwargs)
         if fused == "bias":
             from torch.nn.attention.bias import causal_lower_right
 
@@ -163,6 +165,10 @@ torch 2.11, both paths run cuDNN's fused kernel, and the mask path's training st
 * ``"bias"``: pass torch's ``causal_lower_right`` bias to the stock kernel (flash or
   memory-efficient attention, but the key/values are still repeated per query head).
   Measured on par with ``"pad"`` or up to 4 % slower (1B model, H200), so not the default.
+* ``"bias_gqa"``: ``"bias"`` with torch's SDPA called directly with ``enable_gqa``, so that
+  the key/values are not repeated per query head either (no padded rows, no copies but the
+  concatenation). Not measured on a GPU yet (``benchmarks/gpu.py``'s ``prefixtune_bias_gqa``
+  arm), so not the default; on the CPU torch materializes the bias as a mask.
 * ``"mask"``: always build the explicit boolean mask (:func:`extend_mask`).
 * ``"auto"`` (the default): ``"pad"`` where :func:`pad_pays` says the padded rows cost less
   than the mask, else ``"mask"``.
@@ -201,8 +207,8 @@ def _fused_causal(base: str, mask, valid, query: torch.Tensor, kv_len: int, caus
     q_len = query.shape[2]
     if base != "sdpa" or FUSED_CAUSAL == "mask" or mask is not None or valid is not None or not causal or q_len < 2:
         return None
-    if FUSED_CAUSAL == "bias":
-        return "bias"
+    if FUSED_CAUSAL in ("bias", "bias_gqa"):
+        return FUSED_CAUSAL
     prefix_len = kv_len - q_len
     auto = FUSED_CAUSAL == "auto"
     pad = pad_pays(query.device.type, q_len, prefix_len) if auto else _pad_fits(q_len, prefix_len)
@@ -216,6 +222,19 @@ def _padded_query_causal(kernel, module, query, key, value, **kwargs):
     pad = query.new_zeros(query.shape[0], query.shape[1], extra, query.shape[3])
     out, weights = kernel(module, torch.cat([pad, query], dim=2), key, value, None, **{**kwargs, "is_causal": True})
     return out[:, extra:], weights  # out is [B, S, heads, head_dim]
+
+
+def _lower_right_gqa(query, key, value, dropout: float = 0.0, scaling: float | None = None, **_):
+    """Causal attention of the last ``T`` of ``S`` key positions (torch's ``causal_lower_right``
+    bias) over grouped key/value heads as they are, returned as transformers' ``sdpa`` kernel
+    returns it (``[B, T, heads, head_dim]``, no weights). Transformers' kernel cannot be used here:
+    given any mask, it repeats the key/values for every query head (its ``use_gqa_in_sdpa``)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    bias = causal_lower_right(query.shape[2], key.shape[2])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 _EAGER: dict[type, object] = {}

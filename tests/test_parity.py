@@ -36,7 +36,7 @@ def test_prefix_of_own_key_values_equals_reading_the_tokens(arch):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["pad", "bias", "mask"])
+@pytest.mark.parametrize("variant", ["pad", "bias", "bias_gqa", "mask"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_parity_holds_on_each_fused_causal_path(arch, variant, monkeypatch):
     """``"auto"`` picks between ``pad`` and ``mask`` by device and length, and the tiny models'
