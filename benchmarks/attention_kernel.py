@@ -19,6 +19,8 @@ with a synchronize). Arms, interleaved (25 rounds, the first 3 dropped, median):
 * ``bias``: ``FUSED_CAUSAL = "bias"``: the ``T`` queries over ``L_p + T`` keys with torch's
   bottom-right causal bias (the key/values repeated per query head, as transformers does
   whenever a mask is given);
+* ``bias_gqa``: ``FUSED_CAUSAL = "bias_gqa"``: the bias with ``enable_gqa=True``, key/values not
+  repeated (on the CPU torch turns the bias into a mask);
 * ``mask``: ``FUSED_CAUSAL = "mask"``, the path for calls where ``pad`` would more than double
   the queries: an explicit boolean bottom-right mask ``[1, 1, T, L_p + T]``, key/values repeated.
 """
@@ -55,6 +57,8 @@ def arm(seq_len: int, prefix: int, mode: str, batch: int = BATCH, **where):
         elif mode == "bias":
             out = sdpa(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                        attn_mask=causal_lower_right(seq_len, seq_len + prefix))
+        elif mode == "bias_gqa":
+            out = sdpa(q, k, v, attn_mask=causal_lower_right(seq_len, seq_len + prefix), enable_gqa=True)
         else:
             out = sdpa(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask)
         out.sum().backward()
@@ -68,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--prefix", type=int, nargs="+", default=[PREFIX], help="prefix lengths L_p")
-    parser.add_argument("--modes", nargs="+", default=["pad", "bias", "mask"], choices=["pad", "bias", "mask"])
+    parser.add_argument("--modes", nargs="+", default=["pad", "bias", "mask"], choices=["pad", "bias", "bias_gqa", "mask"])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=BATCH)

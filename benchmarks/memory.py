@@ -24,7 +24,9 @@ Arms:
   chunk by chunk without the ``[B, T, vocabulary]`` logits (``prefixtune/lm_loss.py``).
 * ``prefixtune_gc_logits`` / ``prefixtune_gc``: the same two with gradient checkpointing.
 * ``prefixtune_pad``: ``prefixtune`` with ``FUSED_CAUSAL = "pad"``, the attention path that the
-  default ``"auto"`` replaced by the mask on short CPU rows (prefixtune/attention.py).
+  default ``"auto"`` replaced on short CPU rows (prefixtune/attention.py).
+* ``prefixtune_mask``: ``prefixtune`` with ``FUSED_CAUSAL = "mask"`` (key/values repeated per
+  query head), what ``"auto"`` took on short CPU rows before ``"bias_gqa"``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from scaling import random_model  # noqa: E402
 from prefixtune import PrefixConfig, PrefixModel, attention  # noqa: E402
 from prefixtune.compare.runner import PeakMemory  # noqa: E402
 
-ARMS = ("floor", "peft", "prefixtune_logits", "prefixtune", "prefixtune_gc_logits", "prefixtune_gc", "prefixtune_pad")
+ARMS = ("floor", "peft", "prefixtune_logits", "prefixtune", "prefixtune_gc_logits", "prefixtune_gc", "prefixtune_pad",
+        "prefixtune_mask")
 
 
 def build(arm: str):
@@ -65,8 +68,8 @@ def build(arm: str):
     wrapped = PrefixModel.wrap(model, PrefixConfig(prefix_length=10, reparam_hidden_size=512)).train()
     if "_gc" in arm:
         wrapped.gradient_checkpointing_enable()
-    if arm == "prefixtune_pad":
-        attention.FUSED_CAUSAL = "pad"  # this process runs this arm alone
+    if arm in ("prefixtune_pad", "prefixtune_mask"):
+        attention.FUSED_CAUSAL = arm.split("_")[1]  # this process runs this arm alone
     logits = arm.endswith("_logits")
 
     def step(ids):

@@ -18,6 +18,8 @@ One step is forward + backward on a random token batch (``labels = input_ids``).
   the cost of checkpointing (PEFT refuses it for prefix tuning).
 * ``prefixtune_pad`` (only with ``--arms``): ``prefixtune`` with ``FUSED_CAUSAL = "pad"``, the
   attention path the default ``"auto"`` replaced on short CPU rows (prefixtune/attention.py).
+* ``prefixtune_mask`` (only with ``--arms``): ``prefixtune`` with ``FUSED_CAUSAL = "mask"``, what
+  ``"auto"`` took on short CPU rows before it took ``"bias_gqa"`` there.
 * ``peft``: ``peft.get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=10,
   prefix_projection=True, encoder_hidden_size=512)``. If PEFT fails, the arm is reported
   as failed and the rest still runs.
@@ -47,7 +49,8 @@ from common import build_each, first_line, peft_prefix_model, rotated, start, us
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
-ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft", "prefixtune_gc", "prefixtune_pad", "floor_b")
+ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft", "prefixtune_gc", "prefixtune_pad", "prefixtune_mask",
+        "floor_b")
 DEFAULT_ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
 
 
@@ -117,7 +120,8 @@ def build_arms(wanted=DEFAULT_ARMS, second_floor: bool = False, prefix_length: i
     builders = {"floor": floor_arm, "prefixtune": lambda: prefixtune_arm(**length),
                 "prefixtune_logits": lambda: prefixtune_arm(True, **length), "peft": lambda: peft_arm(**length),
                 "prefixtune_gc": lambda: prefixtune_arm(checkpointing=True, **length),
-                "prefixtune_pad": lambda: prefixtune_arm(fused="pad", **length)}
+                "prefixtune_pad": lambda: prefixtune_arm(fused="pad", **length),
+                "prefixtune_mask": lambda: prefixtune_arm(fused="mask", **length)}
     chosen = {name: builders[name] for name in wanted}
     return build_each({**chosen, **({"floor_b": floor_arm} if second_floor else {})})
 
@@ -174,7 +178,8 @@ def summarize(times: dict, failed: dict) -> dict:
             rows[name] = {"error": failed[name]}
     return {"arms": rows, "prefixtune_vs_peft": paired_ratio(times, "prefixtune", "peft"),
             "checkpointing_vs_prefixtune": paired_ratio(times, "prefixtune_gc", "prefixtune"),
-            "prefixtune_vs_pad": paired_ratio(times, "prefixtune", "prefixtune_pad")}
+            "prefixtune_vs_pad": paired_ratio(times, "prefixtune", "prefixtune_pad"),
+            "prefixtune_vs_mask": paired_ratio(times, "prefixtune", "prefixtune_mask")}
 
 
 def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
@@ -190,8 +195,9 @@ def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
     print("prefixtune/peft: " + ("n/a" if ratio is None else f"{ratio:.2f}x"))
     if summary["checkpointing_vs_prefixtune"] is not None:
         print(f"prefixtune_gc/prefixtune: {summary['checkpointing_vs_prefixtune']:.2f}x")
-    if summary["prefixtune_vs_pad"] is not None:
-        print(f"prefixtune/prefixtune_pad: {summary['prefixtune_vs_pad']:.3f}x")
+    for other in ("pad", "mask"):
+        if summary[f"prefixtune_vs_{other}"] is not None:
+            print(f"prefixtune/prefixtune_{other}: {summary[f'prefixtune_vs_{other}']:.3f}x")
     sys.stdout.flush()
 
 

@@ -171,21 +171,23 @@ torch 2.11, both paths run cuDNN's fused kernel, and the mask path's training st
   arm), so not the default; on the CPU torch materializes the bias as a mask.
 * ``"mask"``: always build the explicit boolean mask (:func:`extend_mask`).
 * ``"auto"`` (the default): ``"pad"`` where :func:`pad_pays` says the padded rows cost less
-  than the mask, else ``"mask"``.
+  than the alternative; else ``"bias_gqa"`` on the CPU (torch's CPU kernels take a mask with
+  grouped heads: forward + backward of the kernel alone 0.80-0.95x of ``"mask"``'s at 64-512
+  tokens, ``benchmarks/attention_kernel.py``, docs/performance.md) and ``"mask"`` elsewhere.
 
 Only the ``sdpa`` base kernel is affected. ``benchmarks/gpu.py`` measures the GPU paths,
 ``benchmarks/attention_kernel.py`` the kernel alone on any device.
 """
 
-CPU_PAD_FREE_ROWS = 256
+CPU_PAD_FREE_ROWS = 384
 """On the CPU, ``pad`` pays only where ``2 * L_p <= T - CPU_PAD_FREE_ROWS``. torch's CPU flash
 kernel skips the key blocks above the diagonal under ``is_causal`` but not under a mask, and
 that saving outweighs ``L_p`` extra query rows only on long rows. Forward + backward of one
-layer's attention, pad / mask (batch 8, 9/3 heads, float32, 2 threads,
-``benchmarks/attention_kernel.py``, docs/performance-scaling.md): ``T = 128``: 1.05-1.29x
-(``L_p`` 5-100); 256: 0.97-1.00x at ``L_p = 10``, 1.07-1.75x at 5 and 50-256; 384: 0.97x at
-5-10, 1.04x at 50, 1.19-1.26x at 100-200; 512: 0.90-0.95x at 5-100, 1.05x at 200; 1024:
-0.69-0.79x at 10-200, 0.93x at 500. The rule is off by 4 % at (384, 50) and 7 % at (1024, 500)."""
+layer's attention, pad / bias_gqa (the alternative, a mask with grouped heads; batch 8, 9/3
+heads, float32, 2 threads, ``benchmarks/attention_kernel.py``, docs/performance.md): ``T`` = 64-256:
+1.03-3.3x (``L_p`` 10-200); 384: 1.09x at ``L_p = 10``, 1.20-1.68x at 50-500; 512: 0.97x at 10,
+0.96x at 50, 1.14x at 200; 1024: 0.72-0.78x at 10-200, 0.97x at 500. The rule is off by 3 % at
+(1024, 500). (Against the plain mask, the alternative until 2026-11-28, the same rule held with 256.)"""
 
 
 def pad_pays(device_type: str, q_len: int, prefix_len: int) -> bool:
@@ -210,9 +212,11 @@ def _fused_causal(base: str, mask, valid, query: torch.Tensor, kv_len: int, caus
     if FUSED_CAUSAL in ("bias", "bias_gqa"):
         return FUSED_CAUSAL
     prefix_len = kv_len - q_len
-    auto = FUSED_CAUSAL == "auto"
-    pad = pad_pays(query.device.type, q_len, prefix_len) if auto else _pad_fits(q_len, prefix_len)
-    return "pad" if pad else None
+    if FUSED_CAUSAL != "auto":
+        return "pad" if _pad_fits(q_len, prefix_len) else None
+    if pad_pays(query.device.type, q_len, prefix_len):
+        return "pad"
+    return "bias_gqa" if query.device.type == "cpu" else None
 
 
 def _padded_query_causal(kernel, module, query, key, value, **kwargs):

@@ -45,19 +45,20 @@ def test_parity_holds_on_each_fused_causal_path(arch, variant, monkeypatch):
     test_prefix_of_own_key_values_equals_reading_the_tokens(arch)
 
 
-@pytest.mark.parametrize("free_rows, padded", [(attention.CPU_PAD_FREE_ROWS, False), (0, True)])
-def test_auto_pads_the_queries_only_where_the_rule_says(free_rows, padded, monkeypatch):
+@pytest.mark.parametrize("free_rows, path", [(attention.CPU_PAD_FREE_ROWS, "bias_gqa"), (0, "pad")])
+def test_auto_pads_the_queries_where_the_rule_says_else_takes_the_grouped_bias_on_cpu(free_rows, path, monkeypatch):
     calls = []
-    real = attention._padded_query_causal
-    monkeypatch.setattr(attention, "_padded_query_causal", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name, kind in (("_padded_query_causal", "pad"), ("_lower_right_gqa", "bias_gqa")):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, real=real, kind=kind, **k: calls.append(kind) or real(*a, **k))
     monkeypatch.setattr(attention, "CPU_PAD_FREE_ROWS", free_rows)
     test_prefix_of_own_key_values_equals_reading_the_tokens("llama")  # 9 queries, L_P = 4 prefix slots
-    assert bool(calls) == padded
+    assert set(calls) == {path}
 
 
 def test_pad_pays_on_long_cpu_rows_and_wherever_it_fits_on_cuda():
-    assert not attention.pad_pays("cpu", 128, 10) and not attention.pad_pays("cpu", 256, 10)
-    assert attention.pad_pays("cpu", 512, 100) and not attention.pad_pays("cpu", 512, 200)
+    assert not attention.pad_pays("cpu", 128, 10) and not attention.pad_pays("cpu", 384, 10)
+    assert attention.pad_pays("cpu", 512, 50) and not attention.pad_pays("cpu", 512, 200)
     assert attention.pad_pays("cpu", 1024, 200)
     assert attention.pad_pays("cuda", 128, 10) and attention.pad_pays("cuda", 256, 200)
     assert not attention.pad_pays("cuda", 128, 200)
