@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per arm and sequence length")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cpu count)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--padded", action="store_true",
+                        help="right-pad every other row after 3/4 of its length (a masked batch, as real text gives)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--arms", nargs="+", choices=[a for a in ARMS if a != "floor_b"], default=list(DEFAULT_ARMS),
                         help="arms to run (default: %(default)s); prefixtune_gc is prefixtune with gradient checkpointing")
@@ -127,10 +129,15 @@ def build_arms(wanted=DEFAULT_ARMS, second_floor: bool = False, prefix_length: i
 
 
 # ---------------------------------------------------------------------------- timing
-def make_batch(seed: int, batch_size: int, seq_len: int, vocab_size: int):
+def make_batch(seed: int, batch_size: int, seq_len: int, vocab_size: int, padded: bool = False):
+    """Random tokens; ``padded``: every other row right-padded after 3/4 of its length (mask 0
+    there), as batches of texts of different lengths are, so that every arm takes a masked path."""
     torch.manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch_size, seq_len))
-    return ids, torch.ones_like(ids)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1::2, seq_len * 3 // 4:] = 0
+    return ids, mask
 
 
 def timed_step(step, module, ids, mask) -> float:
@@ -213,7 +220,7 @@ def main(argv=None) -> None:
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     results = {"machine": info, "args": settings, "seq_len": {}}
     for seq_len in args.seq_len:
-        ids, mask = make_batch(args.seed, args.batch_size, seq_len, vocab_size)
+        ids, mask = make_batch(args.seed, args.batch_size, seq_len, vocab_size, args.padded)
         times = run_interleaved(arms, failed, ids, mask, args.repeats, args.warmup)
         summary = summarize(times, failed)
         print_table(seq_len, args.batch_size, summary)

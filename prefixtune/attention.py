@@ -128,7 +128,7 @@ def _make_attention(base: str):
         fused = None
         if kwargs.get("position_bias") is not None:  # T5's relative position bias: prefix columns get none
             kwargs["position_bias"] = torch.nn.functional.pad(kwargs["position_bias"], (length, 0))
-        else:
+        elif kwargs.get("softcap") is None:  # sdpa refuses soft-capping: the stock kernel says so
             fused = _fused_causal(base, attention_mask, prefix.valid[layer], query, own_key.shape[2] + length, causal)
         if not fused:
             attention_mask = extend_mask(attention_mask, prefix.valid[layer], length, query, own_key, causal)
@@ -136,15 +136,7 @@ def _make_attention(base: str):
             key = torch.cat([prefix_k.to(key.device, key.dtype), key], dim=2)
             value = torch.cat([prefix_v.to(value.device, value.dtype), value], dim=2)
         prefix.used.add(layer)
-        if fused == "pad":
-            return _padded_query_causal(kernel, module, query, key, value, **kwargs)
-        if fused == "bias_gqa":
-            return _lower_right_gqa(query, key, value, **kwargs)
-        if fused == "bias":
-            from torch.nn.attention.bias import causal_lower_right
-
-            attention_mask = causal_lower_right(query.shape[2], key.shape[2])
-        return kernel(module, query, key, value, attention_mask, **kwargs)
+        return _dispatch(fused, base, kernel, module, query, key, value, attention_mask, kwargs)
 
     prefix_attention.__name__ = f"prefixtune_{base}_attention"
     return prefix_attention
@@ -174,6 +166,8 @@ torch 2.11, both paths run cuDNN's fused kernel, and the mask path's training st
   than the alternative; else ``"bias_gqa"`` on the CPU (torch's CPU kernels take a mask with
   grouped heads: forward + backward of the kernel alone 0.80-0.95x of ``"mask"``'s at 64-512
   tokens, ``benchmarks/attention_kernel.py``, docs/performance.md) and ``"mask"`` elsewhere.
+  On the CPU, calls that need a mask anyway (padding, mixed prefixes) likewise hand it to
+  torch's SDPA with grouped heads (:func:`_grouped_mask_pays`), unless ``"mask"`` is forced.
 
 Only the ``sdpa`` base kernel is affected. ``benchmarks/gpu.py`` measures the GPU paths,
 ``benchmarks/attention_kernel.py`` the kernel alone on any device.
@@ -228,16 +222,40 @@ def _padded_query_causal(kernel, module, query, key, value, **kwargs):
     return out[:, extra:], weights  # out is [B, S, heads, head_dim]
 
 
-def _lower_right_gqa(query, key, value, dropout: float = 0.0, scaling: float | None = None, **_):
-    """Causal attention of the last ``T`` of ``S`` key positions (torch's ``causal_lower_right``
-    bias) over grouped key/value heads as they are, returned as transformers' ``sdpa`` kernel
-    returns it (``[B, T, heads, head_dim]``, no weights). Transformers' kernel cannot be used here:
-    given any mask, it repeats the key/values for every query head (its ``use_gqa_in_sdpa``)."""
+def _dispatch(fused, base, kernel, module, query, key, value, mask, kwargs):
+    """The call of the kernel that ``fused`` (or, for a masked call, :func:`_grouped_mask_pays`) chose."""
     from torch.nn.attention.bias import causal_lower_right
 
-    bias = causal_lower_right(query.shape[2], key.shape[2])
+    if fused == "pad":
+        return _padded_query_causal(kernel, module, query, key, value, **kwargs)
+    if fused in ("bias", "bias_gqa"):
+        mask = causal_lower_right(query.shape[2], key.shape[2])
+    if fused == "bias_gqa" or (not fused and _grouped_mask_pays(base, query, key, mask, kwargs)):
+        return _grouped_sdpa(query, key, value, mask, **kwargs)
+    return kernel(module, query, key, value, mask, **kwargs)
+
+
+def _grouped_mask_pays(base: str, query, key, mask, kwargs) -> bool:
+    """Whether a masked call (padding, mixed prefixes, or short causal rows) skips transformers'
+    per-head copies of the key/values: on the CPU, whose SDPA kernels take a mask together with
+    grouped heads (measured faster than the copies: docs/performance.md); not on CUDA, where
+    that combination falls back to the math kernel (transformers' ``use_gqa_in_sdpa``)."""
+    return (base == "sdpa" and FUSED_CAUSAL in ("auto", "bias_gqa") and query.device.type == "cpu"
+            and mask is not None and query.shape[2] > 1 and query.shape[1] != key.shape[1]
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
+
+
+def _grouped_sdpa(query, key, value, mask, dropout: float = 0.0, scaling: float | None = None, **_):
+    """Attention over grouped key/value heads as they are (``enable_gqa``), with ``mask`` (a tensor
+    or torch's ``causal_lower_right`` bias), returned as transformers' ``sdpa`` kernel returns it
+    (``[B, T, heads, head_dim]``, no weights). Transformers' kernel cannot be used for this: given
+    any mask, it repeats the key/values for every query head (its ``use_gqa_in_sdpa``)."""
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # a bias object skips autocast's casts: do them here
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 

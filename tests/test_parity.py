@@ -48,7 +48,7 @@ def test_parity_holds_on_each_fused_causal_path(arch, variant, monkeypatch):
 @pytest.mark.parametrize("free_rows, path", [(attention.CPU_PAD_FREE_ROWS, "bias_gqa"), (0, "pad")])
 def test_auto_pads_the_queries_where_the_rule_says_else_takes_the_grouped_bias_on_cpu(free_rows, path, monkeypatch):
     calls = []
-    for name, kind in (("_padded_query_causal", "pad"), ("_lower_right_gqa", "bias_gqa")):
+    for name, kind in (("_padded_query_causal", "pad"), ("_grouped_sdpa", "bias_gqa")):
         real = getattr(attention, name)
         monkeypatch.setattr(attention, name, lambda *a, real=real, kind=kind, **k: calls.append(kind) or real(*a, **k))
     monkeypatch.setattr(attention, "CPU_PAD_FREE_ROWS", free_rows)
@@ -80,6 +80,18 @@ def test_parity_holds_with_right_padding(arch, attn):
         got = pm(input_ids=x, attention_mask=mask).logits
     keep = mask.bool()
     torch.testing.assert_close(got[keep], expected[keep], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant, grouped", [("auto", True), ("mask", False)])
+def test_padded_calls_keep_grouped_heads_on_the_cpu_unless_mask_is_forced(variant, grouped, monkeypatch):
+    """On the CPU a masked call goes to torch's SDPA with grouped heads (no per-head key/value
+    copies); ``"mask"`` keeps transformers' stock path, so the two stay comparable."""
+    calls = []
+    real = attention._grouped_sdpa
+    monkeypatch.setattr(attention, "_grouped_sdpa", lambda *a, **k: calls.append(a[3] is not None) or real(*a, **k))
+    monkeypatch.setattr(attention, "FUSED_CAUSAL", variant)
+    test_parity_holds_with_right_padding("llama", None)  # 4 query heads over 2 key/value heads
+    assert bool(calls) == grouped and all(calls)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
