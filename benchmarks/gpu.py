@@ -470,6 +470,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (on the CPU if there is no GPU)")
     parser.add_argument("--json", type=Path, help="write the results here (after every section)")
     parser.add_argument("--sections", nargs="+", default=["check", "kernels", "train", "generate", "scaling", "profile"])
+    parser.add_argument("--gen-repeats", type=int, default=3,
+                        help="timed generate calls per arm (3 resolve about +-10 %% on an H200: host-bound)")
     parser.add_argument("--train-shapes", nargs="+", default=["smollm2-135m", "llama-1b"])
     parser.add_argument("--profile-shapes", nargs="+", default=["smollm2-135m", "llama-1b"],
                         help="shapes whose training step is profiled (decoding: the first one's)")
@@ -495,7 +497,7 @@ def main(argv=None) -> None:
         warmup=1 if args.smoke else 2,
         gen_batches=[1, 8],
         new_tokens=4 if args.smoke else 64,
-        gen_repeats=1 if args.smoke else 3,
+        gen_repeats=1 if args.smoke else args.gen_repeats,
     )
     results = {"machine": info, "dtype": str(dtype), "sizes": sizes, "sections": {}}
     base = scaling.random_model(shape, device, dtype)
