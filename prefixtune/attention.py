@@ -230,6 +230,7 @@ def _dispatch(fused, base, kernel, module, query, key, value, mask, kwargs):
         return _padded_query_causal(kernel, module, query, key, value, **kwargs)
     if fused in ("bias", "bias_gqa"):
         mask = causal_lower_right(query.shape[2], key.shape[2])
+        query, key, value = _autocast(query, key, value)  # a bias object skips autocast's casts in SDPA
     if fused == "bias_gqa" or (not fused and _grouped_mask_pays(base, query, key, mask, kwargs)):
         return _grouped_sdpa(query, key, value, mask, **kwargs)
     return kernel(module, query, key, value, mask, **kwargs)
@@ -250,13 +251,19 @@ def _grouped_sdpa(query, key, value, mask, dropout: float = 0.0, scaling: float 
     or torch's ``causal_lower_right`` bias), returned as transformers' ``sdpa`` kernel returns it
     (``[B, T, heads, head_dim]``, no weights). Transformers' kernel cannot be used for this: given
     any mask, it repeats the key/values for every query head (its ``use_gqa_in_sdpa``)."""
-    device = query.device.type
-    if torch.is_autocast_enabled(device):  # a bias object skips autocast's casts: do them here
-        dtype = torch.get_autocast_dtype(device)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def _autocast(*tensors):
+    """``tensors`` in autocast's dtype where autocast is on: what SDPA does to its inputs itself,
+    except when the mask is a bias object (its ``__torch_function__`` runs before autocast)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 _EAGER: dict[type, object] = {}

@@ -82,6 +82,43 @@ def test_parity_holds_with_right_padding(arch, attn):
     torch.testing.assert_close(got[keep], expected[keep], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["auto", "pad", "bias", "bias_gqa"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefix_gradients_are_the_same_on_every_attention_path(variant, padded, monkeypatch):
+    """The paths differ in kernels and copies, not in what training sees: the loss and the prefix
+    gradients of each equal the stock ``mask`` path's."""
+    torch.manual_seed(0)
+    pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=4, init_std=1.0))
+    x = tokens(3, 12, seed=5)
+    mask = torch.ones_like(x)
+    if padded:
+        mask[1, 8:] = 0
+        mask[2, 5:] = 0
+    got = {}
+    for path in (variant, "mask"):
+        monkeypatch.setattr(attention, "FUSED_CAUSAL", path)
+        pm.zero_grad()
+        loss = pm(input_ids=x, attention_mask=mask, labels=x, return_logits=False).loss
+        loss.backward()
+        got[path] = loss.detach(), torch.cat([p.grad.flatten() for p in pm.trainable_parameters()])
+    torch.testing.assert_close(got[variant][0], got["mask"][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[variant][1], got["mask"][1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["bias", "bias_gqa"])
+def test_bias_paths_run_under_bf16_autocast_and_agree_with_the_mask(variant, monkeypatch):
+    """torch's bias object bypasses autocast's casts inside SDPA; the float32 query and keys and
+    the bf16 values that autocast leaves them with must still meet in one dtype."""
+    pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, init_std=1.0))
+    x = tokens(2, 9, seed=5)
+    outs = {}
+    for path in (variant, "mask"):
+        monkeypatch.setattr(attention, "FUSED_CAUSAL", path)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[path] = pm(input_ids=x).logits.float()
+    torch.testing.assert_close(outs[variant], outs["mask"], atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("variant, grouped", [("auto", True), ("mask", False)])
 def test_padded_calls_keep_grouped_heads_on_the_cpu_unless_mask_is_forced(variant, grouped, monkeypatch):
     """On the CPU a masked call goes to torch's SDPA with grouped heads (no per-head key/value
