@@ -167,7 +167,8 @@ torch 2.11, both paths run cuDNN's fused kernel, and the mask path's training st
   grouped heads: forward + backward of the kernel alone 0.80-0.95x of ``"mask"``'s at 64-512
   tokens, ``benchmarks/attention_kernel.py``, docs/performance.md) and ``"mask"`` elsewhere.
   On the CPU, calls that need a mask anyway (padding, mixed prefixes) likewise hand it to
-  torch's SDPA with grouped heads (:func:`_grouped_mask_pays`), unless ``"mask"`` is forced.
+  torch's SDPA with grouped heads (:func:`_grouped_mask_pays`; with ``"auto"`` and ``"bias_gqa"``,
+  so that forcing ``"mask"`` or ``"pad"`` keeps transformers' stock path for them).
 
 Only the ``sdpa`` base kernel is affected. ``benchmarks/gpu.py`` measures the GPU paths,
 ``benchmarks/attention_kernel.py`` the kernel alone on any device.
