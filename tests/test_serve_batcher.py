@@ -292,6 +292,24 @@ def test_a_request_that_breaks_the_model_fails_alone(served):
     assert batcher.alive and not any(batcher._refs.values())
 
 
+def test_a_prefix_on_some_layers_mixes_with_full_ones_exactly():
+    """Prefixes of different lengths on different layers in one batch: in the cache, a layer's
+    slots that a row's prefix does not fill stay masked for that row."""
+    pm = _model()
+    pm.add_prefix("c", PrefixConfig(prefix_length=7, reparameterize=False, init_std=2.0, layers=[1]))
+    batcher = Batcher(pm, CharTokenizer(), "base", Limits(max_batch=8)).start()
+    try:
+        c = Collector(batcher)
+        models = ["c", "a", "base", "c", "b"]
+        batcher.submit([c.request(i, p, m, max_tokens=6, ignore_eos=True) for i, (p, m) in enumerate(zip(PROMPTS, models))])
+        c.wait(len(models))
+        for i, (p, m) in enumerate(zip(PROMPTS, models)):
+            assert c.text(i) == _alone(batcher, p, m, max_tokens=6, ignore_eos=True)[0], i
+        assert c.text(0) != _alone(batcher, PROMPTS[0], "base", max_tokens=6, ignore_eos=True)[0]
+    finally:
+        batcher.close()
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "qwen3", "gemma2"])
 def test_mixed_batches_are_exact_on_other_families(arch):
     """Absolute positions (GPT-2, OPT's mask-derived ones), another head_dim, eager soft-capping."""
