@@ -4,16 +4,17 @@ Without this, every decoding step would concatenate the prefix in front of each 
 cached keys and values: a copy of the whole cache per layer and token, on top of the one
 transformers' ``DynamicLayer`` already makes when it appends the new token with
 ``torch.cat``. Here each prefixed layer's cache is a :class:`PrefixLayer`: one buffer that
-starts with the prefix and has room to grow (capacity doubles when full), so a step writes
-just its new key/values and hands the attention a view ``[prefix; cache]``. The attention
+starts with the prefix and has room to grow (:data:`HEADROOM`), so a step writes just its
+new key/values and hands the attention a view ``[prefix; cache]``. The attention
 (``prefixtune.attention``, told by ``PrefixBatch.in_cache``) then adds no copy of its own.
 
 The layer reports only the real tokens as its length (``get_seq_length``), so positions,
 ``cache_position`` and the masks transformers builds are exactly what they are without a
 prefix; the attention widens the mask by the prefix columns as it always does.
 
-Used by ``PrefixModel.generate`` where it is safe (:func:`prefix_cache`); everywhere else the
-prefix is concatenated per call, as in training.
+Used by ``PrefixModel.generate`` where it is safe (:func:`prefix_cache`) and by the server's
+batch cache (``prefixtune.serve.kvcache``); everywhere else the prefix is concatenated per call,
+as in training.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .attention import repeat_rows
 
 MIN_CAPACITY = 64
+HEADROOM = 4
+"""A full buffer grows by a quarter of its size (at least :data:`MIN_CAPACITY` slots), so it
+never holds more than 25 % (or 64 slots) of unused room: a server's key/value cache is most of
+its memory. Each growth copies the buffer once, i.e. about ``4 / T`` of a cache copy per step
+on average at ``T`` cached tokens, against the full copy per step of ``DynamicLayer``'s
+``torch.cat``."""
 
 
 class PrefixLayer(DynamicLayer):
@@ -119,12 +126,14 @@ def prefix_cache(model, batch, kwargs: dict) -> DynamicCache | None:
 
 
 def _buffer(prefix: torch.Tensor, length: int) -> torch.Tensor:
-    out = prefix.new_empty(*prefix.shape[:2], max(MIN_CAPACITY, 2 * length), prefix.shape[3])
+    out = prefix.new_empty(*prefix.shape[:2], length + MIN_CAPACITY, prefix.shape[3])
     out[:, :, :length] = prefix
     return out
 
 
 def _grown(buffer: torch.Tensor, used: int, needed: int) -> torch.Tensor:
-    out = buffer.new_empty(*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3])
+    capacity = buffer.shape[2]
+    out = buffer.new_empty(*buffer.shape[:2], max(needed, capacity + max(MIN_CAPACITY, capacity // HEADROOM)),
+                           buffer.shape[3])
     out[:, :, :used] = buffer[:, :, :used]
     return out

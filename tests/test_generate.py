@@ -137,3 +137,20 @@ def test_the_prefix_in_the_cache_decodes_as_concatenation_does(arch, monkeypatch
     sliding = arch == "mistral"  # sliding-window layers would drop the prefix: concatenation stays
     assert all((c is None) == sliding for c in built)
     assert sliding or all(isinstance(c.layers[1], cache.PrefixLayer) for c in built)
+
+
+def test_the_cache_buffer_keeps_its_tokens_and_little_unused_room():
+    """A PrefixLayer grows by a quarter (at least 64 slots) when full: every view is the prefix
+    then all tokens appended, and the unused room stays within max(64, a quarter of the used)."""
+    from prefixtune.cache import MIN_CAPACITY, PrefixLayer
+
+    prefix = torch.randn(2, 1, 5, 3)
+    layer, appended = PrefixLayer(prefix, -prefix), []
+    for step in range(700):
+        new = torch.randn(2, 1, 1 if step else 7, 3)  # a 7-token prompt, then one token per step
+        appended.append(new)
+        keys, values = layer.update(new, -new)
+        assert torch.equal(keys, torch.cat([prefix, *appended], dim=2)) and torch.equal(values, -keys)
+        used, capacity = keys.shape[2], layer._keys.shape[2]
+        assert capacity - used <= max(MIN_CAPACITY, used // 4), (used, capacity)
+    assert layer.get_seq_length() == 7 + 699
