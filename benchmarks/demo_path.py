@@ -12,6 +12,7 @@ second the output directory; anything after it goes to ``prefixtune train`` as i
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -20,8 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prefixtune import attention  # noqa: E402
 from prefixtune.cli import main  # noqa: E402
 
+PATHS = ("auto", "pad", "bias", "bias_gqa", "mask")
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    attention.FUSED_CAUSAL = sys.argv[1]
-    sys.exit(main(["train", "--output-dir", sys.argv[2], *sys.argv[3:]]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", choices=PATHS, help="prefixtune.attention.FUSED_CAUSAL for the run")
+    parser.add_argument("output_dir", help="the run's --output-dir")
+    args, rest = parser.parse_known_args()
+    attention.FUSED_CAUSAL = args.path
+    sys.exit(main(["train", "--output-dir", args.output_dir, *rest]))

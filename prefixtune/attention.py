@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -225,8 +226,6 @@ def _padded_query_causal(kernel, module, query, key, value, **kwargs):
 
 def _dispatch(fused, base, kernel, module, query, key, value, mask, kwargs):
     """The call of the kernel that ``fused`` (or, for a masked call, :func:`_grouped_mask_pays`) chose."""
-    from torch.nn.attention.bias import causal_lower_right
-
     if fused == "pad":
         return _padded_query_causal(kernel, module, query, key, value, **kwargs)
     if fused in ("bias", "bias_gqa"):

@@ -34,6 +34,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
+
 from . import errors
 from .kvcache import BatchCache
 from .sampling import SamplingParams, next_tokens

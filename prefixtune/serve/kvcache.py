@@ -114,8 +114,7 @@ class BatchCache:
         where (``None`` when no row has a prefix)."""
         if self._told is None:
             return None
-        pairs = [(layer.keys[:, :, :layer.prefix_length], layer.values[:, :, :layer.prefix_length])
-                 if layer.prefix_length else None for layer in self.cache.layers]
+        pairs = [_prefix(layer) if layer.prefix_length else None for layer in self.cache.layers]
         return dataclasses.replace(self._told, key_values=pairs, used=set())
 
     def _retell(self) -> None:
@@ -125,9 +124,9 @@ class BatchCache:
             self._told = None
             return
         full = torch.stack([self.valid[i].all() for i in prefixed]).tolist()
-        unused = {i for i, every in zip(prefixed, full) if every}  # every slot real: no mask work
+        masked = {i for i, every in zip(prefixed, full) if not every}  # every slot real: no mask work
         self._told = PrefixBatch(
-            key_values=[], valid=[None if i in unused or i not in prefixed else v for i, v in enumerate(self.valid)],
+            key_values=[], valid=[v if i in masked else None for i, v in enumerate(self.valid)],
             offsets=torch.tensor(self.shifts, device=self.mask.device),
             shift=self.shifts[0] if len(set(self.shifts)) == 1 else None,
             in_cache=frozenset(prefixed),
@@ -156,14 +155,17 @@ def _layer(prefix_k, prefix_v, keys, values) -> PrefixLayer:
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pad dimension -2 (keys/values) or -1 (a mask) of ``t`` on the left up to ``width``."""
-    if t.dim() == 2:
-        return F.pad(t, (width - t.shape[1], 0))
-    return F.pad(t, (0, 0, width - t.shape[2], 0))
+    """Zero-pad ``t``'s slots on the left up to ``width``: tokens (keys/values or a mask)."""
+    return _pad(t, width, left=True)
 
 
 def _pad_right(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero- (False-) pad dimension -2 (prefix keys/values) or -1 (``valid``) of ``t`` on the right up to ``width``."""
-    if t.dim() == 2:
-        return F.pad(t, (0, width - t.shape[1]))
-    return F.pad(t, (0, 0, 0, width - t.shape[2]))
+    """Zero- (False-) pad ``t``'s slots on the right up to ``width``: prefix slots (keys/values or ``valid``)."""
+    return _pad(t, width, left=False)
+
+
+def _pad(t: torch.Tensor, width: int, left: bool) -> torch.Tensor:
+    """Pad the slot dimension: -2 of keys/values ``[B, heads, slots, head_dim]``, -1 of a ``[B, slots]`` mask."""
+    extra = width - t.shape[-1 if t.dim() == 2 else -2]
+    side = (extra, 0) if left else (0, extra)
+    return F.pad(t, side if t.dim() == 2 else (0, 0, *side))
