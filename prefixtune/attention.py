@@ -152,9 +152,10 @@ torch 2.11, both paths run cuDNN's fused kernel, and the mask path's training st
 1.14-1.22x as long at 2048 tokens, with 0.7-1.5 GiB more memory: docs/performance-gpu.md).
 
 * ``"pad"``: put ``S - T`` zero query rows in front, so that queries and keys have the
-  same length, where top-left and bottom-right agree; the stock kernel then takes its
-  mask-free ``is_causal`` path (flash or cuDNN attention, grouped-query attention without
-  copies), and the extra rows' outputs are dropped. Used when it at most doubles the queries.
+  same length, where top-left and bottom-right agree; SDPA then takes its mask-free
+  ``is_causal`` path (flash or cuDNN attention, grouped-query attention without copies),
+  called directly so that the extra rows' outputs are dropped before the output is laid out.
+  Used when it at most doubles the queries.
 * ``"bias"``: pass torch's ``causal_lower_right`` bias to the stock kernel (flash or
   memory-efficient attention, but the key/values are still repeated per query head).
   Measured on par with ``"pad"`` or up to 4 % slower (1B model, H200), so not the default.
@@ -215,19 +216,21 @@ def _fused_causal(base: str, mask, valid, query: torch.Tensor, kv_len: int, caus
     return "bias_gqa" if query.device.type == "cpu" else None
 
 
-def _padded_query_causal(kernel, module, query, key, value, **kwargs):
+def _padded_query_causal(query, key, value, **kwargs):
     """Causal attention of the last ``T`` of ``S`` key positions through the mask-free
-    ``is_causal`` path: ``S - T`` zero query rows in front, their outputs dropped."""
+    ``is_causal`` path: ``S - T`` zero query rows in front, their outputs dropped before the
+    output is laid out (transformers' kernel would copy all ``S`` rows, and the model copy the
+    ``T`` kept ones again: two copies forward and two backward per layer, now one and one)."""
     extra = key.shape[2] - query.shape[2]
     pad = query.new_zeros(query.shape[0], query.shape[1], extra, query.shape[3])
-    out, weights = kernel(module, torch.cat([pad, query], dim=2), key, value, None, **{**kwargs, "is_causal": True})
-    return out[:, extra:], weights  # out is [B, S, heads, head_dim]
+    # zeros + cat, not F.pad: cat's backward is a view, F.pad's a copy
+    return _grouped_sdpa(torch.cat([pad, query], dim=2), key, value, None, **{**kwargs, "is_causal": True}, skip=extra)
 
 
 def _dispatch(fused, base, kernel, module, query, key, value, mask, kwargs):
     """The call of the kernel that ``fused`` (or, for a masked call, :func:`_grouped_mask_pays`) chose."""
     if fused == "pad":
-        return _padded_query_causal(kernel, module, query, key, value, **kwargs)
+        return _padded_query_causal(query, key, value, **kwargs)
     if fused in ("bias", "bias_gqa"):
         mask = causal_lower_right(query.shape[2], key.shape[2])
         query, key, value = _autocast(query, key, value)  # a bias object skips autocast's casts in SDPA
@@ -246,14 +249,19 @@ def _grouped_mask_pays(base: str, query, key, mask, kwargs) -> bool:
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
 
 
-def _grouped_sdpa(query, key, value, mask, dropout: float = 0.0, scaling: float | None = None, **_):
+def _grouped_sdpa(query, key, value, mask, dropout: float = 0.0, scaling: float | None = None,
+                  is_causal: bool = False, skip: int = 0, **_):
     """Attention over grouped key/value heads as they are (``enable_gqa``), with ``mask`` (a tensor
-    or torch's ``causal_lower_right`` bias), returned as transformers' ``sdpa`` kernel returns it
-    (``[B, T, heads, head_dim]``, no weights). Transformers' kernel cannot be used for this: given
-    any mask, it repeats the key/values for every query head (its ``use_gqa_in_sdpa``)."""
+    or torch's ``causal_lower_right`` bias) or ``is_causal``, returned as transformers' ``sdpa``
+    kernel returns it (``[B, T, heads, head_dim]``, no weights), without the first ``skip`` query
+    rows. Transformers' kernel cannot be used for this: given any mask, it repeats the key/values
+    for every query head (its ``use_gqa_in_sdpa``), and it lays out every row."""
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=is_causal,
+        enable_gqa=query.shape[1] != key.shape[1])
+    # rows dropped in [B, T, heads, head_dim] order, the kernels' own output layout: the gradient
+    # of the dropped rows is then allocated in that layout too, which the kernels' backward reads
+    return out.transpose(1, 2)[:, skip:].contiguous(), None
 
 
 def _autocast(*tensors):

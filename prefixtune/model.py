@@ -226,33 +226,37 @@ class PrefixModel(nn.Module):
             return None
         encoders = [self.prefixes[n] for n in unique]
         made = [encoder() for encoder in encoders]  # each [n_layers, 2, kv_heads, L_p, head_dim]
+        if len(unique) == 1 and None not in names:  # one prefix for every row: what training sends
+            shift = encoders[0].config.prefix_length * encoders[0].config.shift_positions
+            return PrefixBatch(key_values=_uniform_key_values(encoders[0], made[0], rows, self.shape.num_layers),
+                               valid=[None] * self.shape.num_layers, shift=shift,
+                               offsets=torch.full((rows,), shift, device=self.device))
+        return self._mixed_batch(encoders, made, [unique.index(n) if n is not None else len(unique) for n in names])
+
+    def _mixed_batch(self, encoders: list[PrefixEncoder], made: list[torch.Tensor], index: list[int]) -> PrefixBatch:
+        """Rows with different prefixes (or none: ``index`` = ``len(encoders)``), each layer's
+        prefixes zero-padded to the longest, with per-row validity where they differ."""
         width = max(kv.shape[3] for kv in made)
-        index = [unique.index(n) if n is not None else len(unique) for n in names]
         row_index = torch.tensor(index, device=self.device)
         lengths = torch.tensor([e.config.prefix_length for e in encoders] + [0], device=self.device)
         shifts = [e.config.prefix_length * e.config.shift_positions for e in encoders] + [0]
         row_shifts = {shifts[i] for i in index}
         batch = PrefixBatch(key_values=[], valid=[], offsets=torch.tensor(shifts, device=self.device)[row_index],
                             shift=row_shifts.pop() if len(row_shifts) == 1 else None)
-        uniform = len(unique) == 1 and None not in names
         for layer in range(self.shape.num_layers):
             per_prefix = [_layer_slice(e, kv, layer) for e, kv in zip(encoders, made)]  # [2, kvh, L, hd] | None
             if all(p is None for p in per_prefix):
                 batch.key_values.append(None)
                 batch.valid.append(None)
-            elif uniform:
-                pair = per_prefix[0].unsqueeze(1).expand(2, rows, *per_prefix[0].shape[1:])
-                batch.key_values.append((pair[0], pair[1]))
-                batch.valid.append(None)
-            else:
-                stacked, valid = _stack_padded(per_prefix, lengths[:-1], width)
-                # index_select, not stacked[row_index]: advanced indexing was ~2000x slower per layer on CPU
-                gathered = stacked.index_select(0, row_index)  # [B, 2, kv_heads, width, head_dim]
-                batch.key_values.append((gathered[:, 0], gathered[:, 1]))
-                # every row's every slot real (all rows prefixed, equal lengths, this layer in each):
-                # no mask to build, so attention keeps its mask-free path
-                full = None not in names and all(p is not None and p.shape[2] == width for p in per_prefix)
-                batch.valid.append(None if full else valid.index_select(0, row_index))
+                continue
+            stacked, valid = _stack_padded(per_prefix, lengths[:-1], width)
+            # index_select, not stacked[row_index]: advanced indexing was ~2000x slower per layer on CPU
+            gathered = stacked.index_select(0, row_index)  # [B, 2, kv_heads, width, head_dim]
+            batch.key_values.append((gathered[:, 0], gathered[:, 1]))
+            # every row's every slot real (all rows prefixed, equal lengths, this layer in each):
+            # no mask to build, so attention keeps its mask-free path
+            full = len(encoders) not in index and all(p is not None and p.shape[2] == width for p in per_prefix)
+            batch.valid.append(None if full else valid.index_select(0, row_index))
         return batch
 
     def _row_names(self, prefix: PrefixArg, rows: int) -> list[str | None]:
@@ -313,8 +317,12 @@ class PrefixModel(nn.Module):
         ``return_logits=False`` with ``labels`` asks for the loss only: where
         :func:`prefixtune.lm_loss.head_of` allows, it is then computed chunk by chunk without
         the ``[B, T, vocabulary]`` logits (``.logits`` is ``None``), which is what training does.
+        In training mode ``use_cache`` defaults to ``False``: transformers would otherwise copy
+        every layer's keys and values into a cache that no one reads.
         """
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        if self.training:
+            kwargs.setdefault("use_cache", False)
         batch = self.prefix_batch(prefix, _rows(kwargs))
         if batch is not None:
             kwargs = self._inject(batch, kwargs)
@@ -333,7 +341,7 @@ class PrefixModel(nn.Module):
     def _loss_only(self, head: nn.Linear, kwargs: dict) -> CausalLMOutputWithPast:
         """The body's hidden states, then the chunked loss (:mod:`prefixtune.lm_loss`)."""
         labels, items = kwargs.pop("labels"), kwargs.pop("num_items_in_batch", None)
-        hidden = lm_loss.body_of(self.model)(**kwargs, use_cache=False).last_hidden_state
+        hidden = lm_loss.body_of(self.model)(**{**kwargs, "use_cache": False}).last_hidden_state
         return CausalLMOutputWithPast(loss=lm_loss.causal_lm_loss(hidden, head, labels, items))
 
     def generate(self, *args, prefix: PrefixArg = ACTIVE, **kwargs):
@@ -441,6 +449,26 @@ def _rows(kwargs: dict) -> int:
 def _stack_layers(key_values: Sequence, layers: Sequence[int]) -> torch.Tensor:
     """Per-layer ``(k, v)`` pairs of the given layers as one ``[n, 2, kv_heads, L, head_dim]`` tensor."""
     return torch.stack([torch.stack(key_values[i]) for i in layers])
+
+
+def _uniform_key_values(encoder: PrefixEncoder, key_values: torch.Tensor, rows: int, num_layers: int) -> list:
+    """Per model layer, ``(k, v)`` each ``[rows, kv_heads, L_p, head_dim]`` (``None`` where the
+    prefix has no layer): views of ``key_values`` (``[n_layers, 2, ...]``) broadcast over the rows.
+
+    One ``unbind`` makes all of them, so backward gathers every layer's gradient with one
+    ``stack`` and one sum over the rows. Indexing each layer and then keys and values, as
+    before, cost five small ops per layer in backward (each ``select`` fills a zero tensor
+    the size of its input, and the results are added one by one): about 150 of the 240 ops
+    that a prefix added to a 30-layer model's backward (``benchmarks/op_count.py``). The price:
+    backward holds each layer's ``[rows, ...]`` gradient until the first layer's arrives, which
+    is never more than the activations it has freed by then (each layer saved its keys and
+    values, prefix included)."""
+    layers, _, kv_heads, length, head_dim = key_values.shape
+    slots = key_values.flatten(0, 1).unsqueeze(1).expand(2 * layers, rows, kv_heads, length, head_dim).unbind(0)
+    out: list = [None] * num_layers
+    for i, layer in enumerate(encoder.layers):
+        out[layer] = (slots[2 * i], slots[2 * i + 1])
+    return out
 
 
 def _layer_slice(encoder: PrefixEncoder, key_values: torch.Tensor, layer: int) -> torch.Tensor | None:
