@@ -10,7 +10,8 @@ Run from the repository root:
 
 Shapes: batch 8 (``--batch``), 9 query heads, 3 key/value heads (grouped-query attention), head
 size 64, float32 (``--dtype``), random values, on the CPU (``--device``; on CUDA each step ends
-with a synchronize). Arms, interleaved (25 rounds, the first 3 dropped, median):
+with a synchronize). Arms, interleaved (25 rounds, the order rotating each round, the first 3
+dropped, median):
 
 * ``plain``: ``T`` queries over ``T`` keys, ``is_causal=True`` (what the frozen model runs);
 * ``pad``: what prefixtune runs by default (``FUSED_CAUSAL = "pad"``): ``L_p`` prefix keys in
@@ -22,7 +23,17 @@ with a synchronize). Arms, interleaved (25 rounds, the first 3 dropped, median):
 * ``bias_gqa``: ``FUSED_CAUSAL = "bias_gqa"``: the bias with ``enable_gqa=True``, key/values not
   repeated (on the CPU torch turns the bias into a mask);
 * ``mask``: ``FUSED_CAUSAL = "mask"``, the path for calls where ``pad`` would more than double
-  the queries: an explicit boolean bottom-right mask ``[1, 1, T, L_p + T]``, key/values repeated.
+  the queries: an explicit boolean bottom-right mask ``[1, 1, T, L_p + T]``, key/values repeated;
+* ``pad_stock``: ``pad`` as prefixtune ran it until 2026-11-28 (through transformers' kernel,
+  which lays out all ``L_p + T`` output rows, ``[B, S, heads, head_dim]``, before the padded ones
+  are dropped; the model then copies the kept rows again to flatten the heads). Only meaningful
+  with ``--layout``.
+
+``--layout`` adds what follows the kernel in the model to every arm: the output laid out as
+``[B, T, heads * head_dim]`` for the output projection (``transpose(1, 2).contiguous()``, then
+``reshape``), and its backward with a dense gradient; the inputs are then laid out in memory as
+the model's projections make them (``[B, T, heads, head_dim]``). Without it the arms stop at the
+kernel's output.
 """
 
 from __future__ import annotations
@@ -36,24 +47,38 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
+from common import rotated  # benchmarks/common.py
+
 BATCH, HEADS, KV_HEADS, HEAD_DIM, PREFIX = 8, 9, 3, 64, 10
 
 
-def arm(seq_len: int, prefix: int, mode: str, batch: int = BATCH, **where):
+def _leaf(batch: int, heads: int, length: int, layout: bool, where: dict) -> torch.Tensor:
+    """``[batch, heads, length, HEAD_DIM]``; with ``layout`` stored as the model's projections
+    make it (``[batch, length, heads, HEAD_DIM]``, transposed), else contiguous."""
+    if not layout:
+        return torch.randn(batch, heads, length, HEAD_DIM, **where).requires_grad_(True)
+    return torch.randn(batch, length, heads, HEAD_DIM, **where).transpose(1, 2).detach().requires_grad_(True)
+
+
+def arm(seq_len: int, prefix: int, mode: str, batch: int = BATCH, layout: bool = False, **where):
     """One forward + backward of ``mode``; ``where``: ``device`` and ``dtype`` of the tensors."""
-    q = torch.randn(batch, HEADS, seq_len, HEAD_DIM, **where).requires_grad_(True)
-    k = torch.randn(batch, KV_HEADS, seq_len + prefix, HEAD_DIM, **where).requires_grad_(True)
-    v = torch.randn(batch, KV_HEADS, seq_len + prefix, HEAD_DIM, **where).requires_grad_(True)
+    q, k, v = (_leaf(batch, heads, length, layout, where)
+               for heads, length in ((HEADS, seq_len), (KV_HEADS, seq_len + prefix), (KV_HEADS, seq_len + prefix)))
     groups = HEADS // KV_HEADS
     rows = torch.arange(seq_len, device=q.device)[:, None] + prefix
     mask = (torch.arange(seq_len + prefix, device=q.device)[None, :] <= rows)[None, None]
+    grad = torch.randn(batch, seq_len, HEADS * HEAD_DIM, **where) if layout else None
 
     def step():
         if mode == "plain":
             out = sdpa(q, k, v, is_causal=True, enable_gqa=True)
-        elif mode == "pad":
+        elif mode in ("pad", "pad_stock"):
             padded = torch.cat([q.new_zeros(batch, HEADS, prefix, HEAD_DIM), q], dim=2)
-            out = sdpa(padded, k, v, is_causal=True, enable_gqa=True)[:, :, prefix:]
+            out = sdpa(padded, k, v, is_causal=True, enable_gqa=True)
+            if mode == "pad_stock" and layout:  # transformers' kernel lays out all rows, the model drops some
+                out = out.transpose(1, 2).contiguous()[:, prefix:].transpose(1, 2)
+            else:  # rows dropped in prefixtune's order (prefixtune/attention.py, _grouped_sdpa)
+                out = out.transpose(1, 2)[:, prefix:].transpose(1, 2)
         elif mode == "bias":
             out = sdpa(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                        attn_mask=causal_lower_right(seq_len, seq_len + prefix))
@@ -61,7 +86,11 @@ def arm(seq_len: int, prefix: int, mode: str, batch: int = BATCH, **where):
             out = sdpa(q, k, v, attn_mask=causal_lower_right(seq_len, seq_len + prefix), enable_gqa=True)
         else:
             out = sdpa(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask)
-        out.sum().backward()
+        if layout:  # and a dense gradient, as the output projection's backward sends
+            out = out.transpose(1, 2).contiguous().reshape(batch, seq_len, HEADS * HEAD_DIM)
+            out.backward(grad)
+        else:
+            out.sum().backward()
         if q.is_cuda:
             torch.cuda.synchronize()
 
@@ -72,7 +101,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--prefix", type=int, nargs="+", default=[PREFIX], help="prefix lengths L_p")
-    parser.add_argument("--modes", nargs="+", default=["pad", "bias", "mask"], choices=["pad", "bias", "bias_gqa", "mask"])
+    parser.add_argument("--modes", nargs="+", default=["pad", "bias", "mask"],
+                        choices=["pad", "bias", "bias_gqa", "mask", "pad_stock"])
+    parser.add_argument("--layout", action="store_true",
+                        help="add the output's layout for the output projection, forward and backward, to every arm")
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=BATCH)
@@ -80,15 +112,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    where = {"batch": args.batch, "device": torch.device(args.device), "dtype": getattr(torch, args.dtype)}
+    where = {"batch": args.batch, "layout": args.layout, "device": torch.device(args.device),
+             "dtype": getattr(torch, args.dtype)}
     for seq_len, prefix in ((t, p) for t in args.seq_lens for p in args.prefix):
         arms = {"plain": arm(seq_len, 0, "plain", **where),
                 **{mode: arm(seq_len, prefix, mode, **where) for mode in args.modes}}
         times = {name: [] for name in arms}
-        for _ in range(args.rounds):
-            for name, step in arms.items():
+        for round_ in range(args.rounds):
+            for name in rotated(list(arms), round_):
                 start = time.perf_counter()
-                step()
+                arms[name]()
                 times[name].append(time.perf_counter() - start)
         ms = {name: statistics.median(t[3:]) * 1e3 for name, t in times.items()}
         print(f"seq_len={seq_len} prefix={prefix}: " + "  ".join(f"{name} {value:.2f} ms ({value / ms['plain']:.2f}x)"

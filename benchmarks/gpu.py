@@ -222,7 +222,7 @@ def kernel_cases(base, device) -> dict:
 
 def scaling_floor(model, ids, mask):
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    model(inputs_embeds=embeds, attention_mask=mask, labels=ids).loss.backward()
+    model(inputs_embeds=embeds, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
 
 
 # ------------------------------------------------------------------------ 3. train

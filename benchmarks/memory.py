@@ -61,7 +61,8 @@ def build(arm: str):
     model = random_model("smollm2-135m", "cpu", torch.float32).requires_grad_(False).train()
     if arm == "floor":
         embed = model.get_input_embeddings()
-        return lambda ids: model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss.backward()
+        return lambda ids: model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids,
+                                    use_cache=False).loss.backward()
     if arm == "peft":
         wrapped = peft_prefix_model(model, 10, 512).train()
         return lambda ids: wrapped(input_ids=ids, labels=ids).loss.backward()

@@ -109,9 +109,9 @@ def measure(step, device) -> dict:
 
 
 def floor_step(model, ids):
-    """The frozen model's forward + backward down to its input embeddings."""
+    """The frozen model's forward + backward down to its input embeddings (no key/value cache: a training step needs none)."""
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    model(inputs_embeds=embeds, labels=ids).loss.backward()
+    model(inputs_embeds=embeds, labels=ids, use_cache=False).loss.backward()
 
 
 def prefix_step(wrapped, ids, name):

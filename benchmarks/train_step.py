@@ -7,8 +7,12 @@ Run from the repository root:
 One step is forward + backward on a random token batch (``labels = input_ids``). Arms:
 
 * ``floor``: the frozen base model's own forward + backward down to its input
-  embeddings (``inputs_embeds`` requires grad, every weight is frozen). Any prefix method
-  must run at least this much, so it is the least a prefix-tuning step can cost.
+  embeddings (``inputs_embeds`` requires grad, every weight is frozen, ``use_cache=False``).
+  Any prefix method must run at least this much, so it is the least a prefix-tuning step can
+  cost.
+* ``floor_cache`` (only with ``--arms``): the floor as measured until 2026-11-28 (evening),
+  with transformers' default ``use_cache=True``, which copies every layer's keys and values
+  into a cache that a training step never reads.
 * ``prefixtune``: ``PrefixModel.wrap(model, PrefixConfig(10, reparameterize=True, 512))``,
   called as ``prefixtune train`` calls it (``return_logits=False``: the loss computed chunk by
   chunk without the ``[B, T, vocabulary]`` logits, prefixtune/lm_loss.py).
@@ -50,7 +54,7 @@ from common import build_each, first_line, peft_prefix_model, rotated, start, us
 PREFIX_LENGTH = 10
 HIDDEN = 512
 ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft", "prefixtune_gc", "prefixtune_pad", "prefixtune_mask",
-        "floor_b")
+        "floor_cache", "floor_b")
 DEFAULT_ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
 
 
@@ -74,14 +78,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- arms
-def floor_arm():
+def floor_arm(use_cache: bool = False):
     model, _ = load_model()
     model.requires_grad_(False).train()
     embed = model.get_input_embeddings()
 
     def step(ids, mask):
         inputs_embeds = embed(ids).detach().requires_grad_(True)
-        model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=ids).loss.backward()
+        model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=ids, use_cache=use_cache).loss.backward()
 
     return step, model
 
@@ -119,7 +123,7 @@ def peft_arm(prefix_length: int = PREFIX_LENGTH):
 def build_arms(wanted=DEFAULT_ARMS, second_floor: bool = False, prefix_length: int = PREFIX_LENGTH) -> tuple[dict, dict]:
     """``({name: (step, module)}, {name: error line})`` for the ``wanted`` arms that built / failed."""
     length = {"prefix_length": prefix_length}
-    builders = {"floor": floor_arm, "prefixtune": lambda: prefixtune_arm(**length),
+    builders = {"floor": floor_arm, "floor_cache": lambda: floor_arm(use_cache=True), "prefixtune": lambda: prefixtune_arm(**length),
                 "prefixtune_logits": lambda: prefixtune_arm(True, **length), "peft": lambda: peft_arm(**length),
                 "prefixtune_gc": lambda: prefixtune_arm(checkpointing=True, **length),
                 "prefixtune_pad": lambda: prefixtune_arm(fused="pad", **length),
