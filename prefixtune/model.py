@@ -186,7 +186,7 @@ class PrefixModel(nn.Module):
     def key_values_for_tokens(self, input_ids: torch.Tensor) -> tuple:
         """The frozen model's own per-layer ``(k, v)`` for tokens ``input_ids`` (``[L]``), each
         ``[kv_heads, L, head_dim]``: the prefix that makes the model act as if it had read them."""
-        if not self._decoder_only():
+        if not self.decoder_only:
             raise NotImplementedError(
                 "key/values from tokens (init='text') need a decoder-only model: in an encoder the "
                 "activations of a text depend on the text that follows it"
@@ -333,9 +333,11 @@ class PrefixModel(nn.Module):
 
     def _causal_lm_head(self) -> nn.Linear | None:
         """The LM head, where the chunked loss applies: a decoder-only causal LM, no task head."""
-        return None if self.heads or not self._decoder_only() else lm_loss.head_of(self.model)
+        return None if self.heads or not self.decoder_only else lm_loss.head_of(self.model)
 
-    def _decoder_only(self) -> bool:
+    @property
+    def decoder_only(self) -> bool:
+        """Whether the model is a decoder alone (every attention causal self-attention)."""
         return set(self.shape.groups) == {"decoder"}
 
     def _loss_only(self, head: nn.Linear, kwargs: dict) -> CausalLMOutputWithPast:
@@ -356,7 +358,7 @@ class PrefixModel(nn.Module):
         if batch is None:
             return self.model.generate(*args, **kwargs)
         batch = batch.cast(self.model.dtype)  # no gradients here: convert once, not per layer and token
-        cache = prefix_cache(arch.unwrap_adapters(self.model), batch, kwargs) if self._decoder_only() else None
+        cache = prefix_cache(arch.unwrap_adapters(self.model), batch, kwargs) if self.decoder_only else None
         if cache is not None:  # the prefix sits in the cache once instead of being copied at every step
             kwargs["cache"] = cache
             batch = dataclasses.replace(batch, in_cache=batch.prefixed_layers)

@@ -172,6 +172,7 @@ class _Loop:
     def _loss(self, batch: dict, items: torch.Tensor) -> torch.Tensor:
         """This micro-batch's summed loss over ``items``, the label count of the whole global batch."""
         if self.labels is None:  # language modelling: transformers sums token losses over num_items_in_batch
+            batch = causal_batch(self.pm, batch)
             return self.runner(**batch, num_items_in_batch=items, return_logits=self._sharded_head).loss
         logits = self.runner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum") / items
@@ -358,6 +359,23 @@ def _tokenize(examples: list, tokenizer, cfg: TrainConfig, labels: list[str] | N
         log.warning("%d of %d examples were longer than --max-length %d and were truncated (first: %s)",
                     len(report["truncated"]), len(rows), cfg.max_length, report["truncated"][0])
     return rows
+
+
+def causal_batch(pm: PrefixModel, batch: dict) -> dict:
+    """``batch`` (right-padded by :func:`data.collate`, label -100 on the padding) without its
+    attention mask, where the mask cannot change the loss: a decoder-only language model.
+
+    Under causal attention a real token sees only the tokens before it, never the padding after
+    it, and the padding's own outputs carry no label; its positions (``0..n-1``) are the same
+    with or without the mask. The loss and the gradients are the same (``tests/test_training.py``),
+    but a call without a mask reaches the mask-free attention kernels: on a GPU, a mask keeps
+    SDPA off flash attention and makes transformers copy the keys and values for every query
+    head. Kept where the mask matters: an encoder (bidirectional), a task head, a mixture of
+    experts whose load-balancing loss counts the tokens the mask marks."""
+    config = pm.model.config
+    if not pm.decoder_only or pm.heads or getattr(config, "output_router_logits", False):
+        return batch
+    return {**batch, "attention_mask": None}
 
 
 def _loss_items(labels: torch.Tensor) -> int:

@@ -3,7 +3,7 @@ gradient checkpointing changes nothing, dtypes and autocast work."""
 
 import pytest
 import torch
-from tiny import tiny_model, tokens
+from tiny import ARCHS, tiny_model, tokens
 
 from prefixtune import PrefixConfig, PrefixModel
 
@@ -102,3 +102,44 @@ def test_a_few_steps_of_adamw_lower_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1
+
+
+def _padded_batch():
+    """Three rows of 9, 5 and 3 tokens, right-padded as training pads them, prompts unscored."""
+    from prefixtune import data
+
+    x = tokens(3, 9, seed=5)
+    rows = [{"input_ids": x[i, :n].tolist(), "labels": [-100] * 2 + x[i, 2:n].tolist()} for i, n in enumerate((9, 5, 3))]
+    return data.collate(rows, pad_id=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_right_padded_batch_trains_the_same_without_its_mask(arch):
+    """prefixtune train drops the padding mask of a decoder-only model's batch (the padding
+    comes after every real token, which causal attention never looks at): same loss and
+    prefix gradients, whichever attention path the mask-free call then takes."""
+    from prefixtune.train import causal_batch
+
+    pm = PrefixModel.wrap(tiny_model(arch), PrefixConfig(prefix_length=3, reparam_hidden_size=16)).train()
+    batch = _padded_batch()
+    assert causal_batch(pm, batch)["attention_mask"] is None
+    results = []
+    for b in (batch, causal_batch(pm, batch)):
+        pm.zero_grad(set_to_none=True)
+        loss = pm(**b, return_logits=False).loss
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in pm.trainable_parameters()])))
+    (loss, grad), (loss_free, grad_free) = results
+    assert torch.allclose(loss_free, loss, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grad_free, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_the_padding_mask_stays_where_it_matters():
+    from tiny import tiny_encoder, tiny_seq2seq
+
+    from prefixtune.train import causal_batch
+
+    batch = _padded_batch()
+    for model in (tiny_seq2seq("t5"), tiny_encoder("bert")):
+        pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=3, reparam_hidden_size=16))
+        assert causal_batch(pm, batch) is batch
