@@ -25,6 +25,10 @@ tiny sizes, float32). Sections, each written to the JSON as soon as it is done:
    ``peft`` and ``prefixtune_gc`` (gradient checkpointing); prefix length 10, MLP width 512.
    Median seconds, paired ratios, and peak memory (``max_memory_allocated`` above what was
    resident before the step, plus the arm's own parameters).
+3b. ``padded``: the same at 512 and 2048 tokens with right-padded batches (every other row
+   padded after 3/4 of its length, the padding unscored, as real text gives), arms ``floor``,
+   ``prefixtune`` (the mask dropped, as ``prefixtune train`` does: ``causal_batch``),
+   ``prefixtune_keep_mask`` (the mask kept: transformers' masked kernel) and ``peft``.
 4. ``generate``: greedy, 64 new tokens, batch 1 and 8: plain / prefixtune / PEFT, and at
    batch 8 eight different prefixes in one call vs one after another (benchmarks/generate.py's
    measurement, with a CUDA sync at the end of each call).
@@ -63,6 +67,8 @@ import generate as gen_bench  # noqa: E402  (benchmarks/generate.py)
 import scaling  # noqa: E402  (benchmarks/scaling.py)
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 from common import build_each, machine_info, peft_prefix_model, use_variant, write_json  # noqa: E402
+
+from prefixtune.train import causal_batch  # noqa: E402
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
@@ -229,9 +235,13 @@ def scaling_floor(model, ids, mask):
 TRAIN_ARMS = ("floor", "prefixtune", "prefixtune_logits", "prefixtune_chunk28", "prefixtune_bias", "prefixtune_bias_gqa",
               "prefixtune_mask",
               "peft", "prefixtune_gc")
+PADDED_ARMS = ("floor", "prefixtune", "prefixtune_keep_mask", "peft")
+"""The ``padded`` section's arms: right-padded batches, as real text gives. ``prefixtune`` drops
+their mask as ``prefixtune train`` does (``prefixtune.train.causal_batch``: mask-free kernels);
+``prefixtune_keep_mask`` keeps it (transformers' masked kernel, key/values copied per head)."""
 
 
-def train_arms(base, memory: dict) -> tuple[dict, dict]:
+def train_arms(base, memory: dict, wanted=TRAIN_ARMS) -> tuple[dict, dict]:
     """``{name: (step, module)}`` in train_step.py's format; each step records its peak in ``memory[name]``."""
 
     def measured(name, fn, module):
@@ -251,32 +261,34 @@ def train_arms(base, memory: dict) -> tuple[dict, dict]:
         model = copy.deepcopy(base).train().requires_grad_(False)
         return measured("floor", lambda ids, mask: scaling_floor(model, ids, mask), model)
 
-    def prefixed(variant, checkpointing=False, logits=False, chunk=None):
-        """``logits=False`` is what ``prefixtune train`` runs: the loss without the full logits (lm_loss.py)."""
+    def prefixed(variant, checkpointing=False, logits=False, chunk=None, keep_mask=False):
+        """``logits=False`` is what ``prefixtune train`` runs: the loss without the full logits (lm_loss.py);
+        ``keep_mask``: the padding mask kept, which ``prefixtune train`` drops (``causal_batch``)."""
         def build():
             wrapped = PrefixModel.wrap(copy.deepcopy(base), prefix_config()).train()
             if checkpointing:
                 wrapped.gradient_checkpointing_enable()
             name = "prefixtune" + ("_gc" if checkpointing else "" if variant == "pad" else f"_{variant}")
-            name += ("_logits" if logits else "") + ("_chunk28" if chunk else "")
+            name += ("_logits" if logits else "") + ("_chunk28" if chunk else "") + ("_keep_mask" if keep_mask else "")
 
             def fn(ids, mask):
+                batch = {"input_ids": ids, "attention_mask": mask, "labels": train_step.scored(ids, mask)}
                 with use_variant(variant, chunk):
-                    wrapped(input_ids=ids, attention_mask=mask, labels=ids, return_logits=logits).loss.backward()
+                    wrapped(**(batch if keep_mask else causal_batch(wrapped, batch)), return_logits=logits).loss.backward()
             return measured(name, fn, wrapped)
         return build
 
     def peft():
         model = peft_prefix_model(copy.deepcopy(base), PREFIX_LENGTH, HIDDEN).train()
-        return measured("peft", lambda ids, mask: model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward(),
-                        model)
+        return measured("peft", lambda ids, mask: model(input_ids=ids, attention_mask=mask,
+                                                        labels=train_step.scored(ids, mask)).loss.backward(), model)
 
     builders = {"floor": floor, "prefixtune": prefixed("pad"), "prefixtune_logits": prefixed("pad", logits=True),
                 "prefixtune_chunk28": prefixed("pad", chunk=BIG_CHUNK),
                 "prefixtune_bias": prefixed("bias"), "prefixtune_bias_gqa": prefixed("bias_gqa"),
                 "prefixtune_mask": prefixed("mask"), "peft": peft,
-                "prefixtune_gc": prefixed("pad", True)}
-    return build_each(builders)
+                "prefixtune_gc": prefixed("pad", True), "prefixtune_keep_mask": prefixed("pad", keep_mask=True)}
+    return build_each({name: builders[name] for name in wanted})
 
 
 def paired(times: dict, top: str, bottom: str):
@@ -285,9 +297,11 @@ def paired(times: dict, top: str, bottom: str):
     return statistics.median(a / b for a, b in zip(times[top], times[bottom]))
 
 
-def train_section(base, seq_lens, tokens, repeats, warmup) -> dict:
+def train_section(base, seq_lens, tokens, repeats, warmup, padded: bool = False) -> dict:
+    """Training steps of every arm; ``padded``: the batches right-padded (``train_step.make_batch``:
+    every other row after 3/4 of its length) and only :data:`PADDED_ARMS`."""
     memory: dict = {}
-    arms, failed = train_arms(base, memory)
+    arms, failed = train_arms(base, memory, PADDED_ARMS if padded else TRAIN_ARMS)
     for name, error in failed.items():
         print(f"  arm {name} failed to build: {error}")
     weights = {name: param_bytes(module) for name, (_, module) in arms.items()}
@@ -295,10 +309,12 @@ def train_section(base, seq_lens, tokens, repeats, warmup) -> dict:
     for seq_len in seq_lens:
         ids = scaling.batch(base.config.vocab_size, tokens, seq_len, "cpu").to(base.device)
         mask = torch.ones_like(ids)
+        if padded:
+            mask[1::2, seq_len * 3 // 4:] = 0
         memory.clear()
         times = train_step.run_interleaved(arms, failed, ids, mask, repeats, warmup)
         rows = {}
-        for name in TRAIN_ARMS:
+        for name in PADDED_ARMS if padded else TRAIN_ARMS:
             if name in times:
                 rows[name] = {"median_s": statistics.median(times[name]), "vs_floor": paired(times, name, "floor"),
                               "times_s": times[name], "peak_bytes": memory.get(name),
@@ -315,6 +331,8 @@ def train_section(base, seq_lens, tokens, repeats, warmup) -> dict:
             "prefixtune_bias_gqa/prefixtune": paired(times, "prefixtune_bias_gqa", "prefixtune"),
             "prefixtune_bias_gqa/floor": paired(times, "prefixtune_bias_gqa", "floor"),
             "prefixtune_gc/prefixtune": paired(times, "prefixtune_gc", "prefixtune"),
+            "prefixtune/prefixtune_keep_mask": paired(times, "prefixtune", "prefixtune_keep_mask"),
+            "prefixtune_keep_mask/floor": paired(times, "prefixtune_keep_mask", "floor"),
         }
         for top in ("prefixtune", "prefixtune_logits", "prefixtune_chunk28", "prefixtune_gc", "prefixtune_mask"):
             if top in memory and "peft" in memory:
@@ -469,7 +487,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model and sizes (on the CPU if there is no GPU)")
     parser.add_argument("--json", type=Path, help="write the results here (after every section)")
-    parser.add_argument("--sections", nargs="+", default=["check", "kernels", "train", "generate", "scaling", "profile"])
+    parser.add_argument("--sections", nargs="+",
+                        default=["check", "kernels", "train", "padded", "generate", "scaling", "profile"])
     parser.add_argument("--gen-repeats", type=int, default=3,
                         help="timed generate calls per arm (3 resolve about +-10 %% on an H200: host-bound)")
     parser.add_argument("--train-shapes", nargs="+", default=["smollm2-135m", "llama-1b"])
@@ -492,6 +511,7 @@ def main(argv=None) -> None:
     print("  ".join(f"{k}={v}" for k, v in info.items()))
     sizes = dict(
         seq_lens=[16, 32] if args.smoke else [128, 512, 1024, 2048],
+        padded_seq_lens=[32] if args.smoke else [512, 2048],
         tokens=64 if args.smoke else 16384,
         repeats=1 if args.smoke else 5,
         warmup=1 if args.smoke else 2,
@@ -524,6 +544,12 @@ def main(argv=None) -> None:
             model = base if train_shape == shape else scaling.random_model(train_shape, device, dtype)
             return train_section(model, sizes["seq_lens"], sizes["tokens"], sizes["repeats"], sizes["warmup"])
         section(f"train:{train_shape}", run_train)
+    for train_shape in train_shapes:
+        def run_padded(train_shape=train_shape):
+            model = base if train_shape == shape else scaling.random_model(train_shape, device, dtype)
+            return train_section(model, sizes["padded_seq_lens"], sizes["tokens"], sizes["repeats"], sizes["warmup"],
+                                 padded=True)
+        section(f"padded:{train_shape}", run_padded)
     section("generate", lambda: generate_section(base, sizes["gen_batches"], sizes["new_tokens"], 32,
                                                  sizes["gen_repeats"], 1))
     section("scaling", lambda: scaling.sweep(
@@ -546,7 +572,7 @@ def main(argv=None) -> None:
 def print_summary(results: dict) -> None:
     print("\n==== summary (ratios; medians of paired per-repeat ratios)")
     for name, sec in results["sections"].items():
-        if not name.startswith("train:") or "seq_len" not in sec:
+        if not name.startswith(("train:", "padded:")) or "seq_len" not in sec:
             continue
         for seq_len, row in sec["seq_len"].items():
             print(f"{name} seq {seq_len} batch {row['batch']}: " + "  ".join(

@@ -24,6 +24,9 @@ One step is forward + backward on a random token batch (``labels = input_ids``).
   attention path the default ``"auto"`` replaced on short CPU rows (prefixtune/attention.py).
 * ``prefixtune_mask`` (only with ``--arms``): ``prefixtune`` with ``FUSED_CAUSAL = "mask"``, what
   ``"auto"`` took on short CPU rows before it took ``"bias_gqa"`` there.
+* ``prefixtune_keep_mask`` (only with ``--arms``; differs only with ``--padded``): ``prefixtune``
+  with the padding mask kept, as ``prefixtune train`` ran until 2026-11-28 (evening); it now
+  drops the mask of right-padded decoder-only batches (``prefixtune.train.causal_batch``).
 * ``peft``: ``peft.get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=10,
   prefix_projection=True, encoder_hidden_size=512)``. If PEFT fails, the arm is reported
   as failed and the rest still runs.
@@ -48,13 +51,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
 from prefixtune.models import load_model  # noqa: E402
+from prefixtune.train import causal_batch  # noqa: E402
 
 from common import build_each, first_line, peft_prefix_model, rotated, start, use_variant, write_json  # noqa: E402  (benchmarks/common.py)
 
 PREFIX_LENGTH = 10
 HIDDEN = 512
 ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft", "prefixtune_gc", "prefixtune_pad", "prefixtune_mask",
-        "floor_cache", "floor_b")
+        "floor_cache", "prefixtune_keep_mask", "floor_b")
 DEFAULT_ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
 
 
@@ -85,17 +89,18 @@ def floor_arm(use_cache: bool = False):
 
     def step(ids, mask):
         inputs_embeds = embed(ids).detach().requires_grad_(True)
-        model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=ids, use_cache=use_cache).loss.backward()
+        model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=scored(ids, mask), use_cache=use_cache).loss.backward()
 
     return step, model
 
 
 def prefixtune_arm(return_logits: bool = False, checkpointing: bool = False, fused: str | None = None,
-                   prefix_length: int = PREFIX_LENGTH):
+                   prefix_length: int = PREFIX_LENGTH, keep_mask: bool = False):
     """What ``prefixtune train`` runs (the loss without the full logits, prefixtune/lm_loss.py);
     ``return_logits=True``: the model's own loss over the materialized logits, like the floor;
     ``checkpointing``: with gradient checkpointing (``--gradient-checkpointing``);
-    ``fused``: ``attention.FUSED_CAUSAL`` during the step."""
+    ``fused``: ``attention.FUSED_CAUSAL`` during the step; ``keep_mask``: the padding mask kept
+    (``prefixtune train`` drops it, ``prefixtune.train.causal_batch``)."""
     model, _ = load_model()
     config = PrefixConfig(prefix_length=prefix_length, reparameterize=True, reparam_hidden_size=HIDDEN)
     wrapped = PrefixModel.wrap(model, config)
@@ -105,7 +110,8 @@ def prefixtune_arm(return_logits: bool = False, checkpointing: bool = False, fus
 
     def step(ids, mask):
         with use_variant(fused):
-            wrapped(input_ids=ids, attention_mask=mask, labels=ids, return_logits=return_logits).loss.backward()
+            batch = {"input_ids": ids, "attention_mask": mask, "labels": scored(ids, mask)}
+            wrapped(**(batch if keep_mask else causal_batch(wrapped, batch)), return_logits=return_logits).loss.backward()
 
     return step, wrapped
 
@@ -115,7 +121,7 @@ def peft_arm(prefix_length: int = PREFIX_LENGTH):
     wrapped.train()
 
     def step(ids, mask):
-        wrapped(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        wrapped(input_ids=ids, attention_mask=mask, labels=scored(ids, mask)).loss.backward()
 
     return step, wrapped
 
@@ -127,12 +133,18 @@ def build_arms(wanted=DEFAULT_ARMS, second_floor: bool = False, prefix_length: i
                 "prefixtune_logits": lambda: prefixtune_arm(True, **length), "peft": lambda: peft_arm(**length),
                 "prefixtune_gc": lambda: prefixtune_arm(checkpointing=True, **length),
                 "prefixtune_pad": lambda: prefixtune_arm(fused="pad", **length),
-                "prefixtune_mask": lambda: prefixtune_arm(fused="mask", **length)}
+                "prefixtune_mask": lambda: prefixtune_arm(fused="mask", **length),
+                "prefixtune_keep_mask": lambda: prefixtune_arm(keep_mask=True, **length)}
     chosen = {name: builders[name] for name in wanted}
     return build_each({**chosen, **({"floor_b": floor_arm} if second_floor else {})})
 
 
 # ---------------------------------------------------------------------------- timing
+def scored(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The labels: every token, but not the padding (-100), as training batches are (``data.collate``)."""
+    return ids.masked_fill(mask == 0, -100)
+
+
 def make_batch(seed: int, batch_size: int, seq_len: int, vocab_size: int, padded: bool = False):
     """Random tokens; ``padded``: every other row right-padded after 3/4 of its length (mask 0
     there), as batches of texts of different lengths are, so that every arm takes a masked path."""
