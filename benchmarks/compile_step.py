@@ -43,14 +43,18 @@ from scaling import random_model  # noqa: E402
 from prefixtune import PrefixConfig, PrefixModel, arch  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--train-demo", metavar="OUT", help="run the README's training job with compiled blocks into OUT")
-    return parser.parse_args(argv)
+    parser.add_argument("--train-demo", metavar="OUT", help="run the README's training job with compiled blocks "
+                        "into OUT; options this script does not know (e.g. --lr 1e-3) go to prefixtune train")
+    args, extra = parser.parse_known_args(argv)
+    if extra and not args.train_demo:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args, extra
 
 
 def compile_blocks(model: PrefixModel, **options) -> int:
@@ -63,8 +67,8 @@ def compile_blocks(model: PrefixModel, **options) -> int:
     return len(blocks)
 
 
-def train_demo(out: str) -> None:
-    """``prefixtune train --output-dir OUT`` with each block compiled as soon as the model is wrapped."""
+def train_demo(out: str, extra: list[str]) -> None:
+    """``prefixtune train --output-dir OUT [extra]`` with each block compiled as soon as the model is wrapped."""
     from prefixtune.cli import main as cli
 
     wrap = PrefixModel.wrap.__func__
@@ -75,14 +79,14 @@ def train_demo(out: str) -> None:
         return wrapped
 
     PrefixModel.wrap = classmethod(wrap_and_compile)
-    raise SystemExit(cli(["train", "--output-dir", out]))
+    raise SystemExit(cli(["train", "--output-dir", out, *extra]))
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    args, extra = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.train_demo:
-        train_demo(args.train_demo)
+        train_demo(args.train_demo, extra)
     torch.manual_seed(0)
     base = random_model("smollm2-135m", "cpu", torch.float32).requires_grad_(False).train()
     eager = PrefixModel.wrap(base, PrefixConfig(prefix_length=10, reparam_hidden_size=512)).train()
