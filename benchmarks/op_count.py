@@ -12,7 +12,8 @@ depend on the device, the weights or the machine's load, so a CPU run says exact
 ops a change removes, and where (op name, and the autograd node that ran it in backward).
 
 Arms: ``floor`` (the frozen model's forward + backward to its input embeddings, its own loss,
-no key/value cache), ``prefixtune`` (what ``prefixtune train`` runs: the chunked loss) and
+no key/value cache), ``floor_cache`` (the same with transformers' default cache, the floor of
+the GPU runs 1-5), ``prefixtune`` (what ``prefixtune train`` runs: the chunked loss) and
 ``prefixtune_logits`` (the model's own loss, like the floor), each prefixed arm once per
 attention path in ``--paths`` (``attention.FUSED_CAUSAL``). Random weights of the model's shape
 (benchmarks/scaling.py), a batch of ``--batch`` rows of ``--seq-len`` tokens, prefix length 10.
@@ -89,8 +90,8 @@ def arms(shape: str, paths: list[str], rows: int, seq_len: int) -> tuple[dict, i
     config = PrefixConfig(prefix_length=10, reparameterize=True, reparam_hidden_size=512)
     wrapped = PrefixModel.wrap(base, config).train()
 
-    def floor():
-        return floor_model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids, use_cache=False).loss
+    def floor(use_cache: bool = False):
+        return floor_model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids, use_cache=use_cache).loss
 
     def prefixed(path: str, logits: bool):
         def loss():
@@ -99,7 +100,7 @@ def arms(shape: str, paths: list[str], rows: int, seq_len: int) -> tuple[dict, i
                 return wrapped(input_ids=ids, labels=ids, return_logits=logits).loss
         return loss
 
-    out = {"floor": floor}
+    out = {"floor": floor, "floor_cache": lambda: floor(use_cache=True)}
     for path in paths:
         out[f"prefixtune {path}"] = prefixed(path, False)
         out[f"prefixtune_logits {path}"] = prefixed(path, True)
