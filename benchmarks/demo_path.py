@@ -26,11 +26,18 @@ from prefixtune.cli import main  # noqa: E402
 
 PATHS = ("auto", "pad", "bias", "bias_gqa", "mask")
 
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", choices=PATHS, help="prefixtune.attention.FUSED_CAUSAL for the run")
     parser.add_argument("output_dir", help="the run's --output-dir")
-    parser.add_argument("--torch-threads", type=int, help="torch's thread count (default: torch's, the core count)")
+    parser.add_argument("--torch-threads", type=positive, help="torch's thread count (default: torch's, the core count)")
     args, rest = parser.parse_known_args()
     attention.FUSED_CAUSAL = args.path
     if args.torch_threads:

@@ -68,8 +68,6 @@ import scaling  # noqa: E402  (benchmarks/scaling.py)
 import train_step  # noqa: E402  (benchmarks/train_step.py)
 from common import build_each, machine_info, peft_prefix_model, use_variant, write_json  # noqa: E402
 
-from prefixtune.train import causal_batch  # noqa: E402
-
 PREFIX_LENGTH = 10
 HIDDEN = 512
 VARIANTS = ("pad", "bias", "bias_gqa", "mask")
@@ -272,9 +270,8 @@ def train_arms(base, memory: dict, wanted=TRAIN_ARMS) -> tuple[dict, dict]:
             name += ("_logits" if logits else "") + ("_chunk28" if chunk else "") + ("_keep_mask" if keep_mask else "")
 
             def fn(ids, mask):
-                batch = {"input_ids": ids, "attention_mask": mask, "labels": train_step.scored(ids, mask)}
                 with use_variant(variant, chunk):
-                    wrapped(**(batch if keep_mask else causal_batch(wrapped, batch)), return_logits=logits).loss.backward()
+                    train_step.prefixtune_loss(wrapped, ids, mask, keep_mask, logits).backward()
             return measured(name, fn, wrapped)
         return build
 
@@ -298,7 +295,7 @@ def paired(times: dict, top: str, bottom: str):
 
 
 def train_section(base, seq_lens, tokens, repeats, warmup, padded: bool = False) -> dict:
-    """Training steps of every arm; ``padded``: the batches right-padded (``train_step.make_batch``:
+    """Training steps of every arm; ``padded``: the batches right-padded (``train_step.padding_mask``:
     every other row after 3/4 of its length) and only :data:`PADDED_ARMS`."""
     memory: dict = {}
     arms, failed = train_arms(base, memory, PADDED_ARMS if padded else TRAIN_ARMS)
@@ -308,9 +305,7 @@ def train_section(base, seq_lens, tokens, repeats, warmup, padded: bool = False)
     out = {"tokens_per_batch": tokens, "param_bytes": weights, "seq_len": {}}
     for seq_len in seq_lens:
         ids = scaling.batch(base.config.vocab_size, tokens, seq_len, "cpu").to(base.device)
-        mask = torch.ones_like(ids)
-        if padded:
-            mask[1::2, seq_len * 3 // 4:] = 0
+        mask = train_step.padding_mask(ids, padded)
         memory.clear()
         times = train_step.run_interleaved(arms, failed, ids, mask, repeats, warmup)
         rows = {}

@@ -110,8 +110,7 @@ def prefixtune_arm(return_logits: bool = False, checkpointing: bool = False, fus
 
     def step(ids, mask):
         with use_variant(fused):
-            batch = {"input_ids": ids, "attention_mask": mask, "labels": scored(ids, mask)}
-            wrapped(**(batch if keep_mask else causal_batch(wrapped, batch)), return_logits=return_logits).loss.backward()
+            prefixtune_loss(wrapped, ids, mask, keep_mask, return_logits).backward()
 
     return step, wrapped
 
@@ -145,15 +144,27 @@ def scored(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ids.masked_fill(mask == 0, -100)
 
 
-def make_batch(seed: int, batch_size: int, seq_len: int, vocab_size: int, padded: bool = False):
-    """Random tokens; ``padded``: every other row right-padded after 3/4 of its length (mask 0
-    there), as batches of texts of different lengths are, so that every arm takes a masked path."""
-    torch.manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (batch_size, seq_len))
+def prefixtune_loss(wrapped, ids: torch.Tensor, mask: torch.Tensor, keep_mask: bool, return_logits: bool):
+    """The loss of a prefixed step on the batch as ``prefixtune train`` makes it (padding unscored,
+    the mask dropped where ``causal_batch`` may; ``keep_mask``: kept, as before that)."""
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": scored(ids, mask)}
+    return wrapped(**(batch if keep_mask else causal_batch(wrapped, batch)), return_logits=return_logits).loss
+
+
+def padding_mask(ids: torch.Tensor, padded: bool) -> torch.Tensor:
+    """All ones; ``padded``: every other row right-padded after 3/4 of its length (mask 0 there),
+    as batches of texts of different lengths are, so that every arm takes a masked path."""
     mask = torch.ones_like(ids)
     if padded:
-        mask[1::2, seq_len * 3 // 4:] = 0
-    return ids, mask
+        mask[1::2, ids.shape[1] * 3 // 4:] = 0
+    return mask
+
+
+def make_batch(seed: int, batch_size: int, seq_len: int, vocab_size: int, padded: bool = False):
+    """Random tokens and their :func:`padding_mask`."""
+    torch.manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch_size, seq_len))
+    return ids, padding_mask(ids, padded)
 
 
 def timed_step(step, module, ids, mask) -> float:

@@ -227,7 +227,7 @@ class PrefixModel(nn.Module):
         encoders = [self.prefixes[n] for n in unique]
         made = [encoder() for encoder in encoders]  # each [n_layers, 2, kv_heads, L_p, head_dim]
         if len(unique) == 1 and None not in names:  # one prefix for every row: what training sends
-            shift = encoders[0].config.prefix_length * encoders[0].config.shift_positions
+            shift = _shift(encoders[0])
             return PrefixBatch(key_values=_uniform_key_values(encoders[0], made[0], rows, self.shape.num_layers),
                                valid=[None] * self.shape.num_layers, shift=shift,
                                offsets=torch.full((rows,), shift, device=self.device))
@@ -239,7 +239,7 @@ class PrefixModel(nn.Module):
         width = max(kv.shape[3] for kv in made)
         row_index = torch.tensor(index, device=self.device)
         lengths = torch.tensor([e.config.prefix_length for e in encoders] + [0], device=self.device)
-        shifts = [e.config.prefix_length * e.config.shift_positions for e in encoders] + [0]
+        shifts = [_shift(e) for e in encoders] + [0]
         row_shifts = {shifts[i] for i in index}
         batch = PrefixBatch(key_values=[], valid=[], offsets=torch.tensor(shifts, device=self.device)[row_index],
                             shift=row_shifts.pop() if len(row_shifts) == 1 else None)
@@ -451,6 +451,11 @@ def _rows(kwargs: dict) -> int:
 def _stack_layers(key_values: Sequence, layers: Sequence[int]) -> torch.Tensor:
     """Per-layer ``(k, v)`` pairs of the given layers as one ``[n, 2, kv_heads, L, head_dim]`` tensor."""
     return torch.stack([torch.stack(key_values[i]) for i in layers])
+
+
+def _shift(encoder: PrefixEncoder) -> int:
+    """How far a row with this prefix moves its positions (its length, if ``shift_positions``)."""
+    return encoder.config.prefix_length * encoder.config.shift_positions
 
 
 def _uniform_key_values(encoder: PrefixEncoder, key_values: torch.Tensor, rows: int, num_layers: int) -> list:

@@ -124,7 +124,7 @@ class BatchCache:
             self._told = None
             return
         full = torch.stack([self.valid[i].all() for i in prefixed]).tolist()
-        masked = {i for i, every in zip(prefixed, full) if not every}  # every slot real: no mask work
+        masked = {i for i, every in zip(prefixed, full) if not every}  # the others: every slot real, no mask work
         self._told = PrefixBatch(
             key_values=[], valid=[v if i in masked else None for i, v in enumerate(self.valid)],
             offsets=torch.tensor(self.shifts, device=self.mask.device),
