@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from .config import TARGETS
+from .peft.wrappers import unwrap_adapters
 
 
 GROUPS = TARGETS
@@ -204,7 +205,7 @@ def attention_modules(model: nn.Module, layout: Layout) -> list[tuple[AttentionG
 
 
 def _blocks(model: nn.Module, group: AttentionGroup) -> nn.ModuleList:
-    model = unwrap_adapters(model)  # prefix + LoRA: the blocks live inside PEFT's wrappers (issue 6)
+    model = unwrap_adapters(model)  # prefix + LoRA: the blocks live inside PEFT's wrappers
     root = getattr(model, "base_model", model)
     try:
         return root.get_submodule(group.layers)
@@ -233,23 +234,6 @@ def resolve_sites(layers: tuple[int, ...] | None, targets: tuple[str, ...], shap
             sites += [start + layer for layer in resolve_layers(layers, count)]
         start += count
     return tuple(sites)
-
-
-# --- PEFT wrappers (issue 6, prefix + LoRA; used by prefixtune.lora and PrefixModel) ---
-def is_peft_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a PEFT wrapper (``PeftModel``, ``LoraModel``...), told without importing peft."""
-    return type(model).__module__.split(".", 1)[0] == "peft"
-
-
-def unwrap_adapters(model: nn.Module) -> nn.Module:
-    """The transformers model inside PEFT's wrappers (``PeftModel -> LoraModel -> model``);
-    ``model`` itself otherwise. LoRA layers stay in place: only the wrappers are looked through."""
-    while is_peft_model(model):
-        inner = model.get_base_model() if hasattr(type(model), "get_base_model") else getattr(model, "model", None)
-        if not isinstance(inner, nn.Module) or inner is model:
-            break
-        model = inner
-    return model
 
 
 def resolve_layers(layers: tuple[int, ...] | None, num_layers: int) -> tuple[int, ...]:

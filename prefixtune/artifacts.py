@@ -1,4 +1,10 @@
-"""Prefix artifacts on disk: ``prefix_config.json`` + ``prefix.safetensors``, nothing else.
+"""A prefix on disk: ``prefix_config.json`` + ``prefix.safetensors``, nothing else (no pickle).
+
+One folder holds everything that trained with the prefix: its key/values (always, folded,
+ready for inference), optionally its reparameterization MLP (to continue training), the task
+head of a classifier (P-Tuning v2 trains it with the prefix) and, for prefix + LoRA, the PEFT
+adapter in ``adapter/`` (:mod:`prefixtune.peft.lora`). :func:`save_prefix` and
+:func:`load_prefix` write and read all of it; ``PrefixModel.save_prefix``/``load_prefix`` call them.
 
 Writes are atomic (temporary file, then rename), so an interrupted save never leaves a
 half-written prefix behind. Reads fail with a message that names the file and the problem.
@@ -9,15 +15,103 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .arch import ModelShape
+from .base_models import class_names
+from .config import PrefixConfig
+from .encoder import PrefixEncoder
+from .peft import lora
+from .peft.wrappers import is_peft_model
 
 CONFIG_FILE = "prefix_config.json"
 WEIGHTS_FILE = "prefix.safetensors"
 FORMAT = "prefixtune.prefix.v1"
+
+
+def save_prefix(directory: str | os.PathLike, encoder: PrefixEncoder, model: nn.Module, shape: ModelShape,
+                heads: dict[str, nn.Module], keep_reparam: bool = False) -> Path:
+    """Write ``encoder`` (a prefix of ``model``, whose geometry is ``shape``) with the task ``heads``
+    and, on a PEFT model, its adapter. ``keep_reparam`` stores the MLP too, so training can resume."""
+    tensors = {"key_values": encoder.raw_key_values()}
+    keep = keep_reparam and encoder.reparameterized
+    if keep:
+        tensors.update({f"reparam.{k}": v for k, v in encoder.state_dict().items()})
+    tensors.update({f"head.{name}.{key}": value for name, head in heads.items()
+                    for key, value in head.state_dict().items()})
+    meta = {"prefix": encoder.config.to_dict(), "layers": list(encoder.layers), "base": shape.to_dict(),
+            "reparameterization_saved": keep}
+    if heads:  # the class names, so a scorer can rebuild the task model (base_models.load_model)
+        meta["labels"] = class_names(model)
+    path = write_prefix(directory, meta, tensors)
+    if is_peft_model(model):  # prefix + LoRA: the adapter goes to DIR/adapter
+        lora.save_adapter(model, path)
+    return path
+
+
+def load_prefix(directory: str | os.PathLike, model: nn.Module, shape: ModelShape,
+                heads: dict[str, nn.Module]) -> PrefixEncoder:
+    """The prefix saved in ``directory`` as an encoder for ``model`` (geometry ``shape``); its task
+    head and PEFT adapter weights are loaded into ``heads`` and ``model`` on the way."""
+    meta, tensors = read_prefix(directory)
+    saved = ModelShape(**meta["base"])
+    problems = saved.mismatches(shape)
+    if problems:
+        raise ValueError(f"{directory}: this prefix was made for another model: " + "; ".join(problems))
+    if saved.name_or_path and shape.name_or_path and saved.name_or_path != shape.name_or_path:
+        warnings.warn(f"prefix was trained on {saved.name_or_path!r}, loading onto {shape.name_or_path!r}")
+    config = PrefixConfig.from_dict(meta["prefix"])
+    if not meta.get("reparameterization_saved"):
+        config = config.replace(reparameterize=False)
+    encoder = PrefixEncoder(config, tuple(meta["layers"]), shape.num_kv_heads, shape.head_dim)
+    _load_encoder(encoder, tensors, directory)
+    _load_heads(heads, tensors, directory)
+    if lora.has_saved_adapter(directory):  # prefix + LoRA: the LoRA weights trained with this prefix
+        lora.load_adapter_weights(model, directory)
+    return encoder
+
+
+def _load_encoder(encoder: PrefixEncoder, tensors: dict, directory) -> None:
+    if encoder.reparameterized:
+        state = {k.removeprefix("reparam."): v for k, v in tensors.items() if k.startswith("reparam.")}
+    else:
+        state = {"key_values": tensors.get("key_values")}
+    expected = encoder.state_dict()
+    bad = [k for k in expected if k not in state or state[k] is None or state[k].shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"{directory}: prefix tensors {bad} are missing or have the wrong shape")
+    encoder.load_state_dict(state)
+
+
+def _load_heads(heads: dict[str, nn.Module], tensors: dict, directory) -> None:
+    """Copy a saved task head into the model's (the head trains with the prefix, P-Tuning v2)."""
+    saved = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    if not saved:
+        return
+    names = sorted({key.split(".", 1)[0] for key in saved})
+    missing = [n for n in names if n not in heads]
+    if missing:
+        raise ValueError(
+            f"{directory}: this prefix carries a task head ({', '.join(names)}) that the model lacks: load the base "
+            "model as a task model (e.g. AutoModelForSequenceClassification with the same num_labels)"
+        )
+    for name in names:
+        state = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == name}
+        expected = heads[name].state_dict()
+        bad = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+        if bad:
+            shapes = {k: tuple(state[k].shape) for k in bad if k in state}
+            raise ValueError(f"{directory}: task head {name!r} does not fit the model (different num_labels?): "
+                             f"{bad} missing or of shape {shapes}, model expects "
+                             f"{ {k: tuple(expected[k].shape) for k in bad} }")
+        with torch.no_grad():
+            heads[name].load_state_dict(state)
 
 
 def write_prefix(directory: str | os.PathLike, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
@@ -25,10 +119,16 @@ def write_prefix(directory: str | os.PathLike, meta: dict, tensors: dict[str, to
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {key: t.detach().to("cpu", torch.float32).contiguous() for key, t in tensors.items()}
-    _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    write_safetensors(path / WEIGHTS_FILE, tensors, {"format": FORMAT})
     text = json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True) + "\n"
-    _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """``tensors`` (moved to the CPU, made contiguous) as a safetensors file, written atomically."""
+    tensors = {key: t.detach().cpu().contiguous() for key, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_prefix(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -64,7 +164,8 @@ def read_json(path: Path):
         raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
 
 
-def _atomic(target: Path, write) -> None:
+def atomic_write(target: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``target``, then rename it to ``target``."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -1,6 +1,11 @@
-"""The prefix as the first entries of ``generate``'s key/value cache.
+"""A prefix and a key/value cache are the same kind of thing; this module turns one into the other.
 
-Without this, every decoding step would concatenate the prefix in front of each layer's
+* :func:`tokens_key_values`: the frozen model's own cache of a text is the prefix that makes
+  it act as if it had read that text (the parity test, and the paper's "real words" init).
+* :class:`PrefixLayer` and :func:`prefix_cache`: the prefix as the first entries of
+  ``generate``'s key/value cache.
+
+Without the second, every decoding step would concatenate the prefix in front of each layer's
 cached keys and values: a copy of the whole cache per layer and token, on top of the one
 transformers' ``DynamicLayer`` already makes when it appends the new token with
 ``torch.cat``. Here each prefixed layer's cache is a :class:`PrefixLayer`: one buffer that
@@ -22,7 +27,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .attention import repeat_rows
+from .prefixes import repeat_rows
 
 MIN_CAPACITY = 64
 HEADROOM = 4
@@ -31,6 +36,26 @@ never holds more than 25 % (or 64 slots) of unused room: a server's key/value ca
 its memory. Each growth copies the buffer once, i.e. about ``4 / T`` of a cache copy per step
 on average at ``T`` cached tokens, against the full copy per step of ``DynamicLayer``'s
 ``torch.cat``."""
+
+
+@torch.no_grad()
+def tokens_key_values(model, input_ids: torch.Tensor, num_sites: int) -> tuple:
+    """Per site, the frozen decoder-only ``model``'s own ``(k, v)`` for ``input_ids`` (``[L]``), each
+    ``[kv_heads, L, head_dim]``, read from its cache in eval mode."""
+    was_training = model.training
+    out = model.eval()(input_ids=input_ids.view(1, -1), use_cache=True)
+    model.train(was_training)
+    return tuple((layer.keys[0], layer.values[0]) for layer in out.cache.layers[:num_sites])
+
+
+def text_tokens(tokenizer, text: str, length: int) -> torch.Tensor:
+    """``text``'s tokens repeated or cut to exactly ``length`` (``PrefixConfig.init_text``)."""
+    if tokenizer is None:
+        raise ValueError("init='text' needs a tokenizer: PrefixModel.wrap(model, config, tokenizer=tokenizer)")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if ids.numel() == 0:
+        raise ValueError(f"init_text {text!r} has no tokens")
+    return ids.repeat(-(-length // ids.numel()))[:length]
 
 
 class PrefixLayer(DynamicLayer):

@@ -30,13 +30,14 @@ COMMANDS = {
                  "Complete --prompt, or every prompt of --input, with the prefix in --prefix."),
 }
 
-# Commands whose arguments are not one config dataclass live in their own modules. Each such
-# module provides SUMMARY, DESCRIPTION, add_arguments(parser) and run(args) -> exit code, and
-# imports its heavy dependencies inside run(), so that `prefixtune --help` stays fast.
+# Commands whose arguments are not one config dataclass live in their own modules, as a module
+# or a module's attribute ("module:NAME") that provides SUMMARY, DESCRIPTION, add_arguments(parser)
+# and run(args) -> exit code, and imports its heavy dependencies inside run(), so that
+# `prefixtune --help` stays fast.
 MODULE_COMMANDS: dict[str, str] = {
     "compare": "prefixtune.compare",
-    "export-peft": "prefixtune.export_peft",
-    "import-peft": "prefixtune.import_peft",
+    "export-peft": "prefixtune.peft.cli:EXPORT",
+    "import-peft": "prefixtune.peft.cli:IMPORT",
     "serve": "prefixtune.serve.cli",
 }
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_logging()
     try:
         if args.command in MODULE_COMMANDS:
-            return importlib.import_module(MODULE_COMMANDS[args.command]).run(args) or 0
+            return _command(args.command).run(args) or 0
         config = options.build(COMMANDS[args.command][0], args, args.config)
         return RUNNERS[args.command](config) or 0
     except KeyboardInterrupt:
@@ -82,10 +83,17 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", default=None, metavar="FILE",
                          help="YAML/JSON file of options (a run's config.yaml); command-line options override it")
         options.add_options(sub, config_cls)
-    for name, module_name in MODULE_COMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.add_arguments(commands.add_parser(name, help=module.SUMMARY, description=module.DESCRIPTION))
+    for name in MODULE_COMMANDS:
+        command = _command(name)
+        command.add_arguments(commands.add_parser(name, help=command.SUMMARY, description=command.DESCRIPTION))
     return parser
+
+
+def _command(name: str):
+    """The module (or the module's attribute) that implements command ``name``."""
+    module, _, attribute = MODULE_COMMANDS[name].partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attribute) if attribute else loaded
 
 
 def _quiet_logging() -> None:
@@ -106,7 +114,7 @@ def _train(cfg: TrainConfig) -> int:
 def _eval(cfg: EvalConfig) -> int:
     from . import data, evaluate
     from .metrics import check_available
-    from .train import split_list
+    from .options import split_list
 
     if not cfg.data:
         raise ValueError("--data is required: the examples to score")
@@ -127,7 +135,7 @@ def _eval(cfg: EvalConfig) -> int:
 def _eval_classes(cfg: EvalConfig) -> int:
     """Accuracy of a classifier prefix (its task head is saved with it)."""
     from . import data, evaluate
-    from .models import class_names
+    from .base_models import class_names
 
     if not cfg.prefix:
         raise ValueError("--task classification needs --prefix: the task head is trained with the prefix")
@@ -178,9 +186,9 @@ def _print_generations(cfg: GenerateConfig, examples: list, texts: list[str], ke
 
 
 def _load(cfg):
+    from .base_models import load_model
     from .model import PrefixModel
-    from .models import load_model
-    from .train import pick_device
+    from .runtime import pick_device
 
     labels = None
     if cfg.task == "classification" and cfg.prefix:

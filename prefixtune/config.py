@@ -14,6 +14,13 @@ INITS = ("random", "text")
 TARGETS = ("encoder", "decoder", "cross")  # the attentions a prefix can enter (prefixtune.arch.GROUPS)
 
 
+def _opt(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, **extra):
+    """A dataclass field whose help text becomes the command line's ``--help`` line. ``option``
+    in ``extra`` renames it on the command line and in YAML (``dropout`` is ``prefix_dropout``
+    there); ``choices`` and ``unescape`` shape its parsing (:mod:`prefixtune.options`)."""
+    return field(default=default, default_factory=factory, metadata={"help": help, **extra})
+
+
 @dataclass
 class PrefixConfig:
     """How to build one trainable prefix (Li & Liang 2021, arXiv:2101.00190).
@@ -32,7 +39,8 @@ class PrefixConfig:
             ``prefix_dropout``). Has no effect in eval mode.
         init: ``"random"``, or ``"text"`` to start from the frozen model's own
             key/values for ``init_text`` (the paper's "initialize with real words",
-            which matters most in low-data settings, section 7.2).
+            which matters most in low-data settings, section 7.2). Left ``None``, it is
+            ``"text"`` when ``init_text`` is given, else ``"random"``.
         init_text: The text whose activations seed the prefix when ``init="text"``.
             Its tokens are repeated or cut to exactly ``prefix_length`` tokens.
         init_std: Standard deviation of the random initialization of a flat prefix.
@@ -52,22 +60,27 @@ class PrefixConfig:
             only "encoder". ``layers`` applies within each target.
     """
 
-    prefix_length: int = 10
-    reparameterize: bool = True
-    reparam_hidden_size: int = 512
-    dropout: float = 0.0
-    init: str = "random"
-    init_text: str | None = None
-    init_std: float = 0.02
-    init_fit_steps: int = 400
-    layers: tuple[int, ...] | None = None
-    shift_positions: bool = True
-    targets: tuple[str, ...] = TARGETS
+    prefix_length: int = _opt(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)")
+    reparameterize: bool = _opt(True, "produce the prefix through the paper's MLP (--no-reparameterize: train it directly)")
+    reparam_hidden_size: int = _opt(512, "width of the reparameterization MLP (the paper's mid_dim)")
+    dropout: float = _opt(0.0, "dropout on the prefix key/values while training", option="prefix_dropout")
+    init: str | None = _opt(None, "random, or text: start from the model's activations for --init-text (default: text "
+                            "when --init-text is given)", choices=INITS)
+    init_text: str | None = _opt(None, "initialize the prefix from the model's activations for this text (the paper's "
+                                 "'real words')")
+    init_std: float = _opt(0.02, "standard deviation of a flat prefix's random initialization")
+    init_fit_steps: int = _opt(400, "Adam steps that fit the MLP to the --init-text activations")
+    layers: tuple[int, ...] | None = _opt(None, "comma-separated layer indices that get a prefix (default: all)")
+    shift_positions: bool = _opt(True, "give the real tokens positions L_p, L_p+1, ... as PEFT and the paper's code do")
+    targets: tuple[str, ...] = _opt(TARGETS, "comma-separated attentions that get a prefix: encoder, decoder, cross "
+                                    "(those the model has)")
 
     def __post_init__(self) -> None:
         if self.layers is not None:
             self.layers = tuple(int(i) for i in self.layers)
         self.targets = tuple(self.targets)
+        if self.init is None:
+            self.init = "text" if self.init_text else "random"
         problems = list(self._problems())
         if problems:
             raise ValueError("invalid PrefixConfig: " + "; ".join(problems))
@@ -83,6 +96,8 @@ class PrefixConfig:
             yield f"init must be one of {INITS}, got {self.init!r}"
         if self.init == "text" and not self.init_text:
             yield "init='text' needs init_text, the text whose activations seed the prefix"
+        if self.init == "random" and self.init_text:
+            yield f"init='random' would ignore init_text {self.init_text!r}: set init='text', or drop init_text"
         if self.layers is not None and len(self.layers) == 0:
             yield "layers must name at least one layer (or be None for all layers)"
         unknown = [t for t in self.targets if t not in TARGETS]
@@ -111,11 +126,6 @@ class PrefixConfig:
     def replace(self, **changes) -> "PrefixConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-def _opt(default, help: str, **extra):
-    """A dataclass field whose help text becomes the command line's ``--help`` line."""
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
@@ -153,7 +163,21 @@ class DataOptions:
 
 
 @dataclass
-class TrainConfig(DataOptions):
+class StepOptions:
+    """How each optimizer step runs: shared by ``prefixtune train`` and ``prefixtune compare``,
+    which train through the same step function (``prefixtune.train.train_step``)."""
+
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    schedule: str = _opt("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
+    warmup_steps: int = _opt(10, "steps of linear warmup from 0 to the peak learning rate")
+    max_grad_norm: float = _opt(1.0, "clip the gradient of what trains to this norm (0 = no clipping)")
+    precision: str = _opt("fp32", "fp32, or bf16/fp16 autocast where the device supports it",
+                          choices=("fp32", "bf16", "fp16"))
+    seed: int = _opt(0, "seed for initialization, data order, dropout and sampled subsets")
+
+
+@dataclass
+class TrainConfig(StepOptions, DataOptions):
     """Everything ``prefixtune train`` does; written next to the results and replayable with ``--config``."""
 
     data: str | None = _opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet file or datasets name (default: the built-in demo task)")
@@ -161,23 +185,12 @@ class TrainConfig(DataOptions):
     output_dir: str = _opt("runs/prefix", "where the prefix, checkpoints, metrics.jsonl, curves.png and config.yaml go")
     train_limit: int | None = _opt(None, "use only the first N training examples (the paper's low-data setting)")
     eval_limit: int | None = _opt(None, "use only the first N evaluation examples")
-    prefix_length: int = _opt(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)")
-    reparameterize: bool = _opt(True, "produce the prefix through the paper's MLP (--no-reparameterize: train it directly)")
-    reparam_hidden_size: int = _opt(512, "width of the reparameterization MLP (the paper's mid_dim)")
-    prefix_dropout: float = _opt(0.0, "dropout on the prefix key/values while training")
-    init_text: str | None = _opt(None, "initialize the prefix from the model's activations for this text (the paper's 'real words')")
-    layers: str | None = _opt(None, "comma-separated layer indices that get a prefix (default: all)")
+    prefix_config: PrefixConfig = _opt(help="the prefix (each of its fields is an option)", factory=PrefixConfig)
     lr: float = _opt(3e-3, "peak AdamW learning rate")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
     epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
     max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)")
     micro_batch_size: int | None = _opt(None, "examples per forward pass (default: the whole batch); accumulates gradients")
-    schedule: str = _opt("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
-    warmup_steps: int = _opt(10, "steps of linear warmup from 0 to --lr")
-    max_grad_norm: float = _opt(1.0, "clip the prefix gradient to this norm (0 = no clipping)")
-    precision: str = _opt("fp32", "fp32, or bf16/fp16 autocast where the device supports it", choices=("fp32", "bf16", "fp16"))
     gradient_checkpointing: bool = _opt(False, "recompute the frozen layers in backward to save memory")
-    seed: int = _opt(0, "seed for initialization, data order and dropout")
     eval_every: int = _opt(0, "evaluate every N steps (0 = only at the end)")
     save_every: int = _opt(50, "write a resumable checkpoint every N steps (0 = never)")
     metric: str = _opt("loss", "metric that picks the best prefix and drives early stopping: loss, or a generation metric such as bleu")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -545,3 +546,20 @@ def batches(rows: list[dict], batch_size: int, *, seed: int, epoch: int, shuffle
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return [[rows[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
+
+
+class BatchOrder:
+    """The rows of each optimizer step: epoch after epoch of :func:`batches`, one epoch's order
+    built when the step first reaches it, so that step ``n`` gets the same rows however the run
+    got there (from the start, or resumed)."""
+
+    def __init__(self, rows: list[dict], batch_size: int, seed: int):
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.per_epoch = math.ceil(len(rows) / batch_size)
+        self._epoch: tuple[int, list] = (-1, [])
+
+    def __getitem__(self, step: int) -> list[dict]:
+        epoch, index = divmod(step, self.per_epoch)
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, batches(self.rows, self.batch_size, seed=self.seed, epoch=epoch))
+        return self._epoch[1][index]

@@ -1,4 +1,4 @@
-"""Training on several processes (GPUs, nodes) through Hugging Face Accelerate (issue 8).
+"""Training on several processes (GPUs, nodes) through Hugging Face Accelerate.
 
 ``prefixtune train`` started by ``accelerate launch`` or ``torchrun`` finds itself in a
 distributed environment (``WORLD_SIZE`` > 1, or an Accelerate FSDP or DeepSpeed config) and
@@ -67,7 +67,7 @@ def setup(device: str) -> "Local | Processes":
     Args:
         device: The ``--device`` option; ``cpu`` keeps a launched run on the CPU (gloo).
     """
-    return Processes(device) if launched() else Local()
+    return Processes(device) if launched() else LOCAL
 
 
 def plan(rows: list, micro_batch_size: int | None, rank: int = 0, world_size: int = 1) -> list[tuple[list, float]]:
@@ -140,6 +140,10 @@ class Local:
 
     def close(self) -> None:
         pass
+
+
+LOCAL = Local()
+"""The one process of a run started by itself."""
 
 
 class Processes(Local):

@@ -48,6 +48,27 @@ class PrefixEncoder(nn.Module):
             self.embedding = self.mlp = None
             self.key_values = nn.Parameter(torch.randn(self.shape) * config.init_std)
 
+    @classmethod
+    def fixed(cls, key_values, config: PrefixConfig) -> "PrefixEncoder":
+        """A flat prefix holding ``key_values``: per model site ``(k, v)`` each ``[kv_heads, L, head_dim]``,
+        or ``None`` where it has none; ``config``'s other settings (dropout, positions) are kept."""
+        sites = tuple(i for i, kv in enumerate(key_values) if kv is not None)
+        if not sites:
+            raise ValueError("key/values are None for every layer")
+        target = stack_sites(key_values, sites)
+        config = config.replace(prefix_length=target.shape[3], reparameterize=False, layers=sites, init="random",
+                                init_text=None)
+        encoder = cls(config, sites, target.shape[2], target.shape[4])
+        encoder.fit(target)
+        return encoder
+
+    def site_key_values(self, num_sites: int) -> tuple:
+        """Per model site, ``(k, v)`` each ``[kv_heads, L_p, head_dim]`` (no dropout); ``None`` for the
+        sites this prefix does not cover."""
+        key_values, slot = self.raw_key_values(), {site: i for i, site in enumerate(self.layers)}
+        return tuple((key_values[slot[i], 0], key_values[slot[i], 1]) if i in slot else None
+                     for i in range(num_sites))
+
     @property
     def reparameterized(self) -> bool:
         return self.mlp is not None
@@ -103,3 +124,7 @@ class PrefixEncoder(nn.Module):
         with torch.no_grad():
             return float(((self.raw_key_values() - target).pow(2).mean() / scale).sqrt())
 
+
+def stack_sites(key_values, sites) -> torch.Tensor:
+    """Per-site ``(k, v)`` pairs of the given sites as one ``[n_sites, 2, kv_heads, L, head_dim]`` tensor."""
+    return torch.stack([torch.stack(key_values[i]) for i in sites])

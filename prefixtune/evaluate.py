@@ -15,7 +15,7 @@ from . import data
 from .config import DataOptions
 from .metrics import compute_metrics
 from .model import PrefixModel
-from .models import class_names
+from .base_models import class_names
 
 
 @torch.no_grad()

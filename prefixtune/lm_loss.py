@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .arch import unwrap_adapters
+from .peft.wrappers import unwrap_adapters
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 26
@@ -48,9 +49,14 @@ def head_of(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def body_of(model: nn.Module) -> nn.Module:
-    """The transformer under the LM head (``LlamaModel`` in ``LlamaForCausalLM``)."""
-    return unwrap_adapters(model).base_model
+def loss_only(model: nn.Module, head: nn.Linear, kwargs: dict) -> CausalLMOutputWithPast:
+    """``model(**kwargs).loss`` (with ``labels`` and, optionally, ``num_items_in_batch``), computed from
+    the body's hidden states by :func:`causal_lm_loss`; ``.logits`` is ``None``."""
+    kwargs = dict(kwargs)
+    labels, items = kwargs.pop("labels"), kwargs.pop("num_items_in_batch", None)
+    body = unwrap_adapters(model).base_model  # the transformer under the LM head (LlamaModel in LlamaForCausalLM)
+    hidden = body(**{**kwargs, "use_cache": False}).last_hidden_state
+    return CausalLMOutputWithPast(loss=causal_lm_loss(hidden, head, labels, items))
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,

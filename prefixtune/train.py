@@ -1,15 +1,16 @@
-"""The training loop: AdamW over the prefix parameters only, and nothing else trains.
+"""Training: one step function and one loop, shared by ``prefixtune train`` and ``prefixtune compare``.
 
-Global batch ``batch_size`` per optimizer step, split into micro-batches whose losses
-are normalised by the token count of the whole global batch (so the update does not depend
-on how the batch is split); warmup then linear/cosine decay; gradient clipping; optional
-autocast and gradient checkpointing; evaluation with early stopping and the best prefix kept;
-atomic checkpoints with optimizer state every ``save_every`` steps, and on Ctrl-C;
-a NaN/inf guard that stops with the last good prefix saved.
+:func:`train_step` is one AdamW step over a global batch: micro-batches whose losses are
+normalised by the token count of the whole global batch (so the update does not depend on how
+the batch is split), optional autocast, the gradient reduced across processes, clipped, and
+checked for NaN/inf. :func:`run_steps` runs the steps of a run in the data order of
+:class:`prefixtune.data.BatchOrder` and tells a :class:`Hooks` object before and after each
+one: ``prefixtune train`` (:func:`train`) evaluates, keeps the best prefix, logs and writes
+atomic checkpoints there; ``compare`` measures time, tokens and memory.
 
 Under ``accelerate launch`` or ``torchrun`` the same loop trains data-parallel: each process
 takes its share of every global batch, and only the main process writes files
-(:mod:`prefixtune.distributed`, issue 8).
+(:mod:`prefixtune.distributed`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint, data, demo, distributed, evaluate, options
-from .config import PrefixConfig, TrainConfig
+from .base_models import class_names, load_model
+from .config import StepOptions, TrainConfig
 from .metrics import check_available
 from .model import PrefixModel
-from .models import class_names, load_model
+from .runtime import autocast, lr_lambda, pick_device
 
 log = logging.getLogger("prefixtune")
 
@@ -38,8 +41,106 @@ class TrainingError(RuntimeError):
     """Training stopped for a reason the user must see (diverged, nothing to resume...)."""
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run training as ``cfg`` says; returns the final evaluation (and where things were written)."""
+class Diverged(TrainingError):
+    """A step's loss or gradient norm was NaN or infinite; nothing was updated."""
+
+
+LossFn = Callable[[dict, torch.Tensor], torch.Tensor]
+"""``loss_of(batch, items)``: a micro-batch's summed loss divided by ``items``, the number of
+labelled tokens (or rows) in the whole global batch."""
+
+
+def train_step(loss_of: LossFn, params: list, rows: list[dict], pad_id: int, optimizer, scheduler,
+               options: StepOptions, device: torch.device, *, micro_batch_size: int | None = None,
+               dist=distributed.LOCAL) -> tuple[float, int]:
+    """One optimizer step over the global batch ``rows``; returns its (loss, input tokens).
+
+    This process's micro-batches of it (all of it, alone) each add their summed token loss over
+    the label count of the whole global batch, so that the summed gradient is the global batch's
+    mean-token-loss gradient however the batch is split into micro-batches and processes.
+
+    Raises:
+        Diverged: the loss or the gradient norm is not finite (checked after the reduction across
+            processes, so every process stops together); the gradients are cleared, nothing updated.
+    """
+    batches = [(data.collate(part, pad_id), weight) for part, weight in dist.plan(rows, micro_batch_size)]
+    items = sum(_loss_items(b["labels"]) for b, weight in batches if weight)
+    items = dist.sum(torch.tensor(items, device=device)).clamp_min(1)
+    total, tokens = torch.zeros((), device=device), 0
+    for batch, weight in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(options.precision, device):
+            loss = loss_of(batch, items)
+        (loss if weight else loss * 0.0).backward()  # weight 0: a padding pass, for FSDP's collectives
+        if weight:
+            total += loss.detach().float()
+            tokens += int(batch["attention_mask"].sum())
+    total, tokens = dist.reduce_gradients(params, total, torch.tensor(float(tokens), device=device))
+    _check_finite(total, "loss", optimizer)
+    _check_finite(torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or float("inf")), "gradient norm",
+                  optimizer)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total.item(), int(tokens)
+
+
+def _check_finite(value: torch.Tensor, what: str, optimizer) -> None:
+    if not torch.isfinite(value).all():
+        optimizer.zero_grad(set_to_none=True)
+        raise Diverged(f"{what} became {value.item()}")
+
+
+def optimizer_for(params: list, lr: float, options: StepOptions, total: int):
+    """AdamW over ``params`` and its warmup-then-decay schedule over ``total`` steps."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=options.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(options.schedule, options.warmup_steps,
+                                                                             total))
+
+
+class Hooks:
+    """What a run does around its steps (:func:`run_steps` calls these); each does nothing here."""
+
+    def stop(self) -> bool:
+        """Whether to stop before the next step (early stopping)."""
+        return False
+
+    def before_step(self, step: int) -> None:
+        """Called before step ``step`` (counted from 0)."""
+
+    def after_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
+        """Called after step ``step`` (counted from 1: the steps done) with its loss, input tokens and time."""
+
+
+def run_steps(loss_of: LossFn, params: list, order: data.BatchOrder, pad_id: int, optimizer, scheduler,
+              options: StepOptions, device: torch.device, *, start: int, total: int, hooks: Hooks,
+              micro_batch_size: int | None = None, dist=distributed.LOCAL) -> None:
+    """Steps ``start`` to ``total`` of a run, each :func:`train_step` over the rows ``order`` gives it."""
+    for step in range(start, total):
+        if hooks.stop():
+            return
+        hooks.before_step(step)
+        begin = time.perf_counter()
+        loss, tokens = train_step(loss_of, params, order[step], pad_id, optimizer, scheduler, options, device,
+                                  micro_batch_size=micro_batch_size, dist=dist)
+        hooks.after_step(step + 1, loss, tokens, time.perf_counter() - begin)
+
+
+def language_model_loss(model, pm: PrefixModel, batch: dict, items: torch.Tensor, full_logits: bool = False):
+    """``model``'s language-model loss of ``batch`` summed over ``items`` tokens (:data:`LossFn`).
+
+    ``model`` is ``pm`` itself or what wraps it for the forward (FSDP); the loss is computed
+    without the full logits (``prefixtune.lm_loss``) unless ``full_logits`` (a sharded LM head)."""
+    return model(**causal_batch(pm, batch), num_items_in_batch=items, return_logits=full_logits).loss
+
+
+def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) -> dict:
+    """Run training as ``cfg`` says; returns the final evaluation (and where things were written).
+
+    Args:
+        cfg: The run.
+        callbacks: Each is called with ``(step, loss)`` after every optimizer step.
+    """
     _validate(cfg)
     out = Path(cfg.output_dir)
     resume_from = _resume_point(cfg, out)
@@ -52,18 +153,19 @@ def train(cfg: TrainConfig) -> dict:
     model, tokenizer = load_model(cfg.model, task=cfg.task, labels=labels, attn_implementation=cfg.attn_implementation)
     model.to(device)
     rows = _tokenize(train_examples, tokenizer, cfg, labels)
-    prefix_config = _prefix_config(cfg, resume_from)
+    prefix_config = cfg.prefix_config
+    if resume_from:  # the checkpoint holds the prefix: no text to fit it to
+        prefix_config = prefix_config.replace(init="random", init_text=None)
     with dist.whole_base(model) if prefix_config.init == "text" else contextlib.nullcontext():
         pm = PrefixModel.wrap(model, prefix_config, tokenizer=tokenizer)  # --init-text runs the base once
     if resume_from:
         pm.load_prefix(resume_from)
     if cfg.gradient_checkpointing:
         pm.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(pm.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = total_steps(cfg, len(rows))
+    optimizer, scheduler = optimizer_for(pm.trainable_parameters(), cfg.lr, cfg, total)
     runner = dist.prepare(pm, optimizer)  # what forward passes call: `pm`, or the FSDP-sharded model around it;
     # under DeepSpeed ZeRO-3 `pm` itself, its base partitioned
-    total = total_steps(cfg, len(rows))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0}
     if resume_from:
         state = checkpoint.load_state(resume_from)
@@ -74,109 +176,111 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         _forget_after(out / "metrics.jsonl", state["step"])  # a fresh run starts a fresh log
         options.dump(dataclasses.replace(cfg, resume=False), out / "config.yaml")  # replaying it starts afresh
-    loop = _Loop(cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total, dist, runner)
-    loop.run()
-    result = loop.finish()
+    run = _Run(cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total, dist, runner,
+               callbacks)
+    run.train()
+    result = run.finish()
     dist.close()
     return result
 
 
-class _Loop:
-    """One training run's mutable state, so each phase of the loop stays a short method.
+class _Run(Hooks):
+    """One ``prefixtune train`` run's state and what it does around each step (the :class:`Hooks`).
 
     ``pm`` is the PrefixModel (its prefix is what trains and is saved); ``runner`` is what
     forward passes call (``pm`` itself, or the FSDP-sharded model around it); ``dist`` is this
-    process's place among the processes (:mod:`prefixtune.distributed`; ``Local`` alone).
+    process's place among the processes (:mod:`prefixtune.distributed`; ``LOCAL`` alone).
     """
 
     def __init__(self, cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total,
-                 dist=None, runner=None):
-        self.cfg, self.pm, self.tokenizer = cfg, pm, tokenizer
-        self.dist = dist or distributed.Local()
-        self.runner = runner or pm
+                 dist=distributed.LOCAL, runner=None, callbacks=()):
+        self.cfg, self.pm, self.tokenizer, self.dist, self.runner = cfg, pm, tokenizer, dist, runner or pm
         self.optimizer, self.scheduler = optimizer, scheduler
         self.rows, self.eval_examples, self.out, self.state, self.total = rows, eval_examples, out, state, total
+        self.callbacks = list(callbacks)
         self.labels = class_names(pm.model) if cfg.task == "classification" else None  # classes, by id
         # a classifier is scored on token rows with class ids; a language model on the examples themselves
         self.eval_rows = _tokenize(eval_examples, tokenizer, cfg, self.labels) if self.labels else None
-        self.per_epoch = math.ceil(len(rows) / cfg.batch_size)
+        self.order = data.BatchOrder(rows, cfg.batch_size, cfg.seed)
         self.metrics_file = out / "metrics.jsonl"
-        self._epoch_batches: tuple[int, list] | None = None
-        self._last_good: dict | None = None  # the prefix that last gave a finite loss and gradient
+        self._before: list | None = None  # what trains, as it was before the step in progress
+        self._last_good: list | None = None  # what trains, as it was before the last step that succeeded
         self.tensorboard = _tensorboard(out) if self.dist.is_main else None
+        self.bar = None
 
-    def run(self) -> None:
-        bar = tqdm(total=self.total, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True,
-                   disable=not self.dist.is_main)
+    def train(self) -> None:
+        self.bar = tqdm(total=self.total, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True,
+                        disable=not self.dist.is_main)
         try:
-            while self.state["step"] < self.total and not self._stopped_early():
-                start = time.perf_counter()
-                loss, tokens = self._step(self._batch(self.state["step"]))
-                self.state["step"] += 1
-                rate = tokens / (time.perf_counter() - start)
-                self._record({"step": self.state["step"], "loss": loss, "lr": self.scheduler.get_last_lr()[0],
-                              "tokens_per_s": rate, "epoch": (self.state["step"] - 1) // self.per_epoch})
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", tok_s=f"{rate:.0f}")
-                bar.update()
-                self._maybe_evaluate()
-                self._maybe_checkpoint()
+            run_steps(self._loss, self.pm.trainable_parameters(), self.order, self.tokenizer.pad_token_id,
+                      self.optimizer, self.scheduler, self.cfg, self.pm.device, start=self.state["step"],
+                      total=self.total, hooks=self, micro_batch_size=self.cfg.micro_batch_size, dist=self.dist)
+        except Diverged as err:
+            self._keep_last_good()
+            raise TrainingError(f"{err} at step {self.state['step'] + 1}; training stopped. The last good prefix "
+                                f"is in {self.out} (try a lower --lr, --max-grad-norm, or --precision fp32)") from None
         except KeyboardInterrupt:
             self._checkpoint()
             log.warning("interrupted: checkpoint at step %d in %s; continue with --resume", self.state["step"],
                         self.out / "checkpoint")
             raise
         finally:
-            bar.close()
+            self.bar.close()
         self._checkpoint()
 
-    def _batch(self, step: int) -> list[dict]:
-        epoch, index = divmod(step, self.per_epoch)
-        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
-            self._epoch_batches = (epoch, data.batches(self.rows, self.cfg.batch_size, seed=self.cfg.seed, epoch=epoch))
-        return self._epoch_batches[1][index]
+    # ------------------------------------------------------------------ hooks
+    def stop(self) -> bool:
+        patience = self.cfg.patience
+        if patience and self.state["bad_evals"] >= patience:
+            log.warning("early stopping: %s did not improve for %d evaluations", self.cfg.metric, patience)
+            return True
+        return False
 
-    def _step(self, rows: list[dict]) -> tuple[float, int]:
-        """One optimizer step over a global batch; returns (loss, input tokens), both of the whole batch.
+    def before_step(self, step: int) -> None:
+        self.runner.train()  # evaluation left it in eval mode
+        self._before = [p.detach().clone() for p in self.pm.trainable_parameters()]
 
-        This process's micro-batches of it (all of it, alone) each add their summed token
-        loss over the label-token count of the whole global batch, so that the summed
-        gradient is the global batch's mean-token-loss gradient however the batch is split
-        into micro-batches and processes.
-        """
-        self.runner.train()
-        device = self.pm.device
-        batches = [(data.collate(part, self.tokenizer.pad_token_id), weight)
-                   for part, weight in self.dist.plan(rows, self.cfg.micro_batch_size)]
-        items = sum(_loss_items(b["labels"]) for b, weight in batches if weight)
-        items = self.dist.sum(torch.tensor(items, device=device)).clamp_min(1)
-        total, tokens = torch.zeros((), device=device), 0
-        for batch, weight in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(self.cfg.precision, device):
-                loss = self._loss(batch, items)
-            (loss if weight else loss * 0.0).backward()  # weight 0: a padding pass, for FSDP's collectives
-            if weight:
-                total += loss.detach().float()
-                tokens += int(batch["attention_mask"].sum())
-        params = self.pm.trainable_parameters()
-        total, tokens = self.dist.reduce_gradients(params, total, torch.tensor(float(tokens), device=device))
-        self._guard(total, "loss")  # after the reduction, so that every process stops together
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm or float("inf"))
-        self._guard(norm, "gradient norm")
-        self._last_good = [p.detach().clone() for p in params]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total.item(), int(tokens)
+    def after_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
+        self.state["step"], self._last_good = step, self._before
+        lr, rate = self.scheduler.get_last_lr()[0], tokens / seconds
+        self._record({"step": step, "loss": loss, "lr": lr, "tokens_per_s": rate,
+                      "epoch": (step - 1) // self.order.per_epoch})
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+        self.bar.update()
+        if self.eval_examples and self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.total:
+            self._evaluate()
+        if self.cfg.save_every and step % self.cfg.save_every == 0:
+            self._checkpoint()
+        for callback in self.callbacks:
+            callback(step, loss)
 
+    # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict, items: torch.Tensor) -> torch.Tensor:
         """This micro-batch's summed loss over ``items``, the label count of the whole global batch."""
-        if self.labels is None:  # language modelling: transformers sums token losses over num_items_in_batch
-            batch = causal_batch(self.pm, batch)
-            return self.runner(**batch, num_items_in_batch=items, return_logits=self._sharded_head).loss
+        if self.labels is None:
+            return language_model_loss(self.runner, self.pm, batch, items, full_logits=self._sharded_head)
         logits = self.runner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum") / items
 
+    @property
+    def _sharded_head(self) -> bool:
+        """Whether FSDP/ZeRO-3 shard the LM head: then only the model's own forward can gather it,
+        and the loss needs the full logits; elsewhere it is computed without them (prefixtune.lm_loss)."""
+        return self.dist.kind not in ("local", "ddp")
+
+    def _keep_last_good(self) -> None:
+        """After a divergence: what trains goes back to before the update that led there, and is saved
+        (unless an evaluation already saved the best prefix)."""
+        if self.state["best_step"] is not None:
+            return
+        if self._last_good is not None:
+            with torch.no_grad():
+                for param, good in zip(self.pm.trainable_parameters(), self._last_good):
+                    param.copy_(good)
+        if self.dist.is_main:
+            self.pm.save_prefix(self.out)
+
+    # ------------------------------------------------------------------ evaluation
     def _score(self, prefix: str | None, metrics: list[str], generate_limit: int | None = None) -> dict:
         """The evaluation of ``prefix`` on the held-out data: loss (+ perplexity), and ``metrics``
         for a language model; loss and accuracy for a classifier."""
@@ -187,34 +291,6 @@ class _Loop:
             return result
         return evaluate.score(self.pm, self.tokenizer, self.eval_examples, self.cfg, prefix=prefix,
                               metrics=metrics, generate_limit=generate_limit, return_logits=self._sharded_head)
-
-    @property
-    def _sharded_head(self) -> bool:
-        """Whether FSDP/ZeRO-3 shard the LM head: then only the model's own forward can gather it,
-        and the loss needs the full logits; elsewhere it is computed without them (prefixtune.lm_loss)."""
-        return self.dist.kind not in ("local", "ddp")
-
-    def _guard(self, value: torch.Tensor, what: str) -> None:
-        """Stop on NaN/inf before it reaches the prefix, keeping the last good prefix."""
-        if torch.isfinite(value).all():
-            return
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.state["best_step"] is None:  # else the best evaluated prefix is already saved there
-            if self._last_good is not None:  # what trains (prefix, head) as before the update that led here
-                with torch.no_grad():
-                    for param, good in zip(self.pm.trainable_parameters(), self._last_good):
-                        param.copy_(good)
-            if self.dist.is_main:
-                self.pm.save_prefix(self.out)
-        raise TrainingError(
-            f"{what} became {value.item()} at step {self.state['step'] + 1}; training stopped. The last good "
-            f"prefix is in {self.out} (try a lower --lr, --max-grad-norm, or --precision fp32)"
-        )
-
-    def _maybe_evaluate(self) -> None:
-        every = self.cfg.eval_every
-        if self.eval_examples and every and self.state["step"] % every == 0 and self.state["step"] < self.total:
-            self._evaluate()
 
     def _evaluate(self) -> None:
         metric = self.cfg.metric
@@ -235,17 +311,6 @@ class _Loop:
         self._record({"step": self.state["step"], "eval": result})
         if self.dist.is_main:
             tqdm.write(f"step {self.state['step']}: eval {metric} {value:.4f}" + (" (best)" if better else ""))
-
-    def _stopped_early(self) -> bool:
-        patience = self.cfg.patience
-        if patience and self.state["bad_evals"] >= patience:
-            log.warning("early stopping: %s did not improve for %d evaluations", self.cfg.metric, patience)
-            return True
-        return False
-
-    def _maybe_checkpoint(self) -> None:
-        if self.cfg.save_every and self.state["step"] % self.cfg.save_every == 0:
-            self._checkpoint()
 
     def _checkpoint(self) -> None:
         if self.dist.is_main:  # every process holds the same prefix and optimizer state
@@ -280,7 +345,7 @@ class _Loop:
     def _final_scores(self) -> dict:
         self.dist.barrier()  # the best prefix is on disk for every process
         self.pm.load_prefix(self.out, name="best")
-        metrics = ["accuracy"] if self.labels is not None else split_list(self.cfg.metrics)
+        metrics = ["accuracy"] if self.labels is not None else options.split_list(self.cfg.metrics)
         with self.dist.evaluation(self.runner):
             scores = ({"majority class": _majority(self.rows, self.eval_rows), "with prefix": self._score("best", [])}
                       if self.labels is not None else
@@ -307,7 +372,7 @@ def _forget_after(metrics_file: Path, step: int) -> None:
 
 
 def _validate(cfg: TrainConfig) -> None:
-    for name in ("batch_size", "prefix_length", "max_length", "reparam_hidden_size"):
+    for name in ("batch_size", "max_length"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= cfg.batch_size:
@@ -322,9 +387,10 @@ def _validate(cfg: TrainConfig) -> None:
         if cfg.data is None:
             raise ValueError("--task classification needs --data (with --text-field and --label-field)")
         return
-    if cfg.metric not in ("loss", "perplexity") and cfg.metric not in split_list(cfg.metrics):
+    metrics = options.split_list(cfg.metrics)
+    if cfg.metric not in ("loss", "perplexity") and cfg.metric not in metrics:
         raise ValueError(f"--metric {cfg.metric} must be loss, perplexity or one of --metrics ({cfg.metrics})")
-    check_available(split_list(cfg.metrics))
+    check_available(metrics)
 
 
 def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
@@ -392,56 +458,9 @@ def _majority(train_rows: list[dict], eval_rows: list[dict]) -> dict:
     return {"loss": float("nan"), "accuracy": 100.0 * sum(r["labels"] == top for r in eval_rows) / max(len(eval_rows), 1)}
 
 
-
-def _prefix_config(cfg: TrainConfig, resume_from) -> PrefixConfig:
-    text_init = cfg.init_text is not None and resume_from is None
-    return PrefixConfig(
-        prefix_length=cfg.prefix_length, reparameterize=cfg.reparameterize,
-        reparam_hidden_size=cfg.reparam_hidden_size, dropout=cfg.prefix_dropout,
-        init="text" if text_init else "random", init_text=cfg.init_text if text_init else None,
-        layers=tuple(int(i) for i in split_list(cfg.layers)) if cfg.layers else None,
-    )
-
-
 def total_steps(cfg: TrainConfig, examples: int) -> int:
     """Optimizer steps of the run: ``max_steps``, or ``epochs`` passes of global batches."""
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(examples / cfg.batch_size)))
-
-
-def lr_lambda(cfg: TrainConfig, total: int):
-    """Multiplier of the peak rate at each step: linear warmup, then linear/cosine/constant."""
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        if cfg.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    return factor
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def autocast(precision: str, device: torch.device):
-    """bf16/fp16 autocast where the device supports it; fp32 runs as is."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device; use bf16 on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def split_list(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
 def _tensorboard(out: Path):

@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 
 from prefixtune.cli import main
-from prefixtune.models import minilm_folder
+from prefixtune.base_models import minilm_folder
 
 WORDS = {"1": ["good", "great", "lovely", "fine"], "0": ["bad", "awful", "dull", "poor"]}
 

@@ -29,7 +29,7 @@ SST2_DEV = DATA / "sst2" / "dev.tsv"
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from prefixtune.models import bundled_folder
+    from prefixtune.base_models import bundled_folder
 
     return AutoTokenizer.from_pretrained(bundled_folder())
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from tiny import tiny_encoder, tiny_model
 
 from prefixtune import distributed
+from prefixtune import options
 from prefixtune.config import PrefixConfig, TrainConfig
 from prefixtune.model import PrefixModel
 from prefixtune.train import train
@@ -48,7 +49,7 @@ def _args(model_dir, data_files, out, *extra):
 def _cfg(model_dir, data_files, out, **kw):
     base = dict(model=model_dir, data=str(data_files / "train.jsonl"), output_dir=str(out), prefix_length=3,
                 reparam_hidden_size=16, batch_size=5, micro_batch_size=2, lr=1e-2, max_length=64, device="cpu")
-    return TrainConfig(**{**base, **kw})
+    return options.from_flat(TrainConfig, {**base, **kw})
 
 
 def _port() -> int:

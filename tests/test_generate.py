@@ -104,11 +104,13 @@ def test_bf16_generate_matches_greedy_forward_steps():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "mistral"])
-def test_the_prefix_in_the_cache_decodes_as_concatenation_does(arch, monkeypatch):
+def test_the_prefix_in_the_cache_decodes_as_concatenation_does(arch):
     """generate() puts the prefix in the cache once (prefixtune.cache) instead of concatenating
     it at every step: same tokens and same scores as concatenation, for mixed rows of different
     prefix lengths, a prefix in some layers only, beam search, sampling and left padding."""
-    from prefixtune import cache, model as model_module
+    from transformers import DynamicCache
+
+    from prefixtune.cache import PrefixLayer
 
     pm = PrefixModel.wrap(tiny_model(arch), PrefixConfig(prefix_length=3, reparameterize=False, init_std=2.0), name="a")
     pm.add_prefix("b", PrefixConfig(prefix_length=5, reparameterize=False, init_std=2.0, layers=(1,)))
@@ -116,27 +118,23 @@ def test_the_prefix_in_the_cache_decodes_as_concatenation_does(arch, monkeypatch
     mask = torch.ones_like(x)
     mask[1, :2] = 0  # left padding
     built = []
-    original = model_module.prefix_cache
-    monkeypatch.setattr(model_module, "prefix_cache", lambda *a: built.append(original(*a)) or built[-1])
     cases = [dict(GREEDY, max_new_tokens=70, min_new_tokens=70),  # past the buffer's first 64 slots
              dict(GREEDY, num_beams=3, num_return_sequences=2),
              dict(max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)]
     for kw in cases:
         for names in (["a", None, "b"], "a"):
             runs = []
-            for concatenate in (False, True):
-                if concatenate:
-                    monkeypatch.setattr(model_module, "prefix_cache", lambda *a: None)
+            for concatenate in (False, True):  # a cache of the caller's own keeps the prefix out of it
+                own = {"cache": DynamicCache(config=pm.model.config)} if concatenate else {}
                 torch.manual_seed(0)
                 runs.append(pm.generate(input_ids=x, attention_mask=mask, prefix=names, output_scores=True,
-                                        return_dict_in_generate=True, **kw))
-                monkeypatch.setattr(model_module, "prefix_cache", lambda *a: built.append(original(*a)) or built[-1])
+                                        return_dict_in_generate=True, **own, **kw))
             cached, concatenated = runs
+            built.append(cached.past_key_values)
             assert torch.equal(cached.sequences, concatenated.sequences), (kw, names)
             torch.testing.assert_close(torch.stack(cached.scores), torch.stack(concatenated.scores))
     sliding = arch == "mistral"  # sliding-window layers would drop the prefix: concatenation stays
-    assert all((c is None) == sliding for c in built)
-    assert sliding or all(isinstance(c.layers[1], cache.PrefixLayer) for c in built)
+    assert all(isinstance(c.layers[1], PrefixLayer) != sliding for c in built)
 
 
 def test_the_cache_buffer_keeps_its_tokens_and_little_unused_room():

@@ -12,7 +12,7 @@ from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.arch import ModelShape
 from prefixtune.artifacts import read_prefix, write_prefix
 from prefixtune.cli import main
-from prefixtune.interop import (
+from prefixtune.peft.interop import (
     PEFT_CONFIG, PEFT_KEY, PEFT_WEIGHTS, NotExpressible, export_peft, from_peft_embeddings, import_peft,
     to_peft_embeddings,
 )
@@ -215,7 +215,7 @@ def test_peft_weights_key_is_prompt_embeddings(tmp_path):
 @pytest.mark.real
 def test_real_bundled_model_round_trip_through_peft(tmp_path):
     """SmolLM2-135M (30 layers, 9 query / 3 key-value heads): export, PEFT forward, import back."""
-    from prefixtune.models import BUNDLED_NAME, load_model
+    from prefixtune.base_models import BUNDLED_NAME, load_model
 
     model, tokenizer = load_model()
     pm = PrefixModel(model)

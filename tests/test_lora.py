@@ -10,7 +10,7 @@ from tiny import ROPE, tiny_model, tokens
 
 from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.artifacts import CONFIG_FILE, WEIGHTS_FILE
-from prefixtune.lora import ADAPTER_DIR
+from prefixtune.peft.lora import ADAPTER_DIR
 
 peft = pytest.importorskip("peft")
 
@@ -152,7 +152,7 @@ def test_a_prefix_trained_with_lora_is_not_loaded_without_it(tmp_path):
 
 
 def test_a_prefix_trained_with_lora_is_not_exported_to_peft_alone(tmp_path):
-    from prefixtune.interop import NotExpressible, export_peft
+    from prefixtune.peft.interop import NotExpressible, export_peft
 
     _lora_prefix().save_prefix(tmp_path / "prefix")
     with pytest.raises(NotExpressible, match="trained together with the LoRA adapter.*not both"):

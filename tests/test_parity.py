@@ -3,16 +3,17 @@ model's own key/values for tokens ``p`` makes it behave exactly as on ``p + x``.
 
 import pytest
 import torch
-from tiny import ARCHS, tiny_model, tokens
+from tiny import ARCHS, EAGER_ONLY, tiny_model, tokens
 
-from prefixtune import PrefixConfig, PrefixModel, attention
+from prefixtune import PrefixConfig, PrefixModel
+from prefixtune.attention import AttentionPolicy
 
 ATOL = 1e-5
 L_P = 4
 
 
-def _wrap_with_own_kv(model, p, name="default"):
-    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=L_P, reparameterize=False), name=name)
+def _wrap_with_own_kv(model, p, name="default", attention="auto"):
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=L_P, reparameterize=False), name=name, attention=attention)
     pm.set_prefix_key_values(pm.key_values_for_tokens(p), name=name)
     return pm
 
@@ -36,32 +37,49 @@ def test_prefix_of_own_key_values_equals_reading_the_tokens(arch):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["pad", "bias", "bias_gqa", "mask"])
+ROUTES = {
+    "pad": AttentionPolicy(pad_free_rows={"cpu": None}),  # pad wherever it fits, as on CUDA
+    "grouped": AttentionPolicy(),  # the default on the CPU for rows this short
+    "stock": AttentionPolicy("mask"),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_parity_holds_on_each_fused_causal_path(arch, variant, monkeypatch):
-    """``"auto"`` picks between ``pad`` and ``mask`` by device and length, and the tiny models'
-    rows are too short for ``pad`` on the CPU: each path is forced here so that all stay tested."""
-    monkeypatch.setattr(attention, "FUSED_CAUSAL", variant)
-    test_prefix_of_own_key_values_equals_reading_the_tokens(arch)
+def test_parity_holds_on_each_kernel_route(arch, route):
+    """Every route a causal call can take gives the same logits; each is chosen here through the
+    public policy, and the call's record says it was taken."""
+    model = tiny_model(arch)
+    p, x = tokens(1, L_P, seed=1)[0], tokens(3, 9, seed=2)
+    expected = _plain_logits(model, p, x)
+    pm = _wrap_with_own_kv(model, p, attention=ROUTES[route])
+    batch = pm.prefix_batch("default", 3)
+    with torch.no_grad():
+        got = pm(input_ids=x, prefix=batch).logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    plain_kernel = arch not in EAGER_ONLY  # Gemma 2's soft-capping lives in its own eager kernel
+    assert set(batch.routes.values()) == {route if plain_kernel else "stock"}
 
 
-@pytest.mark.parametrize("free_rows, path", [(attention.CPU_PAD_FREE_ROWS, "bias_gqa"), (0, "pad")])
-def test_auto_pads_the_queries_where_the_rule_says_else_takes_the_grouped_bias_on_cpu(free_rows, path, monkeypatch):
-    calls = []
-    for name, kind in (("_padded_query_causal", "pad"), ("_grouped_sdpa", "bias_gqa")):
-        real = getattr(attention, name)
-        monkeypatch.setattr(attention, name, lambda *a, real=real, kind=kind, **k: calls.append(kind) or real(*a, **k))
-    monkeypatch.setattr(attention, "CPU_PAD_FREE_ROWS", free_rows)
-    test_prefix_of_own_key_values_equals_reading_the_tokens("llama")  # 9 queries, L_P = 4 prefix slots
-    assert set(calls) == ({"pad", "bias_gqa"} if path == "pad" else {"bias_gqa"})  # pad calls SDPA through _grouped_sdpa
+@pytest.mark.parametrize("device, q_len, extra, masked, route", [
+    ("cpu", 128, 10, False, "grouped"), ("cpu", 384, 10, False, "grouped"), ("cpu", 512, 50, False, "pad"),
+    ("cpu", 512, 200, False, "grouped"), ("cpu", 1024, 200, False, "pad"), ("cpu", 1024, 10, True, "grouped"),
+    ("cuda", 128, 10, False, "pad"), ("cuda", 256, 200, False, "pad"), ("cuda", 128, 200, False, "stock"),
+    ("cuda", 128, 10, True, "stock"), ("cpu", 1, 10, False, "stock"),
+])
+def test_auto_routes_each_call_by_its_device_length_and_padding(device, q_len, extra, masked, route):
+    policy = AttentionPolicy()
+    assert policy.route("sdpa", device, q_len, extra, causal=True, masked=masked, grouped_heads=True,
+                        plain=True) == route
+    assert policy.route("eager", device, q_len, extra, causal=True, masked=masked, grouped_heads=True,
+                        plain=True) == "stock"
+    assert AttentionPolicy("mask").route("sdpa", device, q_len, extra, causal=True, masked=masked,
+                                         grouped_heads=True, plain=True) == "stock"
 
 
-def test_pad_pays_on_long_cpu_rows_and_wherever_it_fits_on_cuda():
-    assert not attention.pad_pays("cpu", 128, 10) and not attention.pad_pays("cpu", 384, 10)
-    assert attention.pad_pays("cpu", 512, 50) and not attention.pad_pays("cpu", 512, 200)
-    assert attention.pad_pays("cpu", 1024, 200)
-    assert attention.pad_pays("cuda", 128, 10) and attention.pad_pays("cuda", 256, 200)
-    assert not attention.pad_pays("cuda", 128, 200)
+def test_an_unknown_attention_mode_is_refused_by_name():
+    with pytest.raises(ValueError, match="attention='flash'.*auto, mask"):
+        PrefixModel(tiny_model("llama"), attention="flash")
 
 
 EAGER_TOO = [(arch, "eager") for arch in ("llama", "gpt2", "opt", "qwen3")]
@@ -82,53 +100,58 @@ def test_parity_holds_with_right_padding(arch, attn):
     torch.testing.assert_close(got[keep], expected[keep], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["auto", "pad", "bias", "bias_gqa"])
+@pytest.mark.parametrize("route", ["pad", "grouped"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_prefix_gradients_are_the_same_on_every_attention_path(variant, padded, monkeypatch):
-    """The paths differ in kernels and copies, not in what training sees: the loss and the prefix
-    gradients of each equal the stock ``mask`` path's."""
-    torch.manual_seed(0)
-    pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=4, init_std=1.0))
+def test_prefix_gradients_are_the_same_on_every_route(route, padded):
+    """The routes differ in kernels and copies, not in what training sees: the loss and the prefix
+    gradients of each equal the stock route's."""
     x = tokens(3, 12, seed=5)
     mask = torch.ones_like(x)
     if padded:
         mask[1, 8:] = 0
         mask[2, 5:] = 0
     got = {}
-    for path in (variant, "mask"):
-        monkeypatch.setattr(attention, "FUSED_CAUSAL", path)
-        pm.zero_grad()
+    for name in (route, "stock"):
+        torch.manual_seed(0)
+        pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=4, init_std=1.0),
+                              attention=ROUTES[name])
         loss = pm(input_ids=x, attention_mask=mask, labels=x, return_logits=False).loss
         loss.backward()
-        got[path] = loss.detach(), torch.cat([p.grad.flatten() for p in pm.trainable_parameters()])
-    torch.testing.assert_close(got[variant][0], got["mask"][0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(got[variant][1], got["mask"][1], atol=1e-6, rtol=1e-5)
+        got[name] = loss.detach(), torch.cat([p.grad.flatten() for p in pm.trainable_parameters()])
+    torch.testing.assert_close(got[route][0], got["stock"][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[route][1], got["stock"][1], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["bias", "bias_gqa"])
-def test_bias_paths_run_under_bf16_autocast_and_agree_with_the_mask(variant, monkeypatch):
+@pytest.mark.parametrize("route", ["pad", "grouped"])
+def test_fused_routes_run_under_bf16_autocast_and_agree_with_the_stock_kernel(route):
     """torch's bias object bypasses autocast's casts inside SDPA; the float32 query and keys and
     the bf16 values that autocast leaves them with must still meet in one dtype."""
-    pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, init_std=1.0))
     x = tokens(2, 9, seed=5)
     outs = {}
-    for path in (variant, "mask"):
-        monkeypatch.setattr(attention, "FUSED_CAUSAL", path)
+    for name in (route, "stock"):
+        torch.manual_seed(0)
+        pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, init_std=1.0),
+                              attention=ROUTES[name])
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            outs[path] = pm(input_ids=x).logits.float()
-    torch.testing.assert_close(outs[variant], outs["mask"], atol=0.05, rtol=0.05)
+            outs[name] = pm(input_ids=x).logits.float()
+    torch.testing.assert_close(outs[route], outs["stock"], atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("variant, grouped", [("auto", True), ("mask", False)])
-def test_padded_calls_keep_grouped_heads_on_the_cpu_unless_mask_is_forced(variant, grouped, monkeypatch):
+@pytest.mark.parametrize("mode, route", [("auto", "grouped"), ("mask", "stock")])
+def test_padded_calls_keep_grouped_heads_on_the_cpu_unless_mask_is_chosen(mode, route):
     """On the CPU a masked call goes to torch's SDPA with grouped heads (no per-head key/value
     copies); ``"mask"`` keeps transformers' stock path, so the two stay comparable."""
-    calls = []
-    real = attention._grouped_sdpa
-    monkeypatch.setattr(attention, "_grouped_sdpa", lambda *a, **k: calls.append(a[3] is not None) or real(*a, **k))
-    monkeypatch.setattr(attention, "FUSED_CAUSAL", variant)
-    test_parity_holds_with_right_padding("llama", None)  # 4 query heads over 2 key/value heads
-    assert bool(calls) == grouped and all(calls)
+    model = tiny_model("llama")  # 4 query heads over 2 key/value heads
+    p, x = tokens(1, L_P, seed=1)[0], tokens(3, 8, seed=3)
+    mask = torch.ones_like(x)
+    mask[1, 5:] = 0
+    expected = _plain_logits(model, p, x, mask)
+    pm = _wrap_with_own_kv(model, p, attention=mode)
+    batch = pm.prefix_batch("default", 3)
+    with torch.no_grad():
+        got = pm(input_ids=x, attention_mask=mask, prefix=batch).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=ATOL, rtol=0)
+    assert set(batch.routes.values()) == {route}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

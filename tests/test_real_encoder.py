@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prefixtune import PrefixConfig, PrefixModel, data, evaluate
-from prefixtune.models import MINILM_NAME, load_model
+from prefixtune.base_models import MINILM_NAME, load_model
 
 pytestmark = pytest.mark.real
 SST2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2" / "dev.tsv"

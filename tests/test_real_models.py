@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prefixtune import PrefixConfig, PrefixModel
-from prefixtune.models import BUNDLED_NAME, load_model
+from prefixtune.base_models import BUNDLED_NAME, load_model
 
 pytestmark = pytest.mark.real
 

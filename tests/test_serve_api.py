@@ -16,7 +16,7 @@ import pytest
 from tiny import tiny_model_folder
 
 from prefixtune import PrefixConfig, PrefixModel
-from prefixtune.models import load_model
+from prefixtune.base_models import load_model
 from prefixtune.serve import cli
 from prefixtune.serve.background import BackgroundServer
 

@@ -9,7 +9,7 @@ import torch
 from tiny import tiny_model, tokens
 
 from prefixtune import PrefixConfig, PrefixModel
-from prefixtune.attention import PrefixBatch
+from prefixtune.prefixes import PrefixBatch
 from prefixtune.serve import Batcher, Limits, Request, SamplingParams
 from prefixtune.serve.errors import APIError
 from prefixtune.serve.kvcache import BatchCache

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from prefixtune.cli import main
+from prefixtune import options
 from prefixtune.config import TrainConfig
 from prefixtune.train import TrainingError, train
 
@@ -23,7 +24,7 @@ def _cfg(model_dir, data_files, out, **kw):
     base = dict(model=model_dir, data=str(data_files / "train.jsonl"), eval_data=str(data_files / "eval.jsonl"),
                 output_dir=str(out), prefix_length=3, reparam_hidden_size=16, batch_size=4, max_steps=6,
                 lr=1e-2, metrics="bleu", max_new_tokens=6, save_every=2, max_length=64)
-    return TrainConfig(**{**base, **kw})
+    return options.from_flat(TrainConfig, {**base, **kw})
 
 
 def _prefix(out):
@@ -98,10 +99,13 @@ def test_resume_after_a_killed_run_ends_where_an_uninterrupted_run_ends(model_di
 
 
 def test_metrics_go_to_tensorboard_when_it_is_installed(model_dir, data_files, tmp_path, monkeypatch):
-    import prefixtune.train as train_module
+    import types
 
     class Writer:
         scalars: list = []
+
+        def __init__(self, log_dir):
+            assert log_dir.endswith("tensorboard")
 
         def add_scalar(self, key, value, step):
             self.scalars.append((key, step))
@@ -109,7 +113,7 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(model_dir, data_files, t
         def flush(self):
             pass
 
-    monkeypatch.setattr(train_module, "_tensorboard", lambda out: Writer())
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     train(_cfg(model_dir, data_files, tmp_path / "run", max_steps=2, metrics="bleu", metric="loss"))
     assert {("train/loss", 1), ("train/loss", 2), ("train/tokens_per_s", 2), ("eval/loss", 2)} <= set(Writer.scalars)
 
@@ -139,25 +143,16 @@ def test_fp16_without_cuda_is_refused_before_training(model_dir, data_files, tmp
         train(_cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=1, precision="fp16"))
 
 
-def test_ctrl_c_writes_a_checkpoint_that_resume_continues(model_dir, data_files, tmp_path, monkeypatch):
-    import prefixtune.train as train_module
-
-    real_step = train_module._Loop._step
-    calls = {"n": 0}
-
-    def interrupted(self, rows):
-        calls["n"] += 1
-        if calls["n"] == 4:
+def test_ctrl_c_writes_a_checkpoint_that_resume_continues(model_dir, data_files, tmp_path):
+    def ctrl_c_after_step_3(step, loss):
+        if step == 3:
             raise KeyboardInterrupt
-        return real_step(self, rows)
 
-    monkeypatch.setattr(train_module._Loop, "_step", interrupted)
     cfg = _cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=6, save_every=0)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg)
+        train(cfg, callbacks=[ctrl_c_after_step_3])
     state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["state"]
     assert state["step"] == 3, "the three finished steps are kept, though --save-every 0 wrote none"
-    monkeypatch.setattr(train_module._Loop, "_step", real_step)
     train(_cfg(model_dir, data_files, tmp_path / "run", eval_data=None, max_steps=6, save_every=0, resume=True))
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -57,7 +57,7 @@ def tiny_model_folder(path):
     for end-to-end runs of the command line in seconds."""
     from transformers import AutoTokenizer
 
-    from prefixtune.models import bundled_folder
+    from prefixtune.base_models import bundled_folder
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_folder())
     torch.manual_seed(0)

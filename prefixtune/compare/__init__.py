@@ -38,17 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace):
     """The CompareConfig of parsed arguments: defaults < --quick < --config file < command line."""
-    import dataclasses
-
     from .. import options
     from .config import QUICK, CompareConfig
 
-    names = {f.name for f in dataclasses.fields(CompareConfig)}
+    names = {o.name for o in options.options_of(CompareConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     from_file = options.load_file(args.config, CompareConfig) if getattr(args, "config", None) else {}
     quick = given.get("quick", from_file.get("quick", False))
-    values = {**(QUICK if quick else {}), **from_file, **given}
-    return CompareConfig(**values)
+    return options.from_flat(CompareConfig, {**(QUICK if quick else {}), **from_file, **given})
 
 
 def run(args: argparse.Namespace) -> int:

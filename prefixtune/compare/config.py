@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DataOptions, _opt
+from ..config import DataOptions, StepOptions, _opt
 
 QUICK = dict(max_steps=8, batch_size=4, train_limit=400, eval_prompts=6, max_new_tokens=40, warmup_steps=2)
 """What ``--quick`` changes (options given explicitly on the command line or in --config win)."""
 
 
 @dataclass
-class CompareConfig(DataOptions):
+class CompareConfig(StepOptions, DataOptions):
     """The same task, data, step budget and seed under several fine-tuning methods."""
 
     data: str | None = _opt(None, "training data (same formats as train; default: the built-in demo task)")
@@ -25,14 +25,8 @@ class CompareConfig(DataOptions):
     max_steps: int = _opt(120, "optimizer steps per method (the same for every method)")
     lr: str | None = _opt(None, "peak learning rates: one number for every method, or method=value pairs such as "
                           "'prefix=1e-2,lora=1e-2' (the rest keep their defaults, see --list-methods)")
-    schedule: str = _opt("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
-    warmup_steps: int = _opt(10, "steps of linear warmup from 0 to the peak rate")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
     max_grad_norm: float = _opt(0.0, "clip each method's gradient to this norm (0 = no clipping, the default: at "
                                 "short budgets clipping slows prefix tuning most, see docs/training.md)")
-    precision: str = _opt("fp32", "fp32, or bf16/fp16 autocast where the device supports it",
-                          choices=("fp32", "bf16", "fp16"))
-    seed: int = _opt(0, "seed for initialization, data order and the --train-sample draw")
     train_limit: int | None = _opt(None, "use only the first N training rows")
     train_sample: int | None = _opt(None, "train on N rows drawn at random (seeded by --seed) from the training "
                                     "data: the paper's low-data setting")

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..base_models import load_model
+from ..train import language_model_loss
 from .config import CompareConfig
 
 
@@ -23,8 +25,10 @@ from .config import CompareConfig
 class Tuned:
     """One base model prepared for one method."""
 
-    forward: nn.Module
-    """Called as ``forward(input_ids=, attention_mask=, labels=)``; returns an output with ``.loss``."""
+    model: nn.Module
+    """What trains (put in training mode before the first step)."""
+    loss: Callable
+    """``loss(batch, items)``: the batch's summed loss over ``items`` tokens (``prefixtune.train.LossFn``)."""
     generator: object
     """Has ``eval()``, ``device`` and ``generate(..., prefix=...)`` (what ``evaluate.generate_texts`` needs)."""
     trainable: list[nn.Parameter]
@@ -44,7 +48,7 @@ class Method:
     needs: tuple[str, ...] = ()
     """Python packages the method imports."""
     load: Callable[[CompareConfig, torch.device], tuple] | None = None
-    """Loads the base model itself (QLoRA: quantized); default ``models.load_model``."""
+    """Loads the base model itself (QLoRA: quantized); default ``base_models.load_model``."""
     unavailable: Callable[[CompareConfig, torch.device], str | None] = lambda cfg, device: None
     """Why the method cannot run here, or ``None``."""
 
@@ -77,18 +81,16 @@ def _prefix(init: str, reparameterize: bool = True) -> Callable:
                               reparam_hidden_size=cfg.reparam_hidden_size, init=init,
                               init_text=cfg.init_text if init == "text" else None)
         pm = PrefixModel.wrap(model, config, tokenizer=tokenizer)
-
-        class Forward(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.pm = pm
-
-            def forward(self, **batch):
-                return self.pm(**batch, prefix="default", return_logits=False)  # as `prefixtune train` does
-
         notes = [f"initialized from the activations of {cfg.init_text!r}"] if init == "text" else []
-        return Tuned(Forward(), pm, pm.trainable_parameters(), lambda d: pm.save_prefix(d), notes)
+        return Tuned(pm, lambda batch, items: language_model_loss(pm, pm, batch, items), pm,  # as `prefixtune train`
+                     pm.trainable_parameters(), lambda d: pm.save_prefix(d), notes)
     return build
+
+
+def _transformers_loss(model: nn.Module) -> Callable:
+    """The loss of a transformers (or PEFT) model as ``prefixtune.train.LossFn``: its own forward
+    with ``num_items_in_batch``, which sums the token losses over that count."""
+    return lambda batch, items: model(**batch, num_items_in_batch=items).loss
 
 
 def _peft(make_config: Callable[[CompareConfig], object], notes: Callable[[CompareConfig], list[str]] = lambda c: []):
@@ -97,7 +99,8 @@ def _peft(make_config: Callable[[CompareConfig], object], notes: Callable[[Compa
 
         tuned = peft.get_peft_model(model, make_config(cfg))
         trainable = [p for p in tuned.parameters() if p.requires_grad]
-        return Tuned(tuned, Plain(tuned), trainable, lambda d: tuned.save_pretrained(d), notes(cfg))
+        return Tuned(tuned, _transformers_loss(tuned), Plain(tuned), trainable, lambda d: tuned.save_pretrained(d),
+                     notes(cfg))
     return build
 
 
@@ -136,7 +139,7 @@ def _qlora(model, tokenizer, cfg: CompareConfig) -> Tuned:
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tuned = peft.get_peft_model(model, _lora_config(cfg))
     trainable = [p for p in tuned.parameters() if p.requires_grad]
-    return Tuned(tuned, Plain(tuned), trainable, lambda d: tuned.save_pretrained(d),
+    return Tuned(tuned, _transformers_loss(tuned), Plain(tuned), trainable, lambda d: tuned.save_pretrained(d),
                  ["base weights in 4-bit NF4 (bitsandbytes), LoRA in fp32, bf16 compute"])
 
 
@@ -151,14 +154,14 @@ def _adapter(model, tokenizer, cfg: CompareConfig) -> Tuned:
         directory.mkdir(parents=True, exist_ok=True)
         save_file(adapter_state(model), str(directory / "adapters.safetensors"))
 
-    return Tuned(model, Plain(model), trainable, save,
+    return Tuned(model, _transformers_loss(model), Plain(model), trainable, save,
                  ["compare's own small Houlsby implementation (the adapters library needs transformers 4)"])
 
 
 def _full(model, tokenizer, cfg: CompareConfig) -> Tuned:
     model.requires_grad_(True)
     trainable = [p for p in model.parameters()]
-    return Tuned(model, Plain(model), trainable, lambda d: model.save_pretrained(d))
+    return Tuned(model, _transformers_loss(model), Plain(model), trainable, lambda d: model.save_pretrained(d))
 
 
 # ------------------------------------------------------------------------ QLoRA loading
@@ -178,21 +181,8 @@ def _qlora_load(cfg: CompareConfig, device: torch.device):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     place = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    return _load(cfg, quantization_config=quant, device_map=place)
-
-
-def _load(cfg: CompareConfig, **kwargs):
-    """``models.load_model``'s sources, with extra ``from_pretrained`` arguments."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..models import BUNDLED, BUNDLED_NAME, bundled_folder
-
-    source = bundled_folder() if cfg.model in (None, BUNDLED, BUNDLED_NAME) else cfg.model
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=cfg.attn_implementation, **kwargs)
-    return model.eval(), tokenizer
+    return load_model(cfg.model, attn_implementation=cfg.attn_implementation, quantization_config=quant,
+                      device_map=place)
 
 
 # ----------------------------------------------------------------------------- the table

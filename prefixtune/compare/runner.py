@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -37,7 +36,9 @@ import torch
 from .. import data
 from ..evaluate import generate_texts
 from ..metrics import check_available, compute_metrics
-from ..train import autocast, lr_lambda, pick_device, split_list
+from ..options import split_list
+from ..runtime import pick_device
+from ..train import Diverged, Hooks, optimizer_for, run_steps
 from .config import CompareConfig
 from .methods import METHODS, Method, Plain, learning_rates, parse_methods
 
@@ -85,7 +86,7 @@ def run_method(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
 
 
 def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dict) -> dict:
-    from ..models import load_model
+    from ..base_models import load_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -128,49 +129,43 @@ def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dic
 
 
 def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, device) -> dict:
-    optimizer = torch.optim.AdamW(tuned.trainable, lr=lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, cfg.max_steps))
-    per_epoch = math.ceil(len(rows) / cfg.batch_size)
-    losses, seconds, tokens = [], [], []
-    order: tuple[int, list] = (-1, [])
-    tuned.forward.train()
+    """Train ``tuned`` through ``prefixtune train``'s own loop and step; measure each step."""
+    optimizer, scheduler = optimizer_for(tuned.trainable, lr, cfg, cfg.max_steps)
+    measured = _Measured(cfg.max_steps, cfg.quiet)
+    tuned.model.train()
     with PeakMemory(device) as memory:
-        for step in range(cfg.max_steps):
-            epoch, index = divmod(step, per_epoch)
-            if order[0] != epoch:  # the same order prefixtune train uses for this seed and epoch
-                order = (epoch, data.batches(rows, cfg.batch_size, seed=cfg.seed, epoch=epoch))
-            batch = data.collate(order[1][index], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            start = time.perf_counter()
-            with autocast(cfg.precision, device):
-                loss = tuned.forward(**batch).loss
-            if not torch.isfinite(loss):
-                return {"status": "failed", "reason": f"loss became {loss.item()} at step {step + 1}",
-                        "losses": losses}
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(tuned.trainable, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = loss.item()  # waits for the device
-            seconds.append(time.perf_counter() - start)
-            tokens.append(int(batch["attention_mask"].sum()))
-            losses.append(value)
-            if not cfg.quiet and (step + 1) % max(1, cfg.max_steps // 10) == 0:
-                print(f"  step {step + 1}/{cfg.max_steps}  loss {value:.3f}  {seconds[-1]:.2f} s/step", flush=True)
-    timed = slice(1, None) if len(seconds) > 1 else slice(None)
-    tail = losses[-max(1, min(10, len(losses) // 5)):]
-    return {
-        "steps": len(losses),
-        "seconds_per_step": sum(seconds[timed]) / len(seconds[timed]),
-        "tokens_per_s": sum(tokens[timed]) / sum(seconds[timed]),
-        "train_seconds": sum(seconds),
-        "first_loss": losses[0],
-        "final_loss": sum(tail) / len(tail),
-        "losses": losses,
-        **memory.result(),
-    }
+        try:
+            run_steps(tuned.loss, tuned.trainable, data.BatchOrder(rows, cfg.batch_size, cfg.seed), pad_id, optimizer,
+                      scheduler, cfg, device, start=0, total=cfg.max_steps, hooks=measured)
+        except Diverged as err:
+            return {"status": "failed", "reason": f"{err} at step {len(measured.losses) + 1}",
+                    "losses": measured.losses}
+    return {**measured.result(), **memory.result()}
+
+
+class _Measured(Hooks):
+    """What compare records of each step: loss, seconds (the device waited for) and input tokens."""
+
+    def __init__(self, steps: int, quiet: bool):
+        self.steps, self.quiet = steps, quiet
+        self.losses, self.seconds, self.tokens = [], [], []
+
+    def after_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
+        self.losses.append(loss)
+        self.seconds.append(seconds)
+        self.tokens.append(tokens)
+        if not self.quiet and step % max(1, self.steps // 10) == 0:
+            print(f"  step {step}/{self.steps}  loss {loss:.3f}  {seconds:.2f} s/step", flush=True)
+
+    def result(self) -> dict:
+        """Seconds per step and tokens per second over every step but the first (which pays one-off
+        costs); the final loss as the mean of the last fifth of the steps (at most 10)."""
+        timed = slice(1, None) if len(self.seconds) > 1 else slice(None)
+        tail = self.losses[-max(1, min(10, len(self.losses) // 5)):]
+        return {"steps": len(self.losses), "seconds_per_step": sum(self.seconds[timed]) / len(self.seconds[timed]),
+                "tokens_per_s": sum(self.tokens[timed]) / sum(self.seconds[timed]),
+                "train_seconds": sum(self.seconds), "first_loss": self.losses[0], "final_loss": sum(tail) / len(tail),
+                "losses": self.losses}
 
 
 def _score(cfg: CompareConfig, generator, tokenizer, groups) -> dict:

@@ -1,4 +1,4 @@
-"""Serving many prefixes over one frozen base model (issue 5).
+"""Serving many prefixes over one frozen base model.
 
 ``prefixtune serve`` runs :func:`create_app` (an OpenAI-compatible HTTP API) over a
 :class:`Batcher` (continuous batching: one forward per decoding step for every request,

@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
 
 def build_app(args: argparse.Namespace, api_key: str | None = None):
     """Load the model and prefixes named in ``args`` and build the app (no server started)."""
+    from ..base_models import load_model
     from ..model import PrefixModel
-    from ..models import load_model
-    from ..train import pick_device
+    from ..runtime import pick_device
     from .app import ServerOptions, create_app
     from .batcher import Batcher, Limits
     from .metrics import Metrics

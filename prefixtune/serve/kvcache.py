@@ -8,8 +8,7 @@ common length ``T``, with one ``[B, T]`` mask saying which token slots are real.
 prefix is thus copied into the cache once, when the row joins, and a decoding step only
 writes its new key/values: :meth:`BatchCache.prefix_batch` tells the attention that the
 prefixes are already in front of the keys (``PrefixBatch.in_cache``) and which slots are
-real. (Before, the attention concatenated every row's prefix in front of its cached keys and
-values in every layer at every step: a copy of the whole cache per layer and token.)
+real, so no step copies a prefix again.
 
 A joining row is padded (its prefix slots on the right, its tokens on the left), or the
 others are, and stacked under the rest; a leaving row is dropped, and the token columns that
@@ -30,7 +29,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
-from ..attention import PrefixBatch
+from ..prefixes import PrefixBatch
 from ..cache import PrefixLayer
 
 
@@ -115,7 +114,7 @@ class BatchCache:
         if self._told is None:
             return None
         pairs = [_prefix(layer) if layer.prefix_length else None for layer in self.cache.layers]
-        return dataclasses.replace(self._told, key_values=pairs, used=set())
+        return dataclasses.replace(self._told, key_values=pairs, routes={})
 
     def _retell(self) -> None:
         """Rebuild what steps tell the attention, after rows joined or left (one sync, not one per step)."""

@@ -117,6 +117,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device_map=None,
     attn_implementation: str = "sdpa",
+    quantization_config=None,
     trust_remote_code: bool = False,
 ):
     """Load ``(model, tokenizer)``.
@@ -132,6 +133,7 @@ def load_model(
         dtype: Weights dtype (default: float32 for the bundled model, the checkpoint's own otherwise).
         device_map: Passed to transformers, e.g. ``"auto"`` to spread or offload to CPU.
         attn_implementation: ``"sdpa"`` or ``"eager"`` (Gemma 2 wants eager for soft-capping).
+        quantization_config: Passed to transformers, e.g. bitsandbytes' 4-bit config for QLoRA.
         trust_remote_code: Off by default; only for models whose code you have read.
     """
     from transformers import AutoTokenizer
@@ -147,8 +149,9 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     model = _auto_class(task).from_pretrained(
         source,
-        dtype=dtype or (torch.float32 if bundled else "auto"),
+        dtype=dtype or (torch.float32 if bundled and quantization_config is None else "auto"),
         device_map=device_map,
+        quantization_config=quantization_config,
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
         **_label_kwargs(labels),

@@ -1,7 +1,6 @@
 """PEFT adapters (LoRA, QLoRA...) that train beside a prefix.
 
-Issue 6, part 2: a prefix and LoRA trained together. The user builds the LoRA model the
-PEFT way and wraps it like any other model::
+The user builds the LoRA model the PEFT way and wraps it like any other model::
 
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=10))
@@ -30,18 +29,26 @@ from pathlib import Path
 
 from torch import nn
 
-from .arch import is_peft_model
+from .wrappers import is_peft_model
 
 ADAPTER_DIR = "adapter"
 """Subfolder of a prefix folder that holds the PEFT adapter trained with the prefix."""
 
-__all__ = [
-    "ADAPTER_DIR", "is_peft_model", "check_wrappable", "trainable_adapter_parameters",
-    "has_saved_adapter", "save_adapter", "attach_saved_adapter", "load_adapter_weights",
-]
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters PEFT marked trainable on ``model`` (LoRA A/B, ``modules_to_save``...), after
+    refusing PEFT models a prefix cannot train beside; ``[]`` for other models.
+
+    Read before :class:`PrefixModel` freezes the model: ``requires_grad`` is how PEFT declares them.
+    A model loaded with ``PeftModel.from_pretrained(..., is_trainable=False)`` has none.
+    """
+    if not is_peft_model(model):
+        return []
+    _check_wrappable(model)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-def check_wrappable(model: nn.Module) -> None:
+def _check_wrappable(model: nn.Module) -> None:
     """Refuse PEFT models a prefix cannot train beside: PEFT's own prompt learning (a prefix of
     its own), or several adapters (one, named "default", is saved and loaded with the prefix)."""
     config = getattr(model, "active_peft_config", None) if is_peft_model(model) else None
@@ -51,7 +58,7 @@ def check_wrappable(model: nn.Module) -> None:
         raise NotImplementedError(
             f"this PEFT model carries {config.peft_type.value}, a prompt-learning method of PEFT's own; "
             "PrefixModel combines with weight adapters such as LoRA. To bring a PEFT prefix over, use "
-            "`prefixtune import-peft` (prefixtune.interop.import_peft)"
+            "`prefixtune import-peft` (prefixtune.peft.interop.import_peft)"
         )
     names = list(getattr(model, "peft_config", {}) or {})
     if names != ["default"]:
@@ -59,17 +66,6 @@ def check_wrappable(model: nn.Module) -> None:
             f"this PEFT model holds adapters {names}; a prefix trains and is saved with one adapter named "
             "'default' (what peft.get_peft_model makes), which PeftModel.from_pretrained loads back"
         )
-
-
-def trainable_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters PEFT marked trainable (LoRA A/B, ``modules_to_save``...); ``[]`` for other models.
-
-    Read before :class:`PrefixModel` freezes the model: ``requires_grad`` is how PEFT declares them.
-    A model loaded with ``PeftModel.from_pretrained(..., is_trainable=False)`` has none.
-    """
-    if not is_peft_model(model):
-        return []
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def has_saved_adapter(directory: str | os.PathLike) -> bool:
@@ -84,19 +80,19 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     return target
 
 
-def attach_saved_adapter(model: nn.Module, directory: str | os.PathLike, trainable: bool = False) -> nn.Module:
-    """``model`` wrapped in the PEFT adapter saved in ``directory/adapter`` (``PeftModel.from_pretrained``).
+def with_saved_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """``model`` wrapped in the PEFT adapter saved in ``directory/adapter`` (``PeftModel.from_pretrained``)
+    where the prefix folder holds one and ``model`` carries none yet; else ``model`` itself.
 
     Args:
         model: The base model the adapter was trained on (for QLoRA: loaded in 4 bits again).
         directory: A prefix folder written by ``PrefixModel.save_prefix``.
-        trainable: Keep the adapter trainable (to continue training), as PEFT's ``is_trainable``.
+
+    The adapter comes back frozen, for inference, as ``PeftModel.from_pretrained`` loads it.
     """
-    peft = _peft()
-    if is_peft_model(model):
-        raise ValueError(f"{directory}: the model already carries a PEFT adapter; load the weights with "
-                         "PrefixModel.load_prefix, which replaces them")
-    return peft.PeftModel.from_pretrained(model, str(Path(directory) / ADAPTER_DIR), is_trainable=trainable)
+    if not has_saved_adapter(directory) or is_peft_model(model):
+        return model
+    return _peft().PeftModel.from_pretrained(model, str(Path(directory) / ADAPTER_DIR))
 
 
 def load_adapter_weights(model: nn.Module, directory: str | os.PathLike) -> None:

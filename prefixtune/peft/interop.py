@@ -1,4 +1,4 @@
-"""PEFT checkpoint import and export (issue 6, part 1).
+"""PEFT prefix-tuning checkpoints, converted to and from prefixtune prefixes.
 
 PEFT keeps a prefix-tuning adapter as two files: ``adapter_config.json`` (a
 ``PrefixTuningConfig``) and ``adapter_model.safetensors`` with one tensor,
@@ -36,9 +36,10 @@ from pathlib import Path
 
 import torch
 
-from . import arch, lora
-from .artifacts import read_json, read_prefix, write_prefix
-from .config import PrefixConfig
+from .. import arch
+from ..artifacts import read_json, read_prefix, write_prefix, write_safetensors
+from ..config import PrefixConfig
+from . import lora
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -95,7 +96,7 @@ def export_peft(prefix_dir: str | os.PathLike, peft_dir: str | os.PathLike, base
     target = Path(peft_dir)
     target.mkdir(parents=True, exist_ok=True)
     peft_config.save_pretrained(str(target))
-    _save_safetensors({PEFT_KEY: to_peft_embeddings(key_values.float())}, target / PEFT_WEIGHTS)
+    write_safetensors(target / PEFT_WEIGHTS, {PEFT_KEY: to_peft_embeddings(key_values.float())}, {"format": "pt"})
     if not peft_config.base_model_name_or_path:
         warnings.warn(f"{prefix_dir}: no base model recorded; {target / PEFT_CONFIG} has no base_model_name_or_path "
                       "(give one with --base-model for AutoPeftModelForCausalLM)")
@@ -150,14 +151,6 @@ def _peft_config(**fields):
         task_type="CAUSAL_LM", prefix_projection=False, inference_mode=True,
         encoder_hidden_size=fields["token_dim"], **fields,
     )
-
-
-def _save_safetensors(tensors: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ import
@@ -231,13 +224,13 @@ def _shape_of(base: str) -> arch.ModelShape:
     """The prefix geometry of a base model, from its config alone (built on the meta device, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import models
+    from .. import base_models
 
-    bundled = base in (models.BUNDLED, models.BUNDLED_NAME)  # the name load_model records for it
-    config = AutoConfig.from_pretrained(models.bundled_folder() if bundled else base)
+    bundled = base in (base_models.BUNDLED, base_models.BUNDLED_NAME)  # the name load_model records for it
+    config = AutoConfig.from_pretrained(base_models.bundled_folder() if bundled else base)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    model.config.name_or_path = models.BUNDLED_NAME if bundled else str(base)
+    model.config.name_or_path = base_models.BUNDLED_NAME if bundled else str(base)
     layout = arch.layout_for(model)
     if layout.encoder_decoder or {group.name for group in layout.groups} != {"decoder"}:
         raise NotExpressible(f"{base}: a {config.model_type} model; PEFT prefixes are imported for decoder-only "

@@ -1,0 +1,111 @@
+"""Putting prefixes into a model without copying or editing its code.
+
+:func:`install` freezes the model, points its attention at the prefix-aware kernel of
+:mod:`prefixtune.attention` and tags every attention module with its site (its row in a
+prefix's key/values). Per call, :func:`call_kwargs` adds the laid-out prefix and the shifted
+positions to the base model's keyword arguments; ``generate()`` refuses keyword arguments
+that ``forward`` does not name, so :func:`generation_hooks` adds them to every decoding step
+with forward pre-hooks instead. :func:`check_applied` refuses outputs computed without the
+prefix, which PEFT's prefix tuning returns silently when a model ignores its cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from . import arch
+from .attention import KWARG, SITE_ATTR, Site, implementation_name
+from .peft.wrappers import unwrap_adapters
+from .prefixes import PrefixBatch
+
+
+def install(model: nn.Module, layout: arch.Layout) -> str:
+    """Freeze ``model``, switch it to the prefix-aware kernel and tag its sites; returns the
+    name of the kernel it had, which :func:`uninstall` restores."""
+    base = model.config._attn_implementation.removeprefix("prefixtune_")  # a model wrapped before keeps its kernel
+    model.requires_grad_(False)
+    name = implementation_name(base)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise NotImplementedError(
+            f"{type(model).__name__} would not switch its attention to {name!r}: it does not "
+            "call attention through transformers' AttentionInterface"
+        )
+    for index, (group, module) in enumerate(arch.attention_modules(model, layout)):
+        setattr(module, SITE_ATTR, Site(index, group.causal))
+    return base
+
+
+def uninstall(model: nn.Module, layout: arch.Layout, base: str) -> None:
+    """Restore kernel ``base`` and remove the tags (the weights stay frozen)."""
+    model.set_attn_implementation(base)
+    for _, module in arch.attention_modules(model, layout):
+        if hasattr(module, SITE_ATTR):
+            delattr(module, SITE_ATTR)
+
+
+def call_kwargs(batch: PrefixBatch, kwargs: dict, layout: arch.Layout, device) -> dict:
+    """``kwargs`` of a base-model call, plus the prefix and the shifted positions."""
+    batch = batch.expand_rows(rows(kwargs))
+    if layout.positions == "internal":  # the model numbers positions itself; nothing to shift
+        return {**kwargs, KWARG: batch}
+    tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = base_positions(tokens.shape[1], kwargs, layout, device)
+    shift = batch.shift if batch.shift is not None else batch.offsets[:, None].to(positions.device)
+    return {**kwargs, KWARG: batch, "position_ids": positions + shift}
+
+
+def base_positions(length: int, kwargs: dict, layout: arch.Layout, device) -> torch.Tensor:
+    """The positions the base model would give these tokens itself (see ``arch.Layout.positions``)."""
+    mask = kwargs.get("attention_mask")
+    if layout.positions == "mask" and mask is not None and mask.dim() == 2:
+        mask = mask.long()
+        return (mask.cumsum(-1) * mask - 1)[:, -length:]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = cache.get_seq_length() if cache is not None else 0
+    return torch.arange(past, past + length, device=device)[None]
+
+
+def rows(kwargs: dict) -> int:
+    """Batch size of a model call, from whichever input it was given."""
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds", "labels"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    raise ValueError("cannot tell the batch size: give input_ids or inputs_embeds")
+
+
+@contextlib.contextmanager
+def generation_hooks(model: nn.Module, layout: arch.Layout, batch: PrefixBatch, device):
+    """Hand ``batch`` to every forward that ``model.generate`` runs, through forward pre-hooks.
+
+    The hooks sit on the transformers model inside PEFT's wrappers (PEFT's ``generate`` calls it,
+    not its own ``forward``), and on an encoder-decoder's encoder, which ``generate`` runs once,
+    directly."""
+    def hook(module, hook_args, hook_kwargs):
+        return hook_args, call_kwargs(batch, hook_kwargs, layout, device)
+
+    modules = [unwrap_adapters(model)] + ([model.get_encoder()] if layout.encoder_decoder else [])
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def check_applied(batch: PrefixBatch | None) -> None:
+    """Refuse to return outputs computed without the prefix (PEFT's silent failure)."""
+    if batch is None:
+        return
+    missing = sorted(batch.prefixed_layers - set(batch.routes))
+    if missing:
+        raise RuntimeError(
+            f"the prefix never reached the attention of layers {missing}: the model's attention "
+            "implementation was changed after wrapping, or this model does not call attention "
+            "through transformers' AttentionInterface"
+        )
