@@ -17,7 +17,6 @@ from torch import nn
 from .config import TARGETS
 from .peft.wrappers import unwrap_adapters
 
-
 GROUPS = TARGETS
 """The kinds of attention a prefix can enter (Li & Liang 2021, section 4.2, for BART):
 the encoder's self-attention, the decoder's self-attention, and the decoder's attention

@@ -96,6 +96,11 @@ class PrefixLayer(DynamicLayer):
         self._expose()
         return self.keys, self.values
 
+    @property
+    def capacity(self) -> int:
+        """Slots the buffers hold before they grow (prefix included)."""
+        return self._keys.shape[2] if self.is_initialized else 0
+
     def _expose(self) -> None:
         self.keys, self.values = self._keys[:, :, :self._used], self._values[:, :, :self._used]
 

@@ -12,10 +12,10 @@ import math
 import torch
 
 from . import data
+from .base_models import class_names
 from .config import DataOptions
 from .metrics import compute_metrics
 from .model import PrefixModel
-from .base_models import class_names
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,16 @@ def data_files(tmp_path_factory):
     for name, subset in (("train.jsonl", rows), ("eval.jsonl", rows[:4])):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in subset))
     return folder
+
+
+@pytest.fixture(scope="session")
+def until():
+    """``until(condition, timeout=30.0)``: wait for ``condition()`` to hold; False if it does not in time."""
+    def wait(condition, timeout=30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+    return wait

@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers as tf
 
-from prefixtune.cli import main
 from prefixtune.base_models import minilm_folder
+from prefixtune.cli import main
 
 WORDS = {"1": ["good", "great", "lovely", "fine"], "0": ["bad", "awful", "dull", "poor"]}
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_model, tiny_model_folder
+from tiny import tiny_model
 
 from prefixtune import cli
 from prefixtune.compare import build_config, runner
@@ -18,11 +18,6 @@ from prefixtune.compare.methods import METHODS, learning_rates, parse_methods
 from prefixtune.compare.report import markdown, text_table
 
 TRAINED = ("prefix", "prefix-words", "prefix-flat", "peft-prefix", "prompt", "lora", "adapter", "full")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return str(tiny_model_folder(tmp_path_factory.mktemp("tiny") / "llama"))
 
 
 def tiny_config(model_dir, tmp_path, **changes) -> CompareConfig:
@@ -112,9 +107,10 @@ def test_qlora_says_why_it_is_skipped(model_dir, tmp_path, monkeypatch):
     assert row["status"] == "skipped" and "bitsandbytes is not installed" in row["reason"]
 
 
+@pytest.mark.slow
 def test_isolated_worker_process(model_dir, tmp_path):
     cfg = tiny_config(model_dir, tmp_path, methods="lora", isolate=True)
-    row = runner._run_isolated(cfg, "lora", 1e-2, tmp_path / "iso")
+    row = runner.run_isolated(cfg, "lora", 1e-2, tmp_path / "iso")
     assert row["status"] == "ok" and row["trainable_params"] > 0 and row["peak_memory_mib"] > 0
 
 

@@ -20,8 +20,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import tiny_encoder, tiny_model
 
-from prefixtune import distributed
-from prefixtune import options
+from prefixtune import distributed, options
 from prefixtune.config import PrefixConfig, TrainConfig
 from prefixtune.model import PrefixModel
 from prefixtune.train import train
@@ -136,6 +135,7 @@ def test_a_process_that_is_not_the_main_one_writes_nothing(model_dir, data_files
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_prefix_of_one_and_only_one_writes(model_dir, data_files, tmp_path):
     """``accelerate launch`` with configs/accelerate/ddp.yaml, 2 CPU processes on gloo; a global
     batch of 5 split 3 + 2 rows, in micro-batches of 2."""
@@ -160,6 +160,7 @@ def test_two_processes_train_the_prefix_of_one_and_only_one_writes(model_dir, da
 
 @pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 7),
                     reason="FSDP2 ignored parameters need torch 2.7")
+@pytest.mark.slow
 def test_fsdp_shards_the_base_and_trains_the_prefix_of_one_process(model_dir, data_files, tmp_path):
     """2 CPU processes through Accelerate's FSDP2 path (tests/fsdp_on_cpu.py says how), with
     evaluation and generation on the sharded model; shares of 3 and 2 rows in micro-batches of 2,
@@ -223,6 +224,7 @@ def _partitioned(log: str) -> list[tuple[int, int]]:
     return [(int(held), int(whole)) for held, whole in found]
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_partitions_the_base_and_trains_the_prefix_of_one_process(model_dir, data_files, tmp_path):
     """``accelerate launch`` with configs/accelerate/deepspeed-zero3.yaml, 2 CPU processes (DeepSpeed's
     CPU accelerator, gloo), with evaluation, generation and gradient checkpointing through the
@@ -248,6 +250,7 @@ def test_deepspeed_zero3_partitions_the_base_and_trains_the_prefix_of_one_proces
     assert [r["step"] for r in rows] == [1, 2, 2, 3, 4, 4], "each step logged once: one writer"
 
 
+@pytest.mark.slow
 def test_deepspeed_zero3_runs_the_partitioned_base_whole_for_init_text(model_dir, data_files, tmp_path):
     """``--init-text`` runs the base before DeepSpeed's hooks exist, on a base that transformers
     loaded partitioned: it is gathered for that forward. After two steps the prefix equals one
@@ -270,6 +273,7 @@ def _kill_with_workers(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_with_two_or_one_processes(model_dir, data_files, tmp_path):
     extra = ["--max-steps", "60", "--save-every", "5"]
     killed = tmp_path / "killed"

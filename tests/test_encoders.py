@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from tiny import ENCODERS, tiny_encoder, tokens
 
 from prefixtune import PrefixConfig, PrefixModel
-from tiny import ENCODERS, tiny_encoder, tokens
 
 ARCHS = sorted(ENCODERS)
 FLAT = dict(prefix_length=3, reparameterize=False, init_std=0.5)

@@ -28,7 +28,7 @@ def test_a_plain_module_is_refused():
 
 def test_unsupported_attention_kernel_is_refused():
     model = tiny_model("llama")
-    model.config._attn_implementation_internal = "flex_attention"
+    model.set_attn_implementation("flex_attention")
     with pytest.raises(NotImplementedError, match="'flex_attention' cannot carry a prefix"):
         PrefixModel.wrap(model)
 
@@ -36,7 +36,7 @@ def test_unsupported_attention_kernel_is_refused():
 def test_prefix_that_never_reaches_attention_raises_instead_of_being_ignored():
     model = tiny_model("llama")
     pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=2))
-    model.config._attn_implementation_internal = "sdpa"  # someone switched it back behind our back
+    model.set_attn_implementation("sdpa")  # someone switched it back behind our back
     with pytest.raises(RuntimeError, match=r"never reached the attention of layers \[0, 1\]"):
         pm(input_ids=tokens(1, 4))
     with pytest.raises(RuntimeError, match="never reached"):

@@ -149,6 +149,6 @@ def test_the_cache_buffer_keeps_its_tokens_and_little_unused_room():
         appended.append(new)
         keys, values = layer.update(new, -new)
         assert torch.equal(keys, torch.cat([prefix, *appended], dim=2)) and torch.equal(values, -keys)
-        used, capacity = keys.shape[2], layer._keys.shape[2]
+        used, capacity = keys.shape[2], layer.capacity
         assert capacity - used <= max(MIN_CAPACITY, used // 4), (used, capacity)
     assert layer.get_seq_length() == 7 + 699

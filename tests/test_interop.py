@@ -13,7 +13,13 @@ from prefixtune.arch import ModelShape
 from prefixtune.artifacts import read_prefix, write_prefix
 from prefixtune.cli import main
 from prefixtune.peft.interop import (
-    PEFT_CONFIG, PEFT_KEY, PEFT_WEIGHTS, NotExpressible, export_peft, from_peft_embeddings, import_peft,
+    PEFT_CONFIG,
+    PEFT_KEY,
+    PEFT_WEIGHTS,
+    NotExpressible,
+    export_peft,
+    from_peft_embeddings,
+    import_peft,
     to_peft_embeddings,
 )
 
@@ -212,7 +218,7 @@ def test_peft_weights_key_is_prompt_embeddings(tmp_path):
     assert list(load_file(tmp_path / "peft" / PEFT_WEIGHTS)) == [PEFT_KEY]
 
 
-@pytest.mark.real
+@pytest.mark.slow
 def test_real_bundled_model_round_trip_through_peft(tmp_path):
     """SmolLM2-135M (30 layers, 9 query / 3 key-value heads): export, PEFT forward, import back."""
     from prefixtune.base_models import BUNDLED_NAME, load_model

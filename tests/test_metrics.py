@@ -17,7 +17,10 @@ import pytest
 from prefixtune import metrics
 from prefixtune.metrics import METRICS, compute_metrics
 
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
+
+def needs_java(test):
+    """METEOR runs a Java program: skipped without ``java``, and in the slow lane (a JVM start per test)."""
+    return pytest.mark.slow(pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")(test))
 
 
 def score(name, hypotheses, references):

@@ -9,7 +9,7 @@ import torch
 from prefixtune import PrefixConfig, PrefixModel, data, evaluate
 from prefixtune.base_models import MINILM_NAME, load_model
 
-pytestmark = pytest.mark.real
+pytestmark = pytest.mark.slow
 SST2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2" / "dev.tsv"
 
 

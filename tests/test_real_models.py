@@ -7,7 +7,7 @@ import torch
 from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.base_models import BUNDLED_NAME, load_model
 
-pytestmark = pytest.mark.real
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from prefixtune import PrefixConfig, PrefixModel
-from prefixtune import arch
-from prefixtune.attention import KWARG
 from tiny import SEQ2SEQ, tiny_seq2seq, tokens
+
+from prefixtune import PrefixConfig, PrefixModel, arch
+from prefixtune.attention import KWARG
 
 ARCHS = sorted(SEQ2SEQ)
 FLAT = dict(prefix_length=3, reparameterize=False, init_std=0.5)

@@ -1,12 +1,13 @@
 """The HTTP server, driven by the official ``openai`` client: completions, chat, streaming,
-models, prefix management, every error case of issue 5, metrics, and a load test."""
+models, prefix management, every error case, metrics, a load test, and the playground in a browser."""
 
 import argparse
 import concurrent.futures
 import gc
 import json
+import os
+import shutil
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -81,16 +82,6 @@ def http(server, method, path, body=None, key=KEY, raw=None, headers=None):
         return status, text
 
 
-def until(condition, timeout=30.0) -> bool:
-    """Wait for ``condition()`` to hold; False if it does not within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
 def hold(batcher) -> threading.Event:
     """Stop the batcher's loop between two steps until the returned event is set."""
     entered, gate = threading.Event(), threading.Event()
@@ -99,7 +90,7 @@ def hold(batcher) -> threading.Event:
         entered.set()
         gate.wait(60)
 
-    batcher._control(wait)
+    batcher.between_steps(wait)
     assert entered.wait(30), "the batcher loop did not pick up the hold"
     return gate
 
@@ -258,7 +249,7 @@ def test_bad_requests_never_disturb_the_others(client, server):
     assert set(statuses) == {400, 404}
 
 
-def test_full_queue_is_429_and_every_queued_request_is_answered(folders):
+def test_full_queue_is_429_and_every_queued_request_is_answered(folders, until):
     with BackgroundServer(build(folders, "--max-queue", "3", "--max-batch", "1")) as running:
         batcher = running.app.state.batcher
         gate = hold(batcher)  # nothing drains the queue now
@@ -271,7 +262,7 @@ def test_full_queue_is_429_and_every_queued_request_is_answered(folders):
             assert [q.result()[0] for q in queued] == [200, 200, 200]
 
 
-def test_a_client_that_hangs_up_frees_its_rows(server):
+def test_a_client_that_hangs_up_frees_its_rows(server, until):
     import socket
 
     batcher = server.app.state.batcher
@@ -285,11 +276,11 @@ def test_a_client_that_hangs_up_frees_its_rows(server):
             sock.sendall(head + body)
             assert until(lambda: batcher.active_rows() == 1)
             gate = hold(batcher)
-            row = batcher._rows[0]
-        assert until(lambda: row.request.cancelled), stream  # the hang-up is noticed while the loop is held
+            (request,) = batcher.running()
+        assert until(lambda: request.cancelled), stream  # the hang-up is noticed while the loop is held
         gate.set()
         assert until(lambda: batcher.active_rows() == 0)
-        assert row.generated < 64, (stream, row.generated)
+        assert request.generated < 64, (stream, request.generated)
 
 
 # ------------------------------------------------------ prefix management
@@ -369,5 +360,78 @@ def test_load_every_request_answered_and_no_memory_growth(client, server):
     after = rss()
     assert len(reasons) == 300 and set(reasons) <= {"stop", "length"}
     assert after - before < 64 << 20, (before, after)
-    assert batcher.queue_depth() == 0 and batcher.active_rows() == 0 and batcher._cache.rows == 0
-    assert not any(batcher._refs.values())
+    assert batcher.queue_depth() == 0 and batcher.active_rows() == 0 and batcher.cached_rows() == 0
+    assert not batcher.held_prefixes()
+
+
+# ------------------------------------------------------ the playground, in a browser
+# The playground at ``/`` in headless Chromium (Debian's ``chromium``, driven by Playwright):
+# a person picks prefixes, types one prompt, and gets each prefix's answer side by side.
+CHROMIUM = os.environ.get("PREFIXTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+
+def needs_chromium(test):
+    """In the slow lane; skipped without Debian's chromium (apt-get install chromium; .ci/run does)."""
+    return pytest.mark.slow(pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")(test))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package (the serve extra)")
+    with sync_api.sync_playwright() as playwright:
+        # root in a container has no user namespaces for Chromium's sandbox
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def running(folders):
+    with BackgroundServer(build(folders)) as server:
+        yield server
+
+
+@needs_chromium
+def test_playground_compares_prefixes_side_by_side(running, browser):
+    page = browser.new_page()
+    page.goto(running.url + "/")
+    page.fill("#api_key", KEY)
+    page.dispatch_event("#api_key", "change")  # the model list needs the key
+    page.wait_for_selector("#models input[value=beta]")
+    boxes = page.locator("#models input")
+    assert boxes.evaluate_all("bs => bs.map(b => b.value)") == [BASE, "alpha", "beta"]
+    page.check("#models input[value=alpha]")
+    page.check("#models input[value=beta]")
+    page.uncheck(f"#models input[value='{BASE}']")
+    page.fill("#prompt", "Write one line about the sea.")
+    page.fill("#max_tokens", "10")
+    page.fill("#temperature", "0")
+    page.click("#compare")
+    page.wait_for_function("document.querySelectorAll('.output[data-done]').length === 2", timeout=30_000)
+    shown = {el.get_attribute("data-model"): el.locator(".text").inner_text()
+             for el in page.locator(".output").all()}
+    statuses = page.locator(".output .status").all_inner_texts()
+    page.close()
+    client = openai.OpenAI(base_url=running.url + "/v1", api_key=KEY, max_retries=0)
+    for model in ("alpha", "beta"):
+        answer = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Write one line about the sea."}],
+            max_tokens=10, temperature=0)
+        assert shown[model].strip() == answer.choices[0].message.content.strip()  # innerText trims
+    assert all(s.startswith("done") for s in statuses), statuses
+    assert shown["alpha"] != shown["beta"]
+
+
+@needs_chromium
+def test_playground_shows_errors(running, browser):
+    page = browser.new_page()
+    page.goto(running.url + "/")
+    # no key typed yet: the 401 is shown where the models would be
+    page.wait_for_function("document.getElementById('models').textContent.includes('cannot list models')")
+    page.fill("#api_key", KEY)
+    page.dispatch_event("#api_key", "change")
+    page.wait_for_selector("#models input[value=alpha]")
+    page.click("#compare")
+    assert page.inner_text("#message") == "Type a prompt."
+    page.close()

@@ -2,7 +2,6 @@
 alone do, rows join and leave mid-flight, prefixes change between steps, limits hold."""
 
 import queue
-import time
 
 import pytest
 import torch
@@ -78,16 +77,6 @@ PROMPTS = [tokens(1, n, seed=n)[0].tolist() for n in (3, 8, 5, 11, 4, 6)]
 MODELS = ["a", "base", "b", "a", "b", "base"]
 
 
-def until(condition, timeout=30.0) -> bool:
-    """Wait for ``condition()`` to hold; False if it does not within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
-
-
 def _alone(batcher, prompt, model, **params):
     c = Collector(batcher)
     batcher.submit([c.request(0, prompt, model, **params)])
@@ -95,7 +84,7 @@ def _alone(batcher, prompt, model, **params):
     return c.text(0), c.last(0).finish_reason
 
 
-def test_concurrent_mixed_prefix_requests_equal_requests_sent_one_at_a_time(served):
+def test_concurrent_mixed_prefix_requests_equal_requests_sent_one_at_a_time(served, until):
     """The issue's correctness criterion, with rows joining while others are mid-decoding
     (so caches of different lengths are merged and trimmed) and leaving at different steps."""
     pm, batcher = served
@@ -119,7 +108,7 @@ def test_batched_greedy_equals_prefix_model_generate(served):
     c = Collector(batcher)
     batcher.submit([c.request(i, p, m, ignore_eos=True) for i, (p, m) in enumerate(zip(PROMPTS, MODELS))])
     c.wait(len(PROMPTS))
-    internal = {"base": None, **{m: batcher._names[m] for m in ("a", "b")}}
+    internal = {"base": None, **{m: batcher.served_prefix(m) for m in ("a", "b")}}
     for i, (p, m) in enumerate(zip(PROMPTS, MODELS)):
         x = torch.tensor([p])
         out = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), prefix=internal[m], max_new_tokens=10,
@@ -173,7 +162,7 @@ def test_unknown_model_and_full_queue_are_refused_at_submit():
     assert err.value.status == 503
 
 
-def test_replacing_or_removing_a_prefix_mid_flight_keeps_running_requests_on_their_prefix(served, tmp_path):
+def test_replacing_or_removing_a_prefix_mid_flight_keeps_running_requests_on_their_prefix(served, tmp_path, until):
     pm, batcher = served
     expected = _alone(batcher, PROMPTS[3], "a", max_tokens=40, ignore_eos=True)
     other = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=4, reparameterize=False, init_std=2.0))
@@ -205,15 +194,15 @@ def test_a_bad_prefix_path_fails_alone(served, tmp_path):
     assert _alone(batcher, PROMPTS[0], "a")[1] in ("stop", "length")
 
 
-def test_cancelled_requests_leave_the_batch(served):
+def test_cancelled_requests_leave_the_batch(served, until):
     pm, batcher = served
     c = Collector(batcher)
     slow = c.request(0, PROMPTS[0], "a", max_tokens=10_000, ignore_eos=True)
     batcher.submit([slow, c.request(1, PROMPTS[1], "b", max_tokens=5, ignore_eos=True)])
     assert c.wait(1) == [1]
     slow.cancelled = True
-    assert until(lambda: batcher.active_rows() == 0) and batcher._cache.rows == 0
-    assert not any(batcher._refs.values())
+    assert until(lambda: batcher.active_rows() == 0) and batcher.cached_rows() == 0
+    assert not batcher.held_prefixes()
 
 
 def _prefilled(rows, length, fill, slots):
@@ -289,7 +278,7 @@ def test_a_request_that_breaks_the_model_fails_alone(served):
     assert c.last(1).error is not None and c.last(1).error.status == 500
     assert (c.text(0), c.last(0).finish_reason) == expected
     assert c.last(2).finish_reason in ("stop", "length")
-    assert batcher.alive and not any(batcher._refs.values())
+    assert batcher.alive and not batcher.held_prefixes()
 
 
 def test_a_prefix_on_some_layers_mixes_with_full_ones_exactly():
@@ -311,7 +300,7 @@ def test_a_prefix_on_some_layers_mixes_with_full_ones_exactly():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "qwen3", "gemma2"])
-def test_mixed_batches_are_exact_on_other_families(arch):
+def test_mixed_batches_are_exact_on_other_families(arch, until):
     """Absolute positions (GPT-2, OPT's mask-derived ones), another head_dim, eager soft-capping."""
     batcher = Batcher(_model(arch), CharTokenizer(), "base", Limits(max_batch=8)).start()
     try:

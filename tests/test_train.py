@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefixtune.cli import main
 from prefixtune import options
+from prefixtune.cli import main
 from prefixtune.config import TrainConfig
 from prefixtune.train import TrainingError, train
 
@@ -75,6 +75,7 @@ def test_early_stopping_stops_after_patience(model_dir, data_files, tmp_path):
     assert steps[-1] < 20
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_run_ends_where_an_uninterrupted_run_ends(model_dir, data_files, tmp_path):
     args = ["train", "--model", model_dir, "--data", str(data_files / "train.jsonl"), "--prefix-length", "3",
             "--reparam-hidden-size", "16", "--batch-size", "4", "--max-steps", "120", "--save-every", "5",

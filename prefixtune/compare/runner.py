@@ -59,7 +59,7 @@ def compare(cfg: CompareConfig) -> dict:
     rows = []
     for method in methods:
         print(f"\n== {method.name}: {method.label} (lr {rates[method.name]:g})", flush=True)
-        run = _run_isolated if cfg.isolate else run_method
+        run = run_isolated if cfg.isolate else run_method
         row = run(cfg, method.name, rates[method.name], out / method.name)
         print(report.one_line(row), flush=True)
         rows.append(row)
@@ -252,7 +252,7 @@ def rss_bytes() -> int:
 
 
 # ---------------------------------------------------------------------------- isolation
-def _run_isolated(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
+def run_isolated(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
     """``run_method`` in a fresh Python process (its own peak memory; a crash costs one row)."""
     out.mkdir(parents=True, exist_ok=True)
     spec, result, errors = out / "spec.json", out / "row.json", out / "stderr.txt"

@@ -78,6 +78,7 @@ class Request:
     sink: Callable[[Event], None]
     cancelled: bool = False
     prefix: str | None = field(default=None, init=False)  # internal name, pinned at submit
+    generated: int = field(default=0, init=False)  # tokens generated so far
 
 
 @dataclass
@@ -89,7 +90,6 @@ class _Row:
     generator: torch.Generator | None
     position: int  # the position of the next token fed (= real tokens so far)
     last: int = -1  # the last generated token (fed at the next step)
-    generated: int = 0
     done: bool = False
 
 
@@ -185,6 +185,25 @@ class Batcher:
     def active_rows(self) -> int:
         return len(self._rows)
 
+    def cached_rows(self) -> int:
+        """Rows in the batch's key/value cache: equal to :meth:`active_rows` between steps."""
+        return self._cache.rows
+
+    def held_prefixes(self) -> dict[str, int]:
+        """Requests waiting or running, per prefix they hold (by the model's internal name); a
+        prefix replaced or removed stays loaded until its count is 0."""
+        with self._cond:
+            return {name: count for name, count in self._refs.items() if count}
+
+    def served_prefix(self, name: str) -> str:
+        """The model's internal name of the prefix served as ``name`` (``PrefixModel.prefixes`` key)."""
+        with self._cond:
+            return self._names[name]
+
+    def running(self) -> list[Request]:
+        """The requests being decoded now (their ``generated`` counts their tokens so far)."""
+        return [row.request for row in list(self._rows)]
+
     def submit(self, requests: list[Request]) -> None:
         """Queue ``requests`` (all or none).
 
@@ -212,14 +231,16 @@ class Batcher:
             raise errors.bad_request(
                 f"invalid prefix name {name!r}: use letters, digits and . _ : - (at most 128), "
                 f"not the base model's name", param="name")
-        return self._control(lambda: self._load(name, directory))
+        return self.between_steps(lambda: self._load(name, directory))
 
     def remove_prefix(self, name: str) -> Future:
         """Stop serving ``name``; requests already using it finish with it."""
-        return self._control(lambda: self._remove(name))
+        return self.between_steps(lambda: self._remove(name))
 
     # ------------------------------------------------------------ prefixes
-    def _control(self, action: Callable) -> Future:
+    def between_steps(self, action: Callable) -> Future:
+        """Run ``action()`` on the batcher's thread between two steps (where the model may change);
+        the future holds its result or error."""
         future: Future = Future()
         with self._cond:
             if self._closed:
@@ -423,7 +444,7 @@ class Batcher:
         chosen = next_tokens(logits, [r.request.params for r in rows], [r.generator for r in rows])
         for row, token in zip(rows, chosen):
             row.last = token
-            row.generated += 1
+            row.request.generated += 1
             params = row.request.params
             if token in self.eos and not params.ignore_eos:
                 self._finish(row, "stop")
@@ -431,17 +452,17 @@ class Batcher:
             piece = row.text.push(token)
             if row.text.stopped:
                 self._finish(row, "stop", piece)
-            elif row.generated >= params.max_tokens:
+            elif row.request.generated >= params.max_tokens:
                 self._finish(row, "length", piece + row.text.flush())
             elif piece:
-                row.request.sink(Event(text=piece, completion_tokens=row.generated))
+                row.request.sink(Event(text=piece, completion_tokens=row.request.generated))
 
     def _finish(self, row: _Row, reason: str | None, piece: str = "") -> None:
         row.done = True
         self._release(row.request)
         if reason is not None:
             row.request.sink(Event(text=piece, finish_reason=reason, prompt_tokens=len(row.request.prompt_ids),
-                                   completion_tokens=row.generated))
+                                   completion_tokens=row.request.generated))
 
     def _evict(self) -> None:
         """Finished rows leave the batch (and its cache)."""

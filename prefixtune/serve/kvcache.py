@@ -29,8 +29,8 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
-from ..prefixes import PrefixBatch
 from ..cache import PrefixLayer
+from ..prefixes import PrefixBatch
 
 
 class BatchCache:
