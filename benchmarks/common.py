@@ -1,17 +1,58 @@
-"""Helpers shared by the benchmark scripts: machine description, arm rotation, JSON output."""
+"""What every benchmark shares: how a run is started and recorded, and how arms are compared.
+
+A results file must say how to get it again: :func:`start` returns its header, the command
+(``python -m benchmarks.NAME ...``), the machine and the code version, and every ``--json``
+file begins with it. Arms are compared interleaved (:func:`rotated`: every round runs every
+arm, the order shifted by one), so that a machine that slows down or speeds up during a run
+moves every arm alike, and ratios are medians of per-round pairs (:func:`paired_ratio`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root: where ``python -m benchmarks.NAME`` runs, and where git is asked."""
 
-def machine_info(threads: int) -> dict:
+
+# ---------------------------------------------------------------------------- the header of a run
+def start(script: str, argv: list[str] | None, threads: int | None = None) -> dict:
+    """Start a benchmark: torch threads (unless ``None``), FutureWarnings quiet, the machine printed;
+    returns the header of its results (:func:`header`)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    top = header(script, argv)
+    print("  ".join(f"{key}={value}" for key, value in top["machine"].items()), flush=True)
+    return top
+
+
+def header(script: str, argv: list[str] | None) -> dict:
+    """``{"command", "machine", "code_version"}`` for the results of ``script`` (its ``__file__``)
+    run with ``argv`` (``None``: this process's arguments)."""
+    return {"command": command(script, argv), "machine": machine_info(), "code_version": code_version()}
+
+
+def command(script: str, argv: list[str] | None) -> str:
+    """The command line that runs ``script`` with ``argv`` again, from the repository root."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", "-m", f"benchmarks.{Path(script).stem}", *map(str, args)])
+
+
+def machine_info() -> dict:
+    """Date, CPU, torch threads, and the versions of Python and the libraries measured."""
     import transformers
 
     try:
@@ -23,7 +64,7 @@ def machine_info(threads: int) -> dict:
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
+        "torch_threads": torch.get_num_threads(),
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -32,36 +73,48 @@ def machine_info(threads: int) -> dict:
     }
 
 
-def start(threads: int) -> dict:
-    """Common start of a benchmark: torch threads, quiet FutureWarnings, and the machine printed and returned."""
-    import warnings
+def code_version() -> str | None:
+    """``git rev-parse --short HEAD``, plus ``-dirty`` when the library or the benchmarks differ
+    from it; ``None`` where git cannot say (no git, no checkout)."""
+    def git(*args: str) -> str:  # --no-optional-locks: never write the index, which a commit may hold
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
 
-    torch.set_num_threads(threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    info = machine_info(threads)
-    print("  ".join(f"{key}={value}" for key, value in info.items()))
-    return info
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "prefixtune", "benchmarks")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
-class use_variant:
-    """``with use_variant("mask", chunk=1 << 28):`` sets ``prefixtune.attention.FUSED_CAUSAL``
-    (and, if given, ``prefixtune.lm_loss.CHUNK_ELEMENTS``) for the block: arms that differ only
-    in these run side by side in one process."""
+def settings(args) -> dict:
+    """Parsed arguments as JSON values (paths as strings)."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
 
-    def __init__(self, variant: str | None, chunk: int | None = None):
-        self.variant, self.chunk = variant, chunk
 
-    def __enter__(self):
-        from prefixtune import attention, lm_loss
+def write_json(path: Path | str | None, results: dict) -> None:
+    """Write ``results`` to ``path`` (nothing if ``None``); called after every part of a long run,
+    so that an interrupted run keeps what it measured."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
-        self.old = attention.FUSED_CAUSAL, lm_loss.CHUNK_ELEMENTS
-        attention.FUSED_CAUSAL = self.variant or attention.FUSED_CAUSAL
-        lm_loss.CHUNK_ELEMENTS = self.chunk or lm_loss.CHUNK_ELEMENTS
 
-    def __exit__(self, *exc):
-        from prefixtune import attention, lm_loss
+# ---------------------------------------------------------------------------- comparing arms
+def rotated(names: list[str], shift: int) -> list[str]:
+    """``names`` in round ``shift``'s order: each round starts one arm later."""
+    shift %= len(names)
+    return names[shift:] + names[:shift]
 
-        attention.FUSED_CAUSAL, lm_loss.CHUNK_ELEMENTS = self.old
+
+def paired_ratio(times: dict, top: str, bottom: str) -> float | None:
+    """Median over rounds of ``times[top][i] / times[bottom][i]``; ``None`` if either arm is missing."""
+    if top not in times or bottom not in times:
+        return None
+    return statistics.median(a / b for a, b in zip(times[top], times[bottom]))
 
 
 def first_line(error: BaseException) -> str:
@@ -80,20 +133,32 @@ def build_each(builders: dict) -> tuple[dict, dict]:
     return arms, failed
 
 
-def rotated(names: list[str], shift: int) -> list[str]:
-    shift %= len(names)
-    return names[shift:] + names[:shift]
+def sync() -> None:
+    """Wait for the GPU (if any), so that a timer read after it includes the queued work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def write_json(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+def random_tokens(vocab_size: int, rows: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``[rows, seq_len]`` random token ids, the same for the same seed (timings do not depend on them)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (rows, seq_len), generator=generator)
 
 
-def peft_prefix_model(model, prefix_length: int, hidden: int):
-    """PEFT's prefix tuning with the paper's MLP, configured like prefixtune's arm."""
-    import peft
+def token_batch(vocab_size: int, tokens: int, seq_len: int, device="cpu", seed: int = 0) -> torch.Tensor:
+    """Random rows of ``seq_len`` tokens, ``tokens`` in all (at least one row), on ``device``."""
+    return random_tokens(vocab_size, max(1, tokens // seq_len), seq_len, seed).to(device)
 
-    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_length,
-                                     prefix_projection=True, encoder_hidden_size=hidden)
-    return peft.get_peft_model(model, config)
+
+@contextlib.contextmanager
+def chunk_elements(elements: int | None):
+    """``prefixtune.lm_loss.CHUNK_ELEMENTS`` set to ``elements`` (unless ``None``) for the block,
+    so that arms differing only in the loss's chunk size run side by side in one process."""
+    from prefixtune import lm_loss
+
+    old = lm_loss.CHUNK_ELEMENTS
+    lm_loss.CHUNK_ELEMENTS = elements or old
+    try:
+        yield
+    finally:
+        lm_loss.CHUNK_ELEMENTS = old

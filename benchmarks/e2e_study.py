@@ -1,5 +1,5 @@
-"""The E2E study of issue 6: prefix tuning against LoRA (and the other methods) on the bundled
-model, and the paper's low-data experiment.
+"""The E2E study: prefix tuning against LoRA (and the other methods) on the bundled model, and
+the paper's low-data experiment.
 
 Every run is one ``prefixtune.compare.runner.run_method`` call (the same code as
 ``prefixtune compare``), so every method sees the same data, order, schedule and decoding.
@@ -10,18 +10,20 @@ exists is not run again: the study resumes where it stopped, and several workers
 Phases:
 
 - ``lr``: each method at each learning rate of its grid, 120 steps of batch 8 from the
-  shuffled E2E train set, greedy decoding, the first 50 dev MRs (the issue's setup), plus
-  the ablations that explain prefix tuning's gap (gradient clipping, initialization);
+  shuffled E2E train set, greedy decoding, the first 50 dev MRs, plus the ablations that
+  explain prefix tuning's gap (gradient clipping);
 - ``lowdata``: 50/100/200/500 training examples drawn at random, several seeds; prefix tuning
   initialized from real words vs random vs LoRA vs full fine-tuning, each at the learning
   rate that was best for it in ``lr``;
 - ``report``: tables (Markdown) and plots from whatever rows exist.
 
-Examples::
+Run from the repository root::
 
-    python benchmarks/e2e_study.py --phase all --device cuda --workers 4     # the whole study
-    python benchmarks/e2e_study.py --phase lr --methods prefix,lora          # the bar only, on CPU
-    python benchmarks/e2e_study.py --phase report --out runs/e2e-study
+    python -m benchmarks.e2e_study --phase all --device cuda --workers 4     # the whole study
+    python -m benchmarks.e2e_study --phase lr --methods prefix,lora          # the bar only, on CPU
+    python -m benchmarks.e2e_study --phase report --out runs/e2e-study
+
+It imports only the library, so a test can load it from its file.
 """
 
 from __future__ import annotations
@@ -35,12 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from prefixtune.compare.config import CompareConfig
 
-from prefixtune.compare.config import CompareConfig  # noqa: E402
-
-LR_GRID = {  # the issue's grid for prefix tuning and LoRA; conventional ranges for the others
+LR_GRID = {  # {1e-3, 3e-3, 1e-2} for prefix tuning and LoRA; conventional ranges for the others
     "prefix": (1e-3, 3e-3, 1e-2),
     "prefix-words": (1e-3, 3e-3, 1e-2),
     "prefix-flat": (1e-2, 3e-2, 1e-1),  # no MLP to amplify the steps: its rates sit higher (docs/compare.md)
@@ -199,8 +198,8 @@ def run_phase(runs: list[dict], args) -> None:
     plan = Path(args.out) / "plan.json"
     plan.parent.mkdir(parents=True, exist_ok=True)
     plan.write_text(json.dumps(runs))
-    workers = [subprocess.Popen([sys.executable, __file__, "--worker", f"{i}/{args.workers}", "--plan", str(plan),
-                                 *sys.argv[1:]]) for i in range(args.workers)]
+    workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.e2e_study", "--worker", f"{i}/{args.workers}",
+                                 "--plan", str(plan), *sys.argv[1:]]) for i in range(args.workers)]
     for worker in workers:
         worker.wait()
 
@@ -273,7 +272,7 @@ def report(args) -> str:
 
 
 def all_methods(rows: dict) -> list[str]:
-    """The comparison table (issue 6): every method at its best rate of the grid, the same data,
+    """The comparison table: every method at its best rate of the grid, the same data,
     steps and seed; what ``prefixtune compare`` prints, with the E2E budget."""
     from prefixtune.compare.methods import METHODS
 

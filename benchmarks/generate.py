@@ -2,15 +2,16 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/generate.py --batch-sizes 1 8 --new-tokens 64 --repeats 5
+    python -m benchmarks.generate --batch-sizes 1 8 --new-tokens 64 --repeats 5
 
 One call is ``generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)`` on random
 prompts of ``--prompt-len`` tokens (fixed seed, no padding), so every arm produces exactly
 ``N`` new tokens per row. Arms:
 
 * ``plain``: the base model's own ``model.generate``.
-* ``prefixtune``: ``PrefixModel.wrap(model, PrefixConfig(10, reparameterize=True, 512))``,
-  materialized (the MLP folded into fixed key/values), every row the same prefix.
+* ``prefixtune``: ``PrefixModel.wrap(model, PrefixConfig(10, reparameterize=True, 512))``
+  (the prefix of ``benchmarks/arms.py``), materialized (the MLP folded into fixed key/values),
+  every row the same prefix.
 * ``peft``: ``peft.get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=10,
   prefix_projection=True, encoder_hidden_size=512)``, eval mode. If PEFT fails, the arm is
   reported as failed and the rest still runs.
@@ -37,15 +38,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prefixtune import PrefixModel
+from prefixtune.base_models import load_model
 
-from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
-from prefixtune.models import load_model  # noqa: E402
+from .arms import HIDDEN, PREFIX_LENGTH, peft_prefix_model, prefix_config
+from .common import build_each, first_line, paired_ratio, random_tokens, rotated, settings, start, sync, write_json
 
-from common import build_each, first_line, peft_prefix_model, rotated, start, write_json  # noqa: E402  (benchmarks/common.py)
-
-PREFIX_LENGTH = 10
-HIDDEN = 512
 NUM_MIXED = 8
 ARMS = ("plain", "prefixtune", "peft", "mixed", "sequential")
 MULTI_ARMS = ("mixed", "sequential")  # only at batch NUM_MIXED
@@ -68,35 +66,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------- arms
-# Each builder returns ``(run, module)``: ``run(ids, mask, gen_kwargs)`` -> generated ids
-# ``[B, prompt_len + N]`` (for ``sequential`` the per-row outputs stacked in row order).
-def prefix_config() -> PrefixConfig:
-    return PrefixConfig(prefix_length=PREFIX_LENGTH, reparameterize=True, reparam_hidden_size=HIDDEN)
-
-
-def plain_arm():
-    model, _ = load_model()
+# Each builder takes a fresh model and returns ``(run, module)``: ``run(ids, mask, gen_kwargs)`` ->
+# generated ids ``[B, prompt_len + N]`` (for ``sequential`` the per-row outputs stacked in row order).
+def plain_arm(model):
     model.eval()
     return (lambda ids, mask, kw: model.generate(input_ids=ids, attention_mask=mask, **kw)), model
 
 
-def prefixtune_arm():
-    model, _ = load_model()
-    wrapped = PrefixModel.wrap(model, prefix_config())
-    wrapped.eval()
+def prefixtune_arm(model):
+    wrapped = PrefixModel.wrap(model, prefix_config()).eval()
     wrapped.materialize()
     return (lambda ids, mask, kw: wrapped.generate(input_ids=ids, attention_mask=mask, **kw)), wrapped
 
 
-def peft_arm():
-    wrapped = peft_prefix_model(load_model()[0], PREFIX_LENGTH, HIDDEN)
-    wrapped.eval()
+def peft_arm(model):
+    wrapped = peft_prefix_model(model).eval()
     return (lambda ids, mask, kw: wrapped.generate(input_ids=ids, attention_mask=mask, **kw)), wrapped
 
 
-def multi_prefix_model(seed: int) -> tuple[PrefixModel, list[str]]:
+def multi_prefix_model(model, seed: int) -> tuple[PrefixModel, list[str]]:
     """A PrefixModel with ``NUM_MIXED`` different materialized prefixes; same seed, same prefixes."""
-    model, _ = load_model()
     torch.manual_seed(seed)
     names = [f"p{i}" for i in range(NUM_MIXED)]
     wrapped = PrefixModel.wrap(model, prefix_config(), name=names[0])
@@ -107,8 +96,8 @@ def multi_prefix_model(seed: int) -> tuple[PrefixModel, list[str]]:
     return wrapped, names
 
 
-def mixed_arm(seed: int):
-    wrapped, names = multi_prefix_model(seed)
+def mixed_arm(model, seed: int):
+    wrapped, names = multi_prefix_model(model, seed)
 
     def run(ids, mask, kw):
         return wrapped.generate(input_ids=ids, attention_mask=mask, prefix=names, **kw)
@@ -116,8 +105,8 @@ def mixed_arm(seed: int):
     return run, wrapped
 
 
-def sequential_arm(seed: int):
-    wrapped, names = multi_prefix_model(seed)
+def sequential_arm(model, seed: int):
+    wrapped, names = multi_prefix_model(model, seed)
 
     def run(ids, mask, kw):
         rows = [
@@ -129,36 +118,37 @@ def sequential_arm(seed: int):
     return run, wrapped
 
 
-def build_arms(batch_sizes: list[int], seed: int, wanted: list[str]) -> tuple[dict, dict]:
-    """``({name: (run, module)}, {name: error line})`` for the ``wanted`` arms that built / failed."""
+def build_arms(batch_sizes: list[int], seed: int, wanted, new_model=lambda: load_model()[0]) -> tuple[dict, dict]:
+    """``({name: (run, module)}, {name: error line})`` for the ``wanted`` arms that built / failed,
+    each on its own ``new_model()``."""
     builders = {"plain": plain_arm, "prefixtune": prefixtune_arm, "peft": peft_arm}
     if NUM_MIXED in batch_sizes:
-        builders.update(mixed=lambda: mixed_arm(seed), sequential=lambda: sequential_arm(seed))
-    return build_each({name: build for name, build in builders.items() if name in wanted})
+        builders.update(mixed=lambda model: mixed_arm(model, seed), sequential=lambda model: sequential_arm(model, seed))
+    return build_each({name: lambda build=build: build(new_model()) for name, build in builders.items() if name in wanted})
 
 
 # ---------------------------------------------------------------------------- timing
 def make_prompts(seed: int, batch_size: int, prompt_len: int, vocab_size: int):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (batch_size, prompt_len), generator=generator)
+    ids = random_tokens(vocab_size, batch_size, prompt_len, seed)
     return ids, torch.ones_like(ids)
 
 
 def timed_call(run, ids, mask, gen_kwargs) -> tuple[float, torch.Tensor]:
-    start = time.perf_counter()
+    """Seconds of one call (on a GPU, until its work is done) and its output."""
+    begin = time.perf_counter()
     with torch.inference_mode():
         out = run(ids, mask, gen_kwargs)
-    return time.perf_counter() - start, out
+    sync()
+    return time.perf_counter() - begin, out
 
 
 def run_interleaved(arms: dict, failed: dict, ids, mask, gen_kwargs, repeats: int, warmup: int):
     """Per-arm lists of call seconds and each arm's first output; an arm that raises moves to ``failed``."""
     times = {name: [] for name in arms}
     outputs = {}
-    names = list(arms)
     expected = ids.shape[1] + gen_kwargs["max_new_tokens"]
     for i in range(warmup + repeats):
-        for name in rotated(names, i):
+        for name in rotated(list(arms), i):
             if name in failed:
                 continue
             try:
@@ -174,12 +164,32 @@ def run_interleaved(arms: dict, failed: dict, ids, mask, gen_kwargs, repeats: in
     return {name: t for name, t in times.items() if name not in failed and t}, outputs
 
 
+def measure(arms: dict, failed: dict, wanted, batch_sizes, *, new_tokens: int, prompt_len: int, repeats: int,
+            warmup: int, seed: int, pad_token_id: int, device="cpu", on_batch=lambda results: None) -> dict:
+    """Every batch size's summary (:func:`summarize`), printed as it is done; ``on_batch(results so far)``
+    after each one (to write them)."""
+    vocab_size = next(iter(arms.values()))[1].config.vocab_size
+    gen_kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+                  "pad_token_id": pad_token_id}
+    out = {}
+    for batch_size in batch_sizes:
+        names = [n for n in wanted if n not in MULTI_ARMS or batch_size == NUM_MIXED]
+        here = {n: arms[n] for n in names if n in arms}
+        failed_here = {n: failed[n] for n in names if n in failed}
+        ids, mask = (t.to(device) for t in make_prompts(seed, batch_size, prompt_len, vocab_size))
+        times, outputs = run_interleaved(here, failed_here, ids, mask, gen_kwargs, repeats, warmup)
+        failed.update(failed_here)
+        summary = summarize(times, failed_here, outputs, batch_size * new_tokens, names)
+        print_table(batch_size, prompt_len, new_tokens, summary)
+        out[str(batch_size)] = summary
+        on_batch(out)
+    return out
+
+
 # ---------------------------------------------------------------------------- results
 def paired_speedup(times: dict, top: str, bottom: str) -> float | None:
     """Median over repeats of throughput(top) / throughput(bottom) = seconds(bottom) / seconds(top)."""
-    if top not in times or bottom not in times:
-        return None
-    return statistics.median(b / a for a, b in zip(times[top], times[bottom]))
+    return paired_ratio(times, bottom, top)
 
 
 def same_output(outputs: dict, a: str, b: str) -> bool | None:
@@ -207,13 +217,14 @@ def summarize(times: dict, failed: dict, outputs: dict, tokens_per_call: int, ar
     return {
         "new_tokens_per_call": tokens_per_call,
         "arms": rows,
+        "prefixtune_vs_peft": paired_speedup(times, "prefixtune", "peft"),
         "mixed_vs_sequential": paired_speedup(times, "mixed", "sequential"),
         "checks": checks,
     }
 
 
-def print_table(batch_size: int, args: argparse.Namespace, summary: dict) -> None:
-    print(f"\nbatch={batch_size}  prompt_len={args.prompt_len}  new_tokens={args.new_tokens} per row")
+def print_table(batch_size: int, prompt_len: int, new_tokens: int, summary: dict) -> None:
+    print(f"\nbatch={batch_size}  prompt_len={prompt_len}  new_tokens={new_tokens} per row")
     print(f"{'arm':<12}{'median s/call':>15}{'new tok/s':>12}{'vs plain':>10}")
     for name, row in summary["arms"].items():
         if "error" in row:
@@ -232,38 +243,21 @@ def print_table(batch_size: int, args: argparse.Namespace, summary: dict) -> Non
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    info = start(args.threads)
-    print(
-        f"warmup={args.warmup} repeats={args.repeats} prefix_length={PREFIX_LENGTH} hidden={HIDDEN} "
-        f"greedy, min_new_tokens=max_new_tokens={args.new_tokens}"
-    )
-
+    results = start(__file__, argv, args.threads)
+    print(f"warmup={args.warmup} repeats={args.repeats} prefix_length={PREFIX_LENGTH} hidden={HIDDEN} "
+          f"greedy, min_new_tokens=max_new_tokens={args.new_tokens}")
     arms, failed = build_arms(args.batch_sizes, args.seed, args.arms)
     if not arms:
         raise SystemExit(f"every arm failed: {failed}")
-    some_model = next(iter(arms.values()))[1]
-    vocab_size = some_model.config.vocab_size
     _, tokenizer = load_model()
-    gen_kwargs = {
-        "max_new_tokens": args.new_tokens,
-        "min_new_tokens": args.new_tokens,
-        "do_sample": False,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    }
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    results = {"machine": info, "args": settings, "batch_size": {}}
-    for batch_size in args.batch_sizes:
-        names = [n for n in args.arms if n not in MULTI_ARMS or batch_size == NUM_MIXED]
-        here = {n: arms[n] for n in names if n in arms}
-        failed_here = {n: failed[n] for n in names if n in failed}
-        ids, mask = make_prompts(args.seed, batch_size, args.prompt_len, vocab_size)
-        times, outputs = run_interleaved(here, failed_here, ids, mask, gen_kwargs, args.repeats, args.warmup)
-        failed.update(failed_here)
-        summary = summarize(times, failed_here, outputs, batch_size * args.new_tokens, names)
-        print_table(batch_size, args, summary)
-        results["batch_size"][str(batch_size)] = summary
-        if args.json:  # after every batch size, so a long run keeps what it has measured
-            write_json(args.json, results)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results.update(args=settings(args), batch_size={})
+
+    def save(done: dict) -> None:  # after every batch size, so a long run keeps what it has measured
+        write_json(args.json, {**results, "batch_size": done})
+
+    measure(arms, failed, args.arms, args.batch_sizes, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
+            repeats=args.repeats, warmup=args.warmup, seed=args.seed, pad_token_id=pad_id, on_batch=save)
     if args.json:
         print(f"\nwrote {args.json}")
 

@@ -1,8 +1,8 @@
-"""Ops a training step dispatches: the floor's and each prefixtune path's, forward and backward.
+"""Ops a training step dispatches: the floor's and each prefixtune arm's, forward and backward.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/op_count.py [--shape smollm2-135m] [--paths pad bias_gqa mask] [--json out.json]
+    python -m benchmarks.op_count [--shape smollm2-135m] [--paths auto pad grouped mask] [--json out.json]
 
 On a GPU, a small model's training step is host-bound (docs/performance-gpu.md, section 6:
 the 135M model's GPU is busy 60 % of its step), so the step costs what it launches more than
@@ -11,12 +11,12 @@ backward with a dispatch mode: on CUDA nearly every one is a kernel launch. The 
 depend on the device, the weights or the machine's load, so a CPU run says exactly how many
 ops a change removes, and where (op name, and the autograd node that ran it in backward).
 
-Arms: ``floor`` (the frozen model's forward + backward to its input embeddings, its own loss,
-no key/value cache), ``floor_cache`` (the same with transformers' default cache, the floor of
-the GPU runs 1-5), ``prefixtune`` (what ``prefixtune train`` runs: the chunked loss) and
-``prefixtune_logits`` (the model's own loss, like the floor), each prefixed arm once per
-attention path in ``--paths`` (``attention.FUSED_CAUSAL``). Random weights of the model's shape
-(benchmarks/scaling.py), a batch of ``--batch`` rows of ``--seq-len`` tokens, prefix length 10.
+Arms (``benchmarks/arms.py``): ``floor``, ``floor_cache``, and ``prefixtune`` (the chunked loss)
+and ``prefixtune_logits`` (the model's own loss, like the floor) once per attention policy in
+``--paths`` (``arms.POLICIES``; a row ``prefixtune pad`` is ``prefixtune`` under the ``pad``
+policy). Random weights of the model's shape (``benchmarks/shapes.py``), a batch of ``--batch``
+rows of ``--seq-len`` tokens without padding, prefix length 10. Each arm is built, counted and
+dropped in turn, so one model copy at a time is held besides the base.
 """
 
 from __future__ import annotations
@@ -24,18 +24,16 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prefixtune import attention
 
-from prefixtune import PrefixConfig, PrefixModel, attention  # noqa: E402
-
-from common import start, use_variant, write_json  # noqa: E402
-from scaling import SHAPES, batch, floor_step, random_model  # noqa: E402
+from .arms import POLICIES, build
+from .common import settings, start, token_batch, write_json
+from .shapes import SHAPES, random_model
 
 
 class OpCounter(TorchDispatchMode):
@@ -81,30 +79,32 @@ class reused_causal_bias:
         attention.causal_lower_right = self.real
 
 
-def arms(shape: str, paths: list[str], rows: int, seq_len: int) -> tuple[dict, int]:
-    """``({name: loss_fn}, layers)``: the floor, then each prefixed arm on each path."""
-    base = random_model(shape, "cpu", torch.float32)
-    ids = batch(base.config.vocab_size, rows * seq_len, seq_len, "cpu")
-    floor_model = copy.deepcopy(base).train().requires_grad_(False)
-    embed = floor_model.get_input_embeddings()
-    config = PrefixConfig(prefix_length=10, reparameterize=True, reparam_hidden_size=512)
-    wrapped = PrefixModel.wrap(base, config).train()
-
-    def floor(use_cache: bool = False):
-        return floor_model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids, use_cache=use_cache).loss
-
-    def prefixed(path: str, logits: bool):
-        def loss():
-            wrapped.zero_grad(set_to_none=True)
-            with use_variant(path):
-                return wrapped(input_ids=ids, labels=ids, return_logits=logits).loss
-        return loss
-
-    out = {"floor": floor, "floor_cache": lambda: floor(use_cache=True)}
+def counted_arms(paths: list[str]) -> list[tuple[str, str, str | None]]:
+    """``(row, arm, policy)`` of every row: the floors, then each prefixed arm under each policy."""
+    rows = [("floor", "floor", None), ("floor_cache", "floor_cache", None)]
     for path in paths:
-        out[f"prefixtune {path}"] = prefixed(path, False)
-        out[f"prefixtune_logits {path}"] = prefixed(path, True)
-    return out, base.config.num_hidden_layers
+        rows += [(f"{arm} {path}", arm, path) for arm in ("prefixtune", "prefixtune_logits")]
+    return rows
+
+
+def count_arms(shape: str, paths: list[str], rows: int, seq_len: int) -> tuple[dict, int]:
+    """``({row: counts}, layers)``: each arm of :func:`counted_arms` on a copy of the model, counted."""
+    base = random_model(shape)
+    ids = token_batch(base.config.vocab_size, rows * seq_len, seq_len)
+    counts = {}
+    with reused_causal_bias():
+        for row, name, policy in counted_arms(paths):
+            arm = build(name, copy.deepcopy(base), policy=policy)
+            counts[row] = count_step(lambda arm=arm: fresh_loss(arm, ids))
+            del arm
+    return counts, base.config.num_hidden_layers
+
+
+def fresh_loss(arm, ids: torch.Tensor) -> torch.Tensor:
+    """The arm's loss with its gradients cleared (no op runs for that): backward then writes them
+    anew, as a training step's does, rather than adding to the last call's."""
+    arm.module.zero_grad(set_to_none=True)
+    return arm.loss(ids)
 
 
 def extra(counts: dict, floor: dict, phase: str, top: int) -> list:
@@ -116,8 +116,8 @@ def extra(counts: dict, floor: dict, phase: str, top: int) -> list:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m")
-    parser.add_argument("--paths", nargs="+", choices=attention_paths(), default=["pad", "bias_gqa", "mask"],
-                        help="attention paths of the prefixed arms (attention.FUSED_CAUSAL); default: %(default)s")
+    parser.add_argument("--paths", nargs="+", choices=list(POLICIES), default=["auto", "pad", "grouped", "mask"],
+                        help="attention policies of the prefixed arms (benchmarks/arms.py); default: %(default)s")
     parser.add_argument("--batch", type=int, default=2, help="rows (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per row (default: %(default)s)")
     parser.add_argument("--top", type=int, default=8, help="extra ops to list per arm and phase")
@@ -125,16 +125,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def attention_paths() -> list[str]:
-    return ["auto", "pad", "bias", "bias_gqa", "mask"]
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
-    info = start(1)
-    fns, layers = arms(args.shape, args.paths, args.batch, args.seq_len)
-    with reused_causal_bias():
-        counts = {name: count_step(fn) for name, fn in fns.items()}
+    header = start(__file__, argv, 1)
+    counts, layers = count_arms(args.shape, args.paths, args.batch, args.seq_len)
     floor = counts["floor"]
     print(f"\n{args.shape} ({layers} layers), {args.batch} x {args.seq_len} tokens, prefix length 10: non-view aten ops per step")
     print(f"{'arm':<28} {'forward':>8} {'backward':>9} {'total':>7} {'over floor':>11} {'per layer':>10}")
@@ -151,8 +145,7 @@ def main(argv=None) -> None:
             for phase in ("forward", "backward"):
                 ops = "; ".join(f"{op}{'' if node == '-' else f' ({node})'} +{n}" for op, node, n in r[f"extra_{phase}"])
                 print(f"  {name}, {phase}: {ops}")
-    if args.json:
-        write_json(args.json, {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "results": results})
+    write_json(args.json, {**header, "args": settings(args), "results": results})
 
 
 if __name__ == "__main__":

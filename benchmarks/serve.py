@@ -3,7 +3,7 @@ vs the same requests served one prefix at a time.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/serve.py --prefixes 4 8 16 --new-tokens 32 --repeats 3
+    python -m benchmarks.serve --prefixes 4 8 16 --new-tokens 32 --repeats 3
 
 The server is the real one (``prefixtune.serve``: the OpenAI-compatible app and its
 continuous batcher) on a loopback port of this process, over the bundled
@@ -37,25 +37,21 @@ import argparse
 import concurrent.futures
 import queue
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from prefixtune import PrefixModel
+from prefixtune.base_models import load_model
+from prefixtune.demo import examples
+from prefixtune.serve.batcher import Batcher, Limits, Request
+from prefixtune.serve.metrics import Metrics
+from prefixtune.serve.sampling import SamplingParams
 
-from prefixtune import PrefixConfig, PrefixModel  # noqa: E402
-from prefixtune.demo import examples  # noqa: E402
-from prefixtune.models import load_model  # noqa: E402
-from prefixtune.serve.batcher import Batcher, Limits, Request  # noqa: E402
-from prefixtune.serve.metrics import Metrics  # noqa: E402
-from prefixtune.serve.sampling import SamplingParams  # noqa: E402
+from .arms import HIDDEN, PREFIX_LENGTH, prefix_config
+from .common import paired_ratio, rotated, settings, start, write_json
 
-from common import rotated, start, write_json  # noqa: E402  (benchmarks/common.py)
-
-PREFIX_LENGTH = 10
-HIDDEN = 512
 BASE = "base"
 ARMS = ("mixed", "one-at-a-time", "base")
 
@@ -96,8 +92,7 @@ def build_batcher(count: int, args) -> Batcher:
     pm = PrefixModel(model.to(args.device), tokenizer=tokenizer)
     torch.manual_seed(args.seed)
     for i in range(count):
-        pm.add_prefix(f"p{i}", PrefixConfig(prefix_length=PREFIX_LENGTH, reparameterize=True,
-                                            reparam_hidden_size=HIDDEN))
+        pm.add_prefix(f"p{i}", prefix_config())
     return Batcher(pm, tokenizer, BASE, Limits(max_batch=256, max_queue=1024), on_step=Metrics().step)
 
 
@@ -145,7 +140,7 @@ class DirectClient:
 
 
 def run_arm(arm: str, client, jobs: list[tuple[str, str]], tokens: int) -> tuple[float, list[str]]:
-    start = time.perf_counter()
+    begin = time.perf_counter()
     if arm in ("mixed", "base"):
         texts = client.run(jobs if arm == "mixed" else [(BASE, prompt) for _, prompt in jobs], tokens)
     else:
@@ -154,7 +149,7 @@ def run_arm(arm: str, client, jobs: list[tuple[str, str]], tokens: int) -> tuple
             mine = [i for i, job in enumerate(jobs) if job[0] == model]
             for i, text in zip(mine, client.run([jobs[i] for i in mine], tokens)):
                 texts[i] = text
-    return time.perf_counter() - start, texts
+    return time.perf_counter() - begin, texts
 
 
 def measure(client, count: int, args) -> dict:
@@ -172,7 +167,7 @@ def measure(client, count: int, args) -> dict:
         "arms": {arm: {"seconds": times[arm], "median_s": statistics.median(times[arm]),
                        "tokens_per_s": tokens / statistics.median(times[arm]),
                        # mixed's throughput over this arm's, paired per repeat
-                       "mixed_vs_arm": statistics.median(t / m for m, t in zip(times["mixed"], times[arm]))}
+                       "mixed_vs_arm": paired_ratio(times, arm, "mixed")}
                  for arm in arms},
     }
     if "one-at-a-time" in arms:
@@ -193,12 +188,11 @@ def print_table(count: int, summary: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    info = start(args.threads)
+    results = start(__file__, argv, args.threads)
     print(f"via={args.via} repeats={args.repeats} per_prefix={args.per_prefix} new_tokens={args.new_tokens} "
           f"prefix_length={PREFIX_LENGTH} hidden={HIDDEN} device={args.device}")
     batcher = build_batcher(max(args.prefixes), args)
-    results = {"machine": info, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "prefixes": {}}
+    results.update(args=settings(args), prefixes={})
     workers = max(args.prefixes) * args.per_prefix
     if args.via == "http":
         from prefixtune.serve.app import ServerOptions, create_app
@@ -213,8 +207,7 @@ def main(argv=None) -> None:
             summary = measure(client, count, args)
             print_table(count, summary)
             results["prefixes"][str(count)] = summary
-            if args.json:
-                write_json(args.json, results)
+            write_json(args.json, results)
     finally:
         if server is not None:
             server.stop()

@@ -6,10 +6,12 @@ linear probe through BERT's pooler) with the same data, steps, batch and schedul
 run through the same loop below; each gets the best learning rate of a small grid, chosen
 on dev accuracy (reported in full, so nobody has to trust the choice).
 
-    python benchmarks/sst2.py                        # ~10 min on 2 CPU cores
-    python benchmarks/sst2.py --steps 20 --limit 64  # smoke test
+Run from the repository root:
 
-Results: docs/classification.md (and benchmarks/results/sst2.json).
+    python -m benchmarks.sst2                                            # ~10 min on 2 CPU cores
+    python -m benchmarks.sst2 --steps 20 --limit 64 --out /tmp/sst2.json  # smoke test
+
+Results: docs/classification.md (and benchmarks/results/sst2.json, ``--out``'s default).
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from pathlib import Path
 import torch
 
 from prefixtune import PrefixConfig, PrefixModel, data, evaluate
-from prefixtune.models import load_model
+from prefixtune.base_models import load_model
 
-from common import machine_info, write_json
+from .common import ROOT, settings, start, write_json
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2"
+DATA = ROOT.parent / "shared" / "data" / "sst2"
 ARMS = {
     "head only": None,
     "prefix (MLP) + head": dict(prefix_length=16, reparameterize=True),
@@ -34,7 +36,7 @@ ARMS = {
 }
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -43,16 +45,21 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only this many dev examples (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sst2.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sst2.json"),
+                        help="where the results are written (JSON)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results = start(__file__, argv, args.threads)
     train = data.load_examples(str(DATA / "train_full.tsv"), text_field="sentence", label_field="label")
     dev = data.load_examples(str(DATA / "dev.tsv"), text_field="sentence", label_field="label", limit=args.limit)
     labels = data.label_names(train)
     _, tokenizer = load_model("minilm", task="classification", labels=labels)
     rows, _ = data.tokenize_classes(train, tokenizer, labels, max_length=128)
     dev_rows, _ = data.tokenize_classes(dev, tokenizer, labels, max_length=128)
-    results = {"machine": machine_info(args.threads), "settings": vars(args), "runs": []}
+    results.update(settings=settings(args), runs=[])
     for arm, prefix in [(a, ARMS[a]) for a in args.arms.split(",")]:
         for lr in [float(x) for x in args.lrs.split(",")]:
             run = _run(arm, prefix, lr, rows, dev_rows, labels, tokenizer.pad_token_id, args)
