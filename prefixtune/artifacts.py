@@ -12,6 +12,7 @@ half-written prefix behind. Reads fail with a message that names the file and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -60,21 +61,57 @@ def load_prefix(directory: str | os.PathLike, model: nn.Module, shape: ModelShap
     """The prefix saved in ``directory`` as an encoder for ``model`` (geometry ``shape``); its task
     head and PEFT adapter weights are loaded into ``heads`` and ``model`` on the way."""
     meta, tensors = read_prefix(directory)
-    saved = ModelShape(**meta["base"])
+    saved = _saved_shape(meta, directory)
     problems = saved.mismatches(shape)
     if problems:
         raise ValueError(f"{directory}: this prefix was made for another model: " + "; ".join(problems))
     if saved.name_or_path and shape.name_or_path and saved.name_or_path != shape.name_or_path:
         warnings.warn(f"prefix was trained on {saved.name_or_path!r}, loading onto {shape.name_or_path!r}")
-    config = PrefixConfig.from_dict(meta["prefix"])
+    config = PrefixConfig.from_dict(_entry(meta, "prefix", dict, directory))
     if not meta.get("reparameterization_saved"):
         config = config.replace(reparameterize=False)
-    encoder = PrefixEncoder(config, tuple(meta["layers"]), shape.num_kv_heads, shape.head_dim)
+    sites = _sites(_entry(meta, "layers", list, directory), shape.num_layers, directory)
+    bad = sorted(name for name, tensor in tensors.items() if not torch.isfinite(tensor).all())
+    if bad:
+        raise ValueError(f"{directory}: tensors {bad} hold NaN or infinite values")
+    encoder = PrefixEncoder(config, sites, shape.num_kv_heads, shape.head_dim)
     _load_encoder(encoder, tensors, directory)
     _load_heads(heads, tensors, directory)
     if lora.has_saved_adapter(directory):  # prefix + LoRA: the LoRA weights trained with this prefix
         lora.load_adapter_weights(model, directory)
     return encoder
+
+
+def _entry(meta: dict, key: str, kind: type, directory):
+    """``meta[key]``, which must be a ``kind``; else one line naming the file and the key."""
+    if not isinstance(meta.get(key), kind):
+        raise ValueError(f"{Path(directory) / CONFIG_FILE}: {key!r} must be a {kind.__name__}, "
+                         f"got {type(meta.get(key)).__name__}")
+    return meta[key]
+
+
+def _saved_shape(meta: dict, directory) -> ModelShape:
+    """The model facts the prefix was saved with (its ``base`` block), checked key by key."""
+    base = _entry(meta, "base", dict, directory)
+    known = {f.name for f in dataclasses.fields(ModelShape)}
+    unknown = sorted(set(base) - known)
+    if unknown:
+        raise ValueError(f"{Path(directory) / CONFIG_FILE}: unknown key(s) {unknown} in its 'base' block")
+    try:
+        return ModelShape(**base)
+    except TypeError as err:
+        raise ValueError(f"{Path(directory) / CONFIG_FILE}: its 'base' block is incomplete ({err})") from None
+
+
+def _sites(layers: list, num_sites: int, directory) -> tuple[int, ...]:
+    """The saved prefix's sites: whole numbers, each once, each a site of the model."""
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers) or len(set(layers)) != len(layers):
+        raise ValueError(f"{Path(directory) / CONFIG_FILE}: 'layers' must list distinct layer indices, got {layers}")
+    outside = [i for i in layers if not 0 <= i < num_sites]
+    if outside or not layers:
+        raise ValueError(f"{Path(directory) / CONFIG_FILE}: layers {outside or layers} are not layers of this model, "
+                         f"which has {num_sites}")
+    return tuple(layers)
 
 
 def _load_encoder(encoder: PrefixEncoder, tensors: dict, directory) -> None:

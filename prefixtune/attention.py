@@ -29,6 +29,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch.nn.attention.bias import causal_lower_right
@@ -46,13 +47,13 @@ SITE_ATTR = "prefixtune_site"
 
 PAD, GROUPED, STOCK = "pad", "grouped", "stock"
 
-PAD_FREE_ROWS: Mapping[str, int] = {"cpu": 384}
+PAD_FREE_ROWS: Mapping[str, int] = MappingProxyType({"cpu": 384})
 """Per device type, how many query rows beyond twice the prefix length a call needs before
 ``pad`` pays; on devices not listed ``pad`` is used wherever it at most doubles the queries.
 torch's CPU flash kernel skips the key blocks above the diagonal under ``is_causal`` but not
 under a mask, and that saving outweighs ``L_p`` extra query rows only on long rows (forward +
 backward of one layer: ``benchmarks/results/attention-kernel.json``). On CUDA, ``pad`` was
-measured faster than the masked kernel at every length (``benchmarks/results/gpu.json``)."""
+measured faster than the masked kernel or on par with it at every length (``benchmarks/results/gpu.json``)."""
 
 GROUPED_DEVICES = frozenset({"cpu"})
 """Device types whose SDPA kernels take a mask together with grouped key/value heads. On CUDA

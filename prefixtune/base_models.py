@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from . import hub, progress
+
 log = logging.getLogger(__name__)
 
 BUNDLED = "smollm2"
@@ -88,16 +90,23 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    model.config.name_or_path = BUNDLED_NAME
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with progress.bar(3, f"convert {gguf.name} (once)", unit="stage") as shown:
+        shown.set_postfix_str("dequantize")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        shown.update()
+        shown.set_postfix_str("rebuild")
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.config.name_or_path = BUNDLED_NAME
+        shown.update()
+        shown.set_postfix_str("save")
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        shown.update()
 
 
 def minilm_folder() -> Path:
@@ -146,6 +155,8 @@ def load_model(
     if not bundled and name != MINILM and _looks_local(name) and not Path(name).is_dir():
         raise FileNotFoundError(f"model folder {name!r} does not exist (give a folder, a Hub id, or nothing for the bundled model)")
     source = bundled_folder() if bundled else minilm_folder() if name == MINILM else name
+    if not bundled and name != MINILM and not Path(name).is_dir():
+        hub.require("model", name)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     model = _auto_class(task).from_pretrained(
         source,

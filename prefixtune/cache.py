@@ -39,9 +39,12 @@ on average at ``T`` cached tokens, against the full copy per step of ``DynamicLa
 
 
 @torch.no_grad()
-def tokens_key_values(model, input_ids: torch.Tensor, num_sites: int) -> tuple:
+def tokens_key_values(model, input_ids: torch.Tensor, num_sites: int, decoder_only: bool = True) -> tuple:
     """Per site, the frozen decoder-only ``model``'s own ``(k, v)`` for ``input_ids`` (``[L]``), each
     ``[kv_heads, L, head_dim]``, read from its cache in eval mode."""
+    if not decoder_only:
+        raise NotImplementedError("key/values from tokens (init='text') need a decoder-only model: in an "
+                                  "encoder the activations of a text depend on the text that follows it")
     was_training = model.training
     out = model.eval()(input_ids=input_ids.view(1, -1), use_cache=True)
     model.train(was_training)

@@ -19,8 +19,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .artifacts import read_json
 from .model import PrefixModel
 
 STATE_FILE = "trainer_state.json"
@@ -60,18 +62,36 @@ def find(directory: Path) -> Path | None:
 def load_state(directory: Path) -> dict:
     """The saved trainer state (step, best metric, ...). Load the prefix first with
     ``pm.load_prefix(directory)``, build the optimizer over it, then call :func:`restore`."""
-    return json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))["state"]
+    return _meta(directory)["state"]
 
 
 def restore(directory: Path, optimizer, scheduler, rng: bool = True) -> None:
     """Restore optimizer moments, scheduler counters and (with ``rng``) the RNG from ``directory``."""
-    meta = json.loads((Path(directory) / STATE_FILE).read_text(encoding="utf-8"))
-    tensors = load_file(str(Path(directory) / OPTIMIZER_FILE))
-    rng_state = tensors.pop("rng.torch")
+    meta = _meta(directory)
+    path = Path(directory) / OPTIMIZER_FILE
+    try:
+        tensors = load_file(str(path))
+        rng_state = tensors.pop("rng.torch")
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
+        scheduler.load_state_dict(meta["scheduler"])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        raise ValueError(f"{path}: the checkpoint is damaged ({_first_line(err)}); remove {directory} to start "
+                         "again from step 0") from None
     if rng:
         torch.set_rng_state(rng_state)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
-    scheduler.load_state_dict(meta["scheduler"])
+
+
+def _meta(directory: Path) -> dict:
+    """``trainer_state.json``, checked for what resuming reads."""
+    meta = read_json(Path(directory) / STATE_FILE)
+    if not isinstance(meta, dict) or not {"state", "param_groups", "scheduler"} <= set(meta):
+        raise ValueError(f"{Path(directory) / STATE_FILE}: the checkpoint is damaged (its state is incomplete); "
+                         f"remove {directory} to start again from step 0")
+    return meta
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict, list]:

@@ -59,15 +59,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - the command line shows a message, not a traceback
         if not _expected(err):
-            raise
+            return _internal_error(args.command, err)
         print(f"prefixtune {args.command}: error: {err}", file=sys.stderr)
-        return 1 if type(err).__name__ == "TrainingError" else 2
+        return 1 if type(err).__name__ in ("TrainingError", "Diverged") else 2
 
 
 def _expected(err: Exception) -> bool:
+    """Errors that say what is wrong with the input, the files or the machine, in their message."""
     from .train import TrainingError
 
     return isinstance(err, (ValueError, OSError, KeyError, NotImplementedError, TrainingError, TypeError))
+
+
+def _internal_error(command: str, err: Exception) -> int:
+    """An error no check anticipated: one line on stderr, the traceback kept in a file for a bug report."""
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile("w", prefix="prefixtune-traceback-", suffix=".txt", delete=False) as f:
+        traceback.print_exception(err, file=f)
+    first = (str(err).strip().splitlines() or [""])[0]
+    print(f"prefixtune {command}: internal error: {type(err).__name__}: {first} (this is a bug; the traceback "
+          f"is in {f.name})", file=sys.stderr)
+    return 3
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
-"""Typed configuration of one prefix.
+"""Typed configuration, as dataclasses: one prefix (:class:`PrefixConfig`) and what each command does.
 
-Everything a prefix is, apart from its numbers, lives here as a plain dataclass, so the
-same object drives construction, is written next to the weights as JSON, and is read
-back without any pickle.
+The same objects drive construction, are written next to the weights and runs as JSON/YAML,
+and are read back without any pickle. The command line is generated from them
+(:mod:`prefixtune.options`): each field's ``help`` is its ``--help`` line, and a run's
+``TrainConfig`` holds the ``PrefixConfig`` it trains, whose fields are options of their own.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from . import options
+
 INITS = ("random", "text")
+DEMO_EVAL_EVERY, DEMO_EVAL_PROMPTS = 20, 8
+"""How often, and on how many prompts, ``prefixtune train`` evaluates its built-in demo by default."""
 TARGETS = ("encoder", "decoder", "cross")  # the attentions a prefix can enter (prefixtune.arch.GROUPS)
 
 
@@ -60,51 +65,33 @@ class PrefixConfig:
             only "encoder". ``layers`` applies within each target.
     """
 
-    prefix_length: int = _opt(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)")
+    prefix_length: int = _opt(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)", ge=1)
     reparameterize: bool = _opt(True, "produce the prefix through the paper's MLP (--no-reparameterize: train it directly)")
-    reparam_hidden_size: int = _opt(512, "width of the reparameterization MLP (the paper's mid_dim)")
-    dropout: float = _opt(0.0, "dropout on the prefix key/values while training", option="prefix_dropout")
+    reparam_hidden_size: int = _opt(512, "width of the reparameterization MLP (the paper's mid_dim)", ge=1)
+    dropout: float = _opt(0.0, "dropout on the prefix key/values while training", option="prefix_dropout", ge=0, lt=1)
     init: str | None = _opt(None, "random, or text: start from the model's activations for --init-text (default: text "
                             "when --init-text is given)", choices=INITS)
     init_text: str | None = _opt(None, "initialize the prefix from the model's activations for this text (the paper's "
                                  "'real words')")
-    init_std: float = _opt(0.02, "standard deviation of a flat prefix's random initialization")
-    init_fit_steps: int = _opt(400, "Adam steps that fit the MLP to the --init-text activations")
-    layers: tuple[int, ...] | None = _opt(None, "comma-separated layer indices that get a prefix (default: all)")
+    init_std: float = _opt(0.02, "standard deviation of a flat prefix's random initialization", ge=0)
+    init_fit_steps: int = _opt(400, "Adam steps that fit the MLP to the --init-text activations", ge=0)
+    layers: tuple[int, ...] | None = _opt(None, "comma-separated layer indices that get a prefix (default: all)",
+                                          min_length=1)
     shift_positions: bool = _opt(True, "give the real tokens positions L_p, L_p+1, ... as PEFT and the paper's code do")
     targets: tuple[str, ...] = _opt(TARGETS, "comma-separated attentions that get a prefix: encoder, decoder, cross "
-                                    "(those the model has)")
+                                    "(those the model has)", choices=TARGETS, min_length=1)
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            self.layers = tuple(int(i) for i in self.layers)
-        self.targets = tuple(self.targets)
         if self.init is None:
             self.init = "text" if self.init_text else "random"
-        problems = list(self._problems())
-        if problems:
-            raise ValueError("invalid PrefixConfig: " + "; ".join(problems))
+        options.check(self)
 
-    def _problems(self):
-        if not isinstance(self.prefix_length, int) or self.prefix_length < 1:
-            yield f"prefix_length must be a positive integer, got {self.prefix_length!r}"
-        if self.reparam_hidden_size < 1:
-            yield f"reparam_hidden_size must be >= 1, got {self.reparam_hidden_size!r}"
-        if not 0.0 <= self.dropout < 1.0:
-            yield f"dropout must be in [0, 1), got {self.dropout!r}"
-        if self.init not in INITS:
-            yield f"init must be one of {INITS}, got {self.init!r}"
+    def problems(self):
+        """``(option, message)`` for each rule between fields that is broken (:func:`options.check`)."""
         if self.init == "text" and not self.init_text:
-            yield "init='text' needs init_text, the text whose activations seed the prefix"
+            yield "init_text", "init='text' needs init_text, the text whose activations seed the prefix"
         if self.init == "random" and self.init_text:
-            yield f"init='random' would ignore init_text {self.init_text!r}: set init='text', or drop init_text"
-        if self.layers is not None and len(self.layers) == 0:
-            yield "layers must name at least one layer (or be None for all layers)"
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown or not self.targets:
-            yield f"targets must be a non-empty subset of {TARGETS}, got {self.targets!r}"
-        if self.init_fit_steps < 0:
-            yield f"init_fit_steps must be >= 0, got {self.init_fit_steps!r}"
+            yield "init", f"init='random' would ignore init_text {self.init_text!r}: set init='text', or drop init_text"
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field."""
@@ -128,8 +115,15 @@ class PrefixConfig:
         return dataclasses.replace(self, **changes)
 
 
+class Checked:
+    """A config dataclass that checks its values when it is built (:func:`prefixtune.options.check`)."""
+
+    def __post_init__(self) -> None:
+        options.check(self)
+
+
 @dataclass
-class DataOptions:
+class DataOptions(Checked):
     """Where examples come from and how they become tokens (shared by train, eval and generate)."""
 
     model: str | None = _opt(None, "Hub id or local folder of the base model (default: the bundled SmolLM2-135M-Instruct)")
@@ -144,13 +138,14 @@ class DataOptions:
                                        "typed on the command line become a line break and a tab); any field name works",
                                        unescape=True)
     chat_template: bool = _opt(False, "wrap prompts in the model's chat template (chat 'messages' data always is)")
-    max_length: int = _opt(256, "maximum tokens of prompt + completion")
+    max_length: int = _opt(256, "maximum tokens of prompt + completion", ge=1)
     overflow: str = _opt("truncate", "longer examples: 'truncate' (cut the prompt's start, counted in the log) or 'fail'",
                          choices=("truncate", "fail"))
     first_line: bool = _opt(True, "keep only the first line of generated text (one-sentence tasks such as E2E)")
-    batch_size: int = _opt(8, "examples per step (train: the global batch, however accumulation and processes split it)")
-    max_new_tokens: int = _opt(64, "generation length limit")
-    num_beams: int = _opt(1, "beam size for generation (1 = greedy)")
+    batch_size: int = _opt(8, "examples per step (train: the global batch, however accumulation and processes split it)",
+                           ge=1)
+    max_new_tokens: int = _opt(64, "generation length limit", ge=1)
+    num_beams: int = _opt(1, "beam size for generation (1 = greedy)", ge=1)
     device: str = _opt("auto", "cpu, cuda, cuda:1, ... or auto")
     split: str = _opt("train", "split to read when --data is a Hugging Face datasets name")
     attn_implementation: str = _opt("sdpa", "attention kernel of the base model: sdpa or eager (Gemma 2 needs eager)",
@@ -163,14 +158,14 @@ class DataOptions:
 
 
 @dataclass
-class StepOptions:
+class StepOptions(Checked):
     """How each optimizer step runs: shared by ``prefixtune train`` and ``prefixtune compare``,
     which train through the same step function (``prefixtune.train.train_step``)."""
 
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    weight_decay: float = _opt(0.0, "AdamW weight decay", ge=0)
     schedule: str = _opt("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
-    warmup_steps: int = _opt(10, "steps of linear warmup from 0 to the peak learning rate")
-    max_grad_norm: float = _opt(1.0, "clip the gradient of what trains to this norm (0 = no clipping)")
+    warmup_steps: int = _opt(10, "steps of linear warmup from 0 to the peak learning rate", ge=0)
+    max_grad_norm: float = _opt(1.0, "clip the gradient of what trains to this norm (0 = no clipping)", ge=0)
     precision: str = _opt("fp32", "fp32, or bf16/fp16 autocast where the device supports it",
                           choices=("fp32", "bf16", "fp16"))
     seed: int = _opt(0, "seed for initialization, data order, dropout and sampled subsets")
@@ -183,21 +178,55 @@ class TrainConfig(StepOptions, DataOptions):
     data: str | None = _opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet file or datasets name (default: the built-in demo task)")
     eval_data: str | None = _opt(None, "held-out data for evaluation during and after training")
     output_dir: str = _opt("runs/prefix", "where the prefix, checkpoints, metrics.jsonl, curves.png and config.yaml go")
-    train_limit: int | None = _opt(None, "use only the first N training examples (the paper's low-data setting)")
-    eval_limit: int | None = _opt(None, "use only the first N evaluation examples")
+    train_limit: int | None = _opt(None, "use only the first N training examples (the paper's low-data setting)", ge=1)
+    eval_limit: int | None = _opt(None, "use only the first N evaluation examples", ge=1)
     prefix_config: PrefixConfig = _opt(help="the prefix (each of its fields is an option)", factory=PrefixConfig)
-    lr: float = _opt(3e-3, "peak AdamW learning rate")
-    epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)")
-    micro_batch_size: int | None = _opt(None, "examples per forward pass (default: the whole batch); accumulates gradients")
+    lr: float = _opt(3e-3, "peak AdamW learning rate", ge=0)
+    epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)", gt=0)
+    max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)", ge=1)
+    micro_batch_size: int | None = _opt(None, "examples per forward pass (default: the whole batch); accumulates "
+                                        "gradients", ge=1)
     gradient_checkpointing: bool = _opt(False, "recompute the frozen layers in backward to save memory")
-    eval_every: int = _opt(0, "evaluate every N steps (0 = only at the end)")
-    save_every: int = _opt(50, "write a resumable checkpoint every N steps (0 = never)")
+    eval_every: int | None = _opt(None, "evaluate every N steps (0 = only at the end; default: every 20 steps on "
+                                  "the built-in demo, else only at the end)", ge=0)
+    save_every: int = _opt(50, "write a resumable checkpoint every N steps (0 = never)", ge=0)
     metric: str = _opt("loss", "metric that picks the best prefix and drives early stopping: loss, or a generation metric such as bleu")
     metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics computed at evaluation")
-    patience: int = _opt(0, "stop after N evaluations without improvement of --metric (0 = never)")
-    eval_generate_limit: int = _opt(50, "distinct eval prompts decoded for generation metrics during training")
+    patience: int = _opt(0, "stop after N evaluations without improvement of --metric (0 = never)", ge=0)
+    eval_generate_limit: int | None = _opt(None, "distinct eval prompts decoded for the generation metrics of an "
+                                           "evaluation during training (default: 8 on the built-in demo, else 50; "
+                                           "the final evaluation decodes them all)", ge=1)
     resume: bool = _opt(False, "continue from OUTPUT_DIR/checkpoint after a crash or Ctrl-C")
+
+    def evaluations_every(self) -> int:
+        """Steps between evaluations during training: ``eval_every``, or by default every
+        :data:`DEMO_EVAL_EVERY` steps on the built-in demo (so its curves show the run) and none
+        before the end elsewhere."""
+        if self.eval_every is not None:
+            return self.eval_every
+        return DEMO_EVAL_EVERY if self.data is None else 0
+
+    def generate_limit(self) -> int:
+        """``eval_generate_limit``, or its default: a small slice on the demo, 50 elsewhere."""
+        if self.eval_generate_limit is not None:
+            return self.eval_generate_limit
+        return DEMO_EVAL_PROMPTS if self.data is None else 50
+
+    def problems(self):
+        """``(option, message)`` for each rule between options that is broken (:func:`options.check`)."""
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            yield "micro_batch_size", f"must be at most --batch-size ({self.batch_size}), got {self.micro_batch_size}"
+        if self.eval_data is None and self.data is not None:
+            for name in ("eval_every", "patience"):
+                if getattr(self, name):
+                    yield name, "needs --eval-data (the held-out examples it evaluates on)"
+        if self.task == "classification":
+            if self.metric not in ("loss", "accuracy"):
+                yield "metric", f"a classifier is scored by loss or accuracy, got {self.metric!r}"
+            if self.data is None:
+                yield "data", "--task classification needs --data (with --text-field and --label-field)"
+        elif self.metric not in ("loss", "perplexity", *options.split_list(self.metrics)):
+            yield "metric", f"must be loss, perplexity or one of --metrics ({self.metrics}), got {self.metric!r}"
 
 
 @dataclass
@@ -207,7 +236,7 @@ class EvalConfig(DataOptions):
     prefix: str | None = _opt(None, "folder of a saved prefix (a training run's --output-dir); omit to score the base model")
     data: str | None = _opt(None, "evaluation data (same formats as train)")
     metrics: str = _opt("bleu,rouge_l", "comma-separated: bleu, nist, meteor, rouge_l, cider, accuracy, exact_match (loss and perplexity always)")
-    limit: int | None = _opt(None, "score only the first N examples")
+    limit: int | None = _opt(None, "score only the first N examples", ge=1)
     output: str | None = _opt(None, "write the metrics (and the generations) as JSON here")
 
 
@@ -220,6 +249,6 @@ class GenerateConfig(DataOptions):
     input: str | None = _opt(None, "file of prompts (same formats as train; completions not needed)")
     output: str | None = _opt(None, "write {prompt, generation} JSON lines here instead of printing")
     do_sample: bool = _opt(False, "sample instead of greedy/beam decoding")
-    temperature: float = _opt(1.0, "sampling temperature (with --do-sample)")
-    top_p: float = _opt(1.0, "nucleus sampling mass (with --do-sample)")
+    temperature: float = _opt(1.0, "sampling temperature (with --do-sample)", gt=0)
+    top_p: float = _opt(1.0, "nucleus sampling mass (with --do-sample)", gt=0, le=1)
     seed: int = _opt(0, "seed for sampling")

@@ -28,10 +28,15 @@ from pathlib import Path
 
 import torch
 
+from . import hub
+
 IGNORE = -100
 """The label transformers' cross-entropy skips: prompt positions and padding."""
 
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+FIELD_LIMIT = 2**31 - 1
+"""Largest CSV/TSV field read (the ``csv`` module's own default, 128 KiB, refuses long documents);
+``--max-length`` decides how much of a field is used."""
 ROLES = ("system", "user", "assistant")
 OVERFLOW = ("truncate", "fail")
 
@@ -132,25 +137,37 @@ def _looks_like_path(source: str) -> bool:
     return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).exists())
 
 
-def _jsonl_records(path: Path, name: str) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{name}:{number}"
+def _text_lines(path: Path, name: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file (a leading byte-order mark dropped), line endings kept; a line
+    that is not UTF-8 is a :class:`DataError` naming the file and the line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e}") from None
-            yield where, _object(record, where)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}:{number}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
+            yield line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _jsonl_records(path: Path, name: str) -> Iterator[tuple[str, dict]]:
+    for number, line in enumerate(_text_lines(path, name), start=1):
+        if not line.strip():
+            continue
+        where = f"{name}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON: {e}") from None
+        yield where, _object(record, where)
 
 
 def _json_records(path: Path, name: str) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            records = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}:{e.lineno}: malformed JSON: {e}") from None
+    text = "".join(_text_lines(path, name))
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}:{e.lineno}: malformed JSON: {e}") from None
     if not isinstance(records, list):
         raise DataError(f"{name}: expected a JSON list of objects, got {type(records).__name__}")
     for number, record in enumerate(records, start=1):
@@ -180,8 +197,9 @@ def _delimited_records(path: Path, name: str, dialect: dict) -> Iterator[tuple[s
     DictReader would silently pad a short row with ``None`` or stash extra fields under
     ``None``; in a TSV without quoting that means a stray tab moved the label, so it is an error.
     """
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, **dialect)
+    csv.field_size_limit(max(csv.field_size_limit(), FIELD_LIMIT))
+    reader = csv.reader(_text_lines(path, name), **dialect)
+    try:
         header = next(reader, None)
         if header is None:  # an empty file: load_examples reports "no examples"
             return
@@ -195,6 +213,8 @@ def _delimited_records(path: Path, name: str, dialect: dict) -> Iterator[tuple[s
             if len(row) != len(header):
                 raise DataError(f"{where}: expected {len(header)} fields ({', '.join(header)}), found {len(row)}")
             yield where, dict(zip(header, row, strict=True))
+    except csv.Error as e:
+        raise DataError(f"{name}:{reader.line_num}: not readable as {path.suffix[1:].upper()}: {e}") from None
 
 
 def _parquet_records(path: Path, name: str) -> Iterator[tuple[str, dict]]:
@@ -210,8 +230,10 @@ def _hub_records(source: str, split: str) -> Iterator[tuple[str, dict]]:
     """A ``datasets`` name (``name`` or ``name:config``) or a local folder it can read."""
     datasets = _require("datasets", "datasets", f"to load {source!r} (not a file) as a Hugging Face dataset")
     name, config = source, None
-    if not Path(source).expanduser().is_dir() and ":" in source:
-        name, config = source.rsplit(":", 1)
+    if not Path(source).expanduser().is_dir():
+        if ":" in source:
+            name, config = source.rsplit(":", 1)
+        hub.require("dataset", name)
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # datasets raises many types; all mean "this source cannot be read"

@@ -99,7 +99,9 @@ def _accelerator(device: str):
     from accelerate.utils import InitProcessGroupKwargs
 
     if not _flag("ACCELERATE_USE_DEEPSPEED"):
-        return Accelerator(cpu=device == "cpu")
+        # `auto` on a machine without CUDA is the CPU: told otherwise, Accelerate would look for GPUs
+        # and, finding none, leave every process alone outside the process group
+        return Accelerator(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
     gloo = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
     return Accelerator(kwargs_handlers=gloo)
 
@@ -170,6 +172,11 @@ class Processes(Local):
                                  "CUDA_VISIBLE_DEVICES= to train on CPUs)")
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
+        launched_as = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched_as > 1 and self.world_size != launched_as:  # alone, it would train and write as if it were all
+            raise ValueError(f"this process was started as one of {launched_as} (WORLD_SIZE) but joined a group "
+                               f"of {self.world_size}: stopping before it trains or writes anything; check --device "
+                               "and the launcher's configuration")
         self.is_main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         log.info("process %d of %d (%s) on %s", self.rank, self.world_size, self.kind, self.device)

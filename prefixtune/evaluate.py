@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import data
+from . import data, progress
 from .base_models import class_names
 from .config import DataOptions
 from .metrics import compute_metrics
@@ -26,7 +26,7 @@ def completion_loss(pm: PrefixModel, rows: list[dict], pad_id: int, *, batch_siz
     head is sharded (FSDP, ZeRO-3) and only the model's own forward can gather it."""
     pm.eval()
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
+    for start in _batches(len(rows), batch_size, "eval: loss"):
         batch = {k: v.to(pm.device) for k, v in data.collate(rows[start:start + batch_size], pad_id).items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         if tokens:
@@ -40,7 +40,7 @@ def generate_texts(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions
     """Decode a completion for each example (left-padded batches of ``opts.batch_size``)."""
     pm.eval()
     outputs = []
-    for start in range(0, len(examples), opts.batch_size):
+    for start in _batches(len(examples), opts.batch_size, "generate"):
         chunk = examples[start:start + opts.batch_size]
         ids = [data.prompt_ids(ex, tokenizer, template=opts.prompt_template, chat_template=opts.chat_template,
                                max_length=opts.max_length) for ex in chunk]
@@ -64,7 +64,7 @@ def score(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions, *, pref
     if metrics:
         groups = data.group_references(examples)[:generate_limit]
         texts = generate_texts(pm, tokenizer, [ex for ex, _ in groups], opts, prefix=prefix)
-        result.update(compute_metrics(metrics, texts, [refs for _, refs in groups]))
+        result.update(scores(metrics, texts, [refs for _, refs in groups]))
         result["generations"] = [{"prompt": ex.prompt, "generation": t, "references": refs}
                                  for (ex, refs), t in zip(groups, texts)]
     return result
@@ -76,7 +76,7 @@ def classify(pm: PrefixModel, rows: list[dict], pad_id: int, *, batch_size: int,
     ``data.tokenize_classes``), with the model's task head."""
     pm.eval()
     total, correct, predictions = 0.0, 0, []
-    for start in range(0, len(rows), batch_size):
+    for start in _batches(len(rows), batch_size, "eval: classify"):
         batch = {k: v.to(pm.device) for k, v in data.collate(rows[start:start + batch_size], pad_id).items()}
         logits = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], prefix=prefix).logits
         total += torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
@@ -94,12 +94,32 @@ def predict_labels(pm: PrefixModel, tokenizer, texts: list[str], *, batch_size: 
     pm.eval()
     names = class_names(pm.model)
     out = []
-    for start in range(0, len(texts), batch_size):
+    for start in _batches(len(texts), batch_size, "classify"):
         batch = tokenizer(texts[start:start + batch_size], truncation=True, max_length=max_length, padding=True,
                           return_tensors="pt").to(pm.device)
         logits = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], prefix=prefix).logits
         out += [names[i] for i in logits.argmax(-1).tolist()]
     return out
+
+
+def scores(metrics: list[str], texts: list[str], references: list[list[str]]) -> dict[str, float]:
+    """``compute_metrics``, one metric at a time under a progress bar (METEOR and CIDEr take seconds)."""
+    out = {}
+    with progress.bar(len(metrics), "metrics", unit="metric", enabled=len(metrics) > 1, leave=False) as shown:
+        for name in metrics:
+            shown.set_postfix_str(name)
+            out.update(compute_metrics([name], texts, references))
+            shown.update()
+    return out
+
+
+def _batches(count: int, batch_size: int, desc: str):
+    """The start of each batch of ``count`` items, with a progress bar over the batches."""
+    starts = range(0, count, batch_size)
+    with progress.bar(len(starts), desc, unit="batch", leave=False) as shown:
+        for start in starts:
+            yield start
+            shown.update()
 
 
 def lower_is_better(metric: str) -> bool:

@@ -98,6 +98,17 @@ def generation_hooks(model: nn.Module, layout: arch.Layout, batch: PrefixBatch, 
             handle.remove()
 
 
+def checkpointing(model: nn.Module, kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False) -> None:
+    """Gradient (activation) checkpointing of ``model``'s layers, always non-reentrant: the prefix is a keyword
+    argument, not a layer input, and only non-reentrant checkpointing gives it its gradients on recompute."""
+    kwargs = {**(kwargs or {}), "use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:  # transformers before activation checkpointing was renamed
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+
+
 def check_applied(batch: PrefixBatch | None) -> None:
     """Refuse to return outputs computed without the prefix (PEFT's silent failure)."""
     if batch is None:

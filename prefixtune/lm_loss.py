@@ -28,9 +28,8 @@ IGNORE = -100
 CHUNK_ELEMENTS = 1 << 26
 """Most logit elements per chunk (256 MiB in float32: 1365 rows of a 49,152-word vocabulary,
 against the three full-size tensors of the model's own loss). Each chunk reads the whole head
-weight again, so fewer, larger chunks cost less per row: on the 2-core CPU the head's forward
-product cost 1.00 / 1.02 / 1.08 / 1.12 / 1.27x per row at 1024 / 512 / 341 / 256 / 128 rows
-(benchmarks/head_chunks.py; docs/performance.md)."""
+weight again, so fewer, larger chunks cost less per row (``python -m benchmarks.head_chunks``
+measures the cost per row against the chunk size; docs/performance.md)."""
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 """Config keys of families that soft-cap or scale the logits after the head (Gemma 2,
@@ -49,12 +48,16 @@ def head_of(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def loss_only(model: nn.Module, head: nn.Linear, kwargs: dict) -> CausalLMOutputWithPast:
-    """``model(**kwargs).loss`` (with ``labels`` and, optionally, ``num_items_in_batch``), computed from
-    the body's hidden states by :func:`causal_lm_loss`; ``.logits`` is ``None``."""
+def body_of(model: nn.Module) -> nn.Module:
+    """The transformer under the LM head (``LlamaModel`` in ``LlamaForCausalLM``)."""
+    return unwrap_adapters(model).base_model
+
+
+def loss_only(body, head: nn.Linear, kwargs: dict) -> CausalLMOutputWithPast:
+    """The model's ``loss`` for ``kwargs`` (with ``labels`` and, optionally, ``num_items_in_batch``), from the
+    hidden states ``body(**kwargs)`` returns, by :func:`causal_lm_loss`; ``.logits`` is ``None``."""
     kwargs = dict(kwargs)
     labels, items = kwargs.pop("labels"), kwargs.pop("num_items_in_batch", None)
-    body = unwrap_adapters(model).base_model  # the transformer under the LM head (LlamaModel in LlamaForCausalLM)
     hidden = body(**{**kwargs, "use_cache": False}).last_hidden_state
     return CausalLMOutputWithPast(loss=causal_lm_loss(hidden, head, labels, items))
 

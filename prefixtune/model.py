@@ -71,10 +71,15 @@ class PrefixModel(nn.Module):
         injection.uninstall(self.model, self.layout, self._base_attention)
         return self.model
 
-    @property
-    def config(self):
-        """The base model's config."""
-        return self.model.config
+    def __getattr__(self, name: str):
+        """What the wrapper lacks comes from the base model (``config``, ``generation_config``,
+        ``add_model_tags``...), as PEFT's wrappers do: trainers that expect a transformers model take it."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules, ``model`` among them
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
 
     @property
     def device(self) -> torch.device:
@@ -105,10 +110,7 @@ class PrefixModel(nn.Module):
         """Make ``name`` the prefix used when a call gives no ``prefix=``."""
         self.prefixes.set_active(name)
 
-    @property
-    def active(self) -> str | None:
-        """The name of the prefix used when a call gives no ``prefix=``."""
-        return self.prefixes.active
+    active = property(lambda self: self.prefixes.active, doc="The prefix used when a call gives no ``prefix=``.")
 
     def trainable_parameters(self, name: str | None = None) -> list[nn.Parameter]:
         """What trains: prefix ``name`` (or every prefix), the task head when the model has one
@@ -131,10 +133,7 @@ class PrefixModel(nn.Module):
     def key_values_for_tokens(self, input_ids: torch.Tensor) -> tuple:
         """The frozen model's own per-site ``(k, v)`` for tokens ``input_ids`` (``[L]``), each
         ``[kv_heads, L, head_dim]``: the prefix that makes the model act as if it had read them."""
-        if not self.decoder_only:
-            raise NotImplementedError("key/values from tokens (init='text') need a decoder-only model: in an "
-                                      "encoder the activations of a text depend on the text that follows it")
-        return tokens_key_values(self.model, input_ids.to(self.device), self.shape.num_layers)
+        return tokens_key_values(self.model, input_ids.to(self.device), self.shape.num_layers, self.decoder_only)
 
     @torch.no_grad()
     def materialize(self, name: str | None = None) -> None:
@@ -155,34 +154,36 @@ class PrefixModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, prefix: PrefixArg = ACTIVE,
                 return_logits: bool = True, **kwargs):
         """The base model's forward with the prefix; returns the usual output (``.loss``, ``.logits``).
-
-        ``return_logits=False`` with ``labels`` asks for the loss only: where
-        :func:`prefixtune.lm_loss.head_of` allows, it is then computed chunk by chunk without
-        the ``[B, T, vocabulary]`` logits (``.logits`` is ``None``), which is what training does.
-        In training mode ``use_cache`` defaults to ``False``: transformers would otherwise copy
-        every layer's keys and values into a cache that no one reads.
-        """
+        ``return_logits=False`` with ``labels`` asks for the loss only, computed where it can be without the
+        ``[B, T, vocabulary]`` logits (:mod:`prefixtune.lm_loss`), as training does. In training mode
+        ``use_cache`` defaults to ``False``: a cache that no one reads would copy every layer's keys and values."""
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         if self.training:
             kwargs.setdefault("use_cache", False)
-        batch = self.prefix_batch(prefix, injection.rows(kwargs))
-        if batch is not None:
-            kwargs = injection.call_kwargs(batch, kwargs, self.layout, self.device)
         # the loss without the full logits: a decoder-only LM without a task head (prefixtune.lm_loss)
         chunked = not return_logits and labels is not None and not self.heads and self.decoder_only
         head = lm_loss.head_of(self.model) if chunked else None
-        out = self.model(**kwargs) if head is None else lm_loss.loss_only(self.model, head, kwargs)
+        if head is None:
+            return self._with_prefix(self.model, prefix, kwargs)
+        return lm_loss.loss_only(lambda **body_kwargs: self.base_model(prefix=prefix, **body_kwargs), head, kwargs)
+
+    @property
+    def base_model(self):
+        """The transformer under the LM head, called with the prefix (``prefix=`` as in :meth:`forward`):
+        the chunked loss, and TRL's fused LM head, run it and project the hidden states themselves."""
+        return lambda prefix=ACTIVE, **kwargs: self._with_prefix(lm_loss.body_of(self.model), prefix, kwargs)
+
+    def _with_prefix(self, module: nn.Module, prefix: PrefixArg, kwargs: dict):
+        """``module(**kwargs)`` with ``prefix`` in every attention call, refusing outputs it never reached."""
+        batch = self.prefix_batch(prefix, injection.rows(kwargs))
+        out = module(**(kwargs if batch is None else injection.call_kwargs(batch, kwargs, self.layout, self.device)))
         injection.check_applied(batch)
         return out
 
     def generate(self, *args, prefix: PrefixArg = ACTIVE, **kwargs):
-        """``model.generate`` with the prefix, for every decoding strategy transformers offers.
-
-        The prefix key/values are computed once per call and handed to each decoding step by a
-        forward pre-hook; beam search's row expansion is mirrored row by row. On a decoder-only
-        model the prefix sits at the front of the key/value cache (:mod:`prefixtune.cache`), so no
-        step copies it again.
-        """
+        """``model.generate`` with the prefix, for every decoding strategy transformers offers. The prefix is
+        computed once per call and handed to every step by a forward pre-hook (beam search's rows mirrored);
+        on a decoder-only model it sits at the front of the key/value cache (:mod:`prefixtune.cache`)."""
         with torch.no_grad():
             batch = self.prefix_batch(prefix, args[0].shape[0] if args else injection.rows(kwargs))
         if batch is None:
@@ -197,18 +198,13 @@ class PrefixModel(nn.Module):
         injection.check_applied(batch)
         return out
 
-    def gradient_checkpointing_enable(self, every_n_layers: int = 1, offload: bool = False) -> None:
-        """Recompute the frozen layers in backward to save memory.
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Recompute the frozen layers in backward to save memory (``Trainer(gradient_checkpointing=True)``
+        calls this); always non-reentrant (:func:`prefixtune.injection.checkpointing`)."""
+        injection.checkpointing(self.model, activation_checkpointing_kwargs, every_n_layers, offload)
 
-        Non-reentrant checkpointing, so the prefix (a keyword argument, not a layer input)
-        gets its gradients. ``every_n_layers`` and ``offload`` are passed to transformers.
-        """
-        kwargs = {"use_reentrant": False}
-        enable = getattr(self.model, "activation_checkpointing_enable", None)
-        if enable is None:  # transformers before activation checkpointing was renamed
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+    gradient_checkpointing_enable = activation_checkpointing_enable
 
     # ------------------------------------------------------------------ artifacts
     def save_prefix(self, directory, name: str = ACTIVE, keep_reparam: bool = False):

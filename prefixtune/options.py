@@ -1,4 +1,4 @@
-"""Dataclass configs as command-line options and as YAML files.
+"""Dataclass configs as command-line options and YAML files, and the one place their values are checked.
 
 The command line is generated from the config dataclasses (their field help is the
 ``--help`` text), and a run's YAML config is a plain dump of the same dataclass, so
@@ -7,17 +7,36 @@ a dataclass (``TrainConfig.prefix_config``, a :class:`~prefixtune.config.PrefixC
 contributes its own fields as options, under their ``option`` names where they have one
 (``PrefixConfig.dropout`` is ``--prefix-dropout``): the user sees one flat list of options,
 the code one :class:`PrefixConfig`.
+
+Every config dataclass checks itself when it is built (:func:`check`, from its
+``__post_init__``), whoever builds it: the command line, a YAML file, ``compare``, ``serve`` or
+Python code. Each field's type and its range (``ge``/``gt``/``le``/``lt``/``choices`` in the
+field's metadata) are checked by pydantic, values that mean the same are converted (``"2"`` to
+2, ``"no"`` to False), and the dataclass's ``problems()`` adds the rules between fields. A bad
+value is an :class:`OptionError`: one line naming the option, what it must be and what it got,
+raised before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydantic
 import yaml
+
+
+class OptionError(ValueError):
+    """A bad option value, in one line: ``--max-grad-norm: must be at least 0, got -1``."""
+
+    def __init__(self, option: str, message: str, where: str | None = None):
+        self.option, self.where = option, where
+        shown = option if where else "--" + option.replace("_", "-")
+        super().__init__(f"{where + ': ' if where else ''}{shown}: {message}")
 
 
 @dataclass(frozen=True)
@@ -62,17 +81,28 @@ def add_options(parser: argparse.ArgumentParser, config_cls) -> None:
             parser.add_argument(option.flag, dest=option.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
             continue
+        if option.field.metadata.get("repeat"):  # --prefix a=x --prefix b=y: one value per flag
+            parser.add_argument(option.flag, dest=option.name, action="append", default=argparse.SUPPRESS,
+                                metavar=option.field.metadata.get("metavar"), help=help_text)
+            continue
+        choices = None if option.kind.startswith("list") else option.field.metadata.get("choices")  # lists: by check()
         parser.add_argument(option.flag, dest=option.name, type=_parser_of(option), default=argparse.SUPPRESS,
-                            choices=option.field.metadata.get("choices"), metavar=option.name.upper(), help=help_text)
+                            choices=choices, metavar=option.name.upper(), help=help_text)
 
 
-def build(config_cls, args: argparse.Namespace | dict, config_file: str | None = None):
-    """The config: dataclass defaults < ``config_file`` (YAML/JSON) < options given on the command line."""
-    values = load_file(config_file, config_cls) if config_file else {}
+def build(config_cls, args: argparse.Namespace | dict, config_file: str | None = None, base: dict | None = None):
+    """The config: dataclass defaults < ``base`` < ``config_file`` (YAML/JSON) < options given on the
+    command line. A bad value that came from the file is reported with the file's name."""
+    from_file = load_file(config_file, config_cls) if config_file else {}
     given = vars(args) if isinstance(args, argparse.Namespace) else args
     names = {o.name for o in options_of(config_cls)}
-    values.update({k: v for k, v in given.items() if k in names})
-    return from_flat(config_cls, values)
+    given = {k: v for k, v in given.items() if k in names}
+    try:
+        return from_flat(config_cls, {**(base or {}), **from_file, **given})
+    except OptionError as err:
+        if err.option in from_file and err.option not in given:
+            raise OptionError(err.option, str(err).split(": ", 1)[1], where=config_file) from None
+        raise
 
 
 def from_flat(config_cls, values: dict):
@@ -143,7 +173,11 @@ def _parser_of(option: Option):
         return _unescape
     if option.kind.startswith("list"):
         item = int if option.kind == "list[int]" else str
-        return lambda text: tuple(item(part) for part in split_list(text))
+
+        def listed(text: str) -> tuple:
+            return tuple(item(part) for part in split_list(text))
+        listed.__name__ = "comma-separated list of " + ("whole numbers" if item is int else "names")
+        return listed
     return {"int": int, "float": float}.get(option.kind, str)
 
 
@@ -159,6 +193,62 @@ def _unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def check(config) -> None:
+    """Check every field of the dataclass ``config`` against its type and range (converting values that
+    mean the same, ``"2"`` to 2), then its ``problems()``: ``(option, message)`` pairs of rules between
+    fields. Called by each config's ``__post_init__``; raises :class:`OptionError`."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            continue  # a nested config checked itself when it was built
+        name = f.metadata.get("option", f.name)
+        try:
+            setattr(config, f.name, _adapter(type(config), f.name).validate_python(value))
+        except pydantic.ValidationError as err:
+            raise OptionError(name, _message(err.errors()[0], f.metadata)) from None
+    for name, message in getattr(config, "problems", lambda: ())():
+        raise OptionError(name, message)
+
+
+@functools.cache
+def _adapter(config_cls, field_name: str) -> pydantic.TypeAdapter:
+    """The pydantic check of one field: its type, with the field's range and choices."""
+    f = next(f for f in dataclasses.fields(config_cls) if f.name == field_name)
+    annotation = typing.get_type_hints(config_cls)[field_name]
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    inner = next(a for a in args if a is not type(None)) if optional else annotation
+    if f.metadata.get("choices"):
+        allowed = typing.Literal[tuple(f.metadata["choices"])]
+        inner = tuple[allowed, ...] if typing.get_origin(inner) is tuple else allowed
+    limits = {k: f.metadata[k] for k in ("ge", "gt", "le", "lt", "min_length") if k in f.metadata}
+    if limits:
+        inner = typing.Annotated[inner, pydantic.Field(**limits)]
+    return pydantic.TypeAdapter(typing.Optional[inner] if optional else inner)
+
+
+_MESSAGES = {
+    "greater_than_equal": "must be at least {ge}", "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be at most {le}", "less_than": "must be less than {lt}",
+    "int_parsing": "must be a whole number", "int_from_float": "must be a whole number",
+    "int_type": "must be a whole number", "float_parsing": "must be a number", "float_type": "must be a number",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false", "string_type": "must be text",
+    "tuple_type": "must be a list", "too_short": "must name at least one",
+}
+
+
+def _message(error: dict, metadata) -> str:
+    """pydantic's first error as a short phrase, with the value it got."""
+    kind = error["type"]
+    if kind == "literal_error":
+        text = "must be one of " + ", ".join(map(str, metadata["choices"]))
+    elif kind in _MESSAGES:
+        text = _MESSAGES[kind].format(**{k: metadata.get(k) for k in ("ge", "gt", "le", "lt")})
+    else:
+        text = error["msg"][0].lower() + error["msg"][1:]
+    return f"{text}, got {error['input']!r}"
+
+
 def _kind(annotation) -> str:
     """The kind of a field's type, ``None`` aside: ``int | None`` is ``int``, ``tuple[int, ...]`` ``list[int]``."""
     args = typing.get_args(annotation)
@@ -170,4 +260,6 @@ def _kind(annotation) -> str:
 
 
 def _shown(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)

@@ -25,9 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
-from . import checkpoint, data, demo, distributed, evaluate, options
+from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig
 from .metrics import check_available
@@ -209,8 +207,8 @@ class _Run(Hooks):
         self.bar = None
 
     def train(self) -> None:
-        self.bar = tqdm(total=self.total, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True,
-                        disable=not self.dist.is_main)
+        self.bar = progress.bar(self.total, "train", unit="step", initial=self.state["step"],
+                                enabled=self.dist.is_main)
         try:
             run_steps(self._loss, self.pm.trainable_parameters(), self.order, self.tokenizer.pad_token_id,
                       self.optimizer, self.scheduler, self.cfg, self.pm.device, start=self.state["step"],
@@ -247,7 +245,8 @@ class _Run(Hooks):
                       "epoch": (step - 1) // self.order.per_epoch})
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
         self.bar.update()
-        if self.eval_examples and self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.total:
+        every = self.cfg.evaluations_every()
+        if self.eval_examples and every and step % every == 0 and step < self.total:
             self._evaluate()
         if self.cfg.save_every and step % self.cfg.save_every == 0:
             self._checkpoint()
@@ -293,10 +292,12 @@ class _Run(Hooks):
                               metrics=metrics, generate_limit=generate_limit, return_logits=self._sharded_head)
 
     def _evaluate(self) -> None:
+        """Score the prefix on the held-out data (every metric, on at most ``eval_generate_limit``
+        prompts), log it, and keep it where it is the best so far."""
         metric = self.cfg.metric
-        names = [] if metric in ("loss", "perplexity") else [metric]
+        names = [] if self.labels is not None else options.split_list(self.cfg.metrics)
         with self.dist.evaluation(self.runner):
-            result = self._score("default", names, self.cfg.eval_generate_limit)
+            result = self._score("default", names, self.cfg.generate_limit())
         result.pop("generations", None)
         result = self.dist.broadcast(result)  # every process then takes the same best/patience decisions
         value = result[metric]
@@ -310,7 +311,7 @@ class _Run(Hooks):
             self.state["bad_evals"] += 1
         self._record({"step": self.state["step"], "eval": result})
         if self.dist.is_main:
-            tqdm.write(f"step {self.state['step']}: eval {metric} {value:.4f}" + (" (best)" if better else ""))
+            progress.note(f"step {self.state['step']}: eval {metric} {value:.4f}" + (" (best)" if better else ""))
 
     def _checkpoint(self) -> None:
         if self.dist.is_main:  # every process holds the same prefix and optimizer state
@@ -339,7 +340,7 @@ class _Run(Hooks):
             self._evaluate()  # the final prefix competes with the best one
             result = self._final_scores()
         if self.dist.is_main:
-            plot_curves(self.metrics_file, self.out / "curves.png")
+            curves.plot(self.metrics_file, self.out / "curves.png")
         return result
 
     def _final_scores(self) -> dict:
@@ -372,25 +373,9 @@ def _forget_after(metrics_file: Path, step: int) -> None:
 
 
 def _validate(cfg: TrainConfig) -> None:
-    for name in ("batch_size", "max_length"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.micro_batch_size is not None and not 1 <= cfg.micro_batch_size <= cfg.batch_size:
-        raise ValueError("--micro-batch-size must be between 1 and --batch-size")
-    if cfg.max_steps is None and cfg.epochs <= 0:
-        raise ValueError("--epochs must be positive (or give --max-steps)")
-    if cfg.eval_data is None and cfg.data is not None and (cfg.eval_every or cfg.patience):
-        raise ValueError("--eval-every/--patience need --eval-data")
-    if cfg.task == "classification":
-        if cfg.metric not in ("loss", "accuracy"):
-            raise ValueError(f"--metric {cfg.metric}: a classifier is scored by loss or accuracy")
-        if cfg.data is None:
-            raise ValueError("--task classification needs --data (with --text-field and --label-field)")
-        return
-    metrics = options.split_list(cfg.metrics)
-    if cfg.metric not in ("loss", "perplexity") and cfg.metric not in metrics:
-        raise ValueError(f"--metric {cfg.metric} must be loss, perplexity or one of --metrics ({cfg.metrics})")
-    check_available(metrics)
+    """What the config cannot check itself: whether the metrics can run here (METEOR needs Java)."""
+    if cfg.task != "classification":
+        check_available(options.split_list(cfg.metrics))
 
 
 def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
@@ -400,7 +385,29 @@ def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     if not cfg.resume and found is not None:
         raise TrainingError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
                             "or choose another --output-dir")
+    if cfg.resume:
+        _check_same_run(cfg, out / "config.yaml")
     return found if cfg.resume else None
+
+
+RESUME_CHANGES = ("resume", "output_dir", "max_steps", "epochs", "save_every", "eval_every", "eval_generate_limit",
+                  "patience", "device")
+"""Options a resumed run may change: how long it goes on, how often it saves and evaluates, where it runs
+and where its folder is.
+They are applied, and config.yaml records them; any other change is refused, naming the option."""
+
+
+def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
+    """Refuse to resume with options that would make it another run than the one in ``saved``."""
+    if not saved.is_file():
+        return
+    before = options.to_flat(options.build(TrainConfig, {}, str(saved)))
+    now = options.to_flat(cfg)
+    for name in now:
+        if name not in RESUME_CHANGES and now[name] != before[name]:
+            raise TrainingError(f"--resume: {'--' + name.replace('_', '-')} is {now[name]!r} here but "
+                                f"{before[name]!r} in the run being resumed ({saved}); drop it to continue that "
+                                "run, or train into another --output-dir")
 
 
 def _examples(cfg: TrainConfig) -> tuple[list, list]:
@@ -470,31 +477,3 @@ def _tensorboard(out: Path):
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(out / "tensorboard"))
-
-
-def plot_curves(metrics_file: Path, target: Path) -> None:
-    """Training loss (and eval metrics) against steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    train_rows = [r for r in rows if "loss" in r]
-    eval_rows = [r for r in rows if "eval" in r]
-    fig, axes = plt.subplots(1, 2 if eval_rows else 1, figsize=(10 if eval_rows else 5, 3.5), squeeze=False)
-    axes[0][0].plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1)
-    axes[0][0].set(xlabel="step", ylabel="training loss", title="training loss")
-    if eval_rows:
-        steps = [r["step"] for r in eval_rows]
-        metric_axis, loss_axis = axes[0][1], axes[0][1].twinx()  # loss and 0-100 metrics need their own scales
-        for key in [k for k in eval_rows[-1]["eval"] if k != "perplexity"]:
-            axis = loss_axis if key == "loss" else metric_axis
-            axis.plot(steps, [r["eval"][key] for r in eval_rows], marker="o", label=key,
-                      color="tab:gray" if key == "loss" else None, linestyle="--" if key == "loss" else "-")
-        metric_axis.set(xlabel="step", title="evaluation")
-        loss_axis.set_ylabel("eval loss")
-        fig.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(target, dpi=100)
-    plt.close(fig)

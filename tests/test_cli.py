@@ -54,7 +54,25 @@ def test_eval_writes_metrics_json(model_dir, trained, tmp_path, capsys):
                  "--max-new-tokens", "3", "--output", str(target)]) == 0
     result = json.loads(target.read_text())
     assert {"loss", "perplexity", "bleu", "accuracy"} <= set(result) and len(result["generations"]) == 12
-    assert "with prefix" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "with prefix" in shown.out
+    for phase in ("eval: loss", "generate", "metrics"):  # progress of each phase, as whole lines (not a terminal)
+        assert f"{phase}: 100%" in shown.err, shown.err
+    assert "\r" not in shown.err
+
+
+def test_progress_written_to_a_log_is_a_few_whole_lines():
+    import io
+
+    from prefixtune import progress
+
+    stream = io.StringIO()
+    with progress.bar(400, "eval: generate", unit="batch", stream=stream) as shown:
+        for _ in range(400):
+            shown.update()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and 1 <= len(lines) <= 12
+    assert lines[-1].startswith("eval: generate: 100%") and "400/400" in lines[-1]
 
 
 def test_generate_from_a_prompt_and_from_a_file(model_dir, trained, tmp_path, capsys):
@@ -93,7 +111,7 @@ def test_prompt_longer_than_max_length_fails_when_asked(model_dir, tmp_path, cap
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--data", "missing.jsonl"], "missing.jsonl"),
-    (["train", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["train", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
     (["eval"], "--data is required"),
     (["generate"], "exactly one of --prompt TEXT or --input FILE"),
     (["train", "--config", "nope.yaml"], "config file nope.yaml not found"),

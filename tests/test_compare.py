@@ -231,4 +231,4 @@ def test_bad_data_is_one_clear_error(tmp_path, capsys):
                      "--output-dir", str(tmp_path / "o")])
     assert code == 2 and "missing.jsonl" in capsys.readouterr().err
     assert cli.main(["compare", "--data", str(tmp_path / "missing.jsonl")]) == 2
-    assert "--eval-data is required" in capsys.readouterr().err
+    assert "--eval-data: is required with --data" in capsys.readouterr().err

@@ -134,6 +134,7 @@ def test_datasets_name_and_config_are_passed_to_load_dataset(monkeypatch):
             return [{"sentence": "great", "label": 1}]
 
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as from the local cache: no reach of the Hub to check
     [example] = load_examples("glue:sst2", split="validation", text_field="sentence", label_field="label")
     assert calls == [("glue", "sst2", "validation")]
     assert (example.prompt, example.label, example.where) == ("great", "1", "glue:sst2[validation]:#1")

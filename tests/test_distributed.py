@@ -1,4 +1,4 @@
-"""Training on several processes (issue 8): 2 CPU processes on gloo, started by the real
+"""Training on several processes: 2 CPU processes on gloo, started by the real
 launchers (``accelerate launch`` with the shipped DDP and DeepSpeed ZeRO-3 configs, and
 ``torchrun``), train the same prefix as one process; only one of them writes; a killed run
 resumes with 2 or 1 processes. Plus the sharding plan, the DeepSpeed config checks, and the
@@ -27,7 +27,7 @@ from prefixtune.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--prefix-length", "3", "--reparam-hidden-size", "16", "--batch-size", "5", "--micro-batch-size", "2",
-          "--lr", "1e-2", "--max-length", "64", "--device", "cpu"]
+          "--lr", "1e-2", "--max-length", "64"]  # no --device: the launchers run as users type them
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,7 +47,7 @@ def _args(model_dir, data_files, out, *extra):
 
 def _cfg(model_dir, data_files, out, **kw):
     base = dict(model=model_dir, data=str(data_files / "train.jsonl"), output_dir=str(out), prefix_length=3,
-                reparam_hidden_size=16, batch_size=5, micro_batch_size=2, lr=1e-2, max_length=64, device="cpu")
+                reparam_hidden_size=16, batch_size=5, micro_batch_size=2, lr=1e-2, max_length=64)
     return options.from_flat(TrainConfig, {**base, **kw})
 
 
@@ -156,6 +156,33 @@ def test_two_processes_train_the_prefix_of_one_and_only_one_writes(model_dir, da
             assert abs(a["loss"] - b["loss"]) < 1e-4
     assert json.loads((two / "checkpoint" / "trainer_state.json").read_text())["processes"] == 2
     assert not list(two.glob(".*")), "no staging folder left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_launchers_as_users_type_them_train_the_prefix_of_one_process(launcher, model_dir, data_files, tmp_path):
+    """``torchrun --nproc-per-node 2 -m prefixtune.cli train ...`` and ``accelerate launch`` with the
+    shipped ddp.yaml, without --device, on a machine without a GPU: both processes join one group."""
+    done = _launch(launcher, _args(model_dir, data_files, tmp_path / "two", "--max-steps", "3"))
+    assert "process 1 of 2" in done.stdout + done.stderr
+    train(_cfg(model_dir, data_files, tmp_path / "one", max_steps=3))
+    difference = (_prefix(tmp_path / "two") - _prefix(tmp_path / "one")).abs().max().item()
+    assert difference < 1e-5, f"2 processes ended {difference} away from 1"
+
+
+@pytest.mark.slow
+def test_a_process_launched_as_one_of_two_that_finds_itself_alone_stops_before_writing(model_dir, data_files,
+                                                                                        tmp_path):
+    """``--device cuda`` on a machine without one: Accelerate leaves each process outside the group.
+    Each stops with one line instead of training the whole batch and racing the other to the files."""
+    out = tmp_path / "two"
+    done = subprocess.run(_launcher("torchrun") + _args(model_dir, data_files, out, "--max-steps", "3",
+                                                         "--device", "cuda"),
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "started as one of 2 (WORLD_SIZE) but joined a group of 1" in done.stderr, done.stderr[-2000:]
+    assert "/prefixtune/" not in done.stderr, "a one-line error, no traceback through prefixtune's code"
+    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.skipif(tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 7),

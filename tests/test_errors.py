@@ -44,11 +44,11 @@ def test_prefix_that_never_reaches_attention_raises_instead_of_being_ignored():
 
 
 @pytest.mark.parametrize("config, message", [
-    (dict(prefix_length=0), "prefix_length must be a positive integer"),
-    (dict(init="words"), "init must be one of"),
+    (dict(prefix_length=0), "--prefix-length: must be at least 1, got 0"),
+    (dict(init="words"), "--init: must be one of random, text, got 'words'"),
     (dict(init="text"), "init='text' needs init_text"),
-    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
-    (dict(layers=()), "layers must name at least one layer"),
+    (dict(dropout=1.0), "--prefix-dropout: must be less than 1, got 1.0"),
+    (dict(layers=()), r"--layers: must name at least one, got \(\)"),
 ])
 def test_invalid_config_fields_are_named(config, message):
     with pytest.raises(ValueError, match=message):

@@ -1,4 +1,4 @@
-"""PEFT interoperability (issue 6, part 1): a prefix exported with ``export-peft`` gives PEFT
+"""PEFT interoperability: a prefix exported with ``export-peft`` gives PEFT
 the same logits as prefixtune, a PEFT prefix imported with ``import-peft`` gives prefixtune
 PEFT's logits, round trips are exact, and what PEFT cannot express is refused by name."""
 

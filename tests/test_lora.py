@@ -1,4 +1,4 @@
-"""Prefix + LoRA and prefix + QLoRA (issue 6, part 2): ``peft.get_peft_model(model, LoraConfig)``
+"""Prefix + LoRA and prefix + QLoRA: ``peft.get_peft_model(model, LoraConfig)``
 then ``PrefixModel.wrap``. Exactly the prefix and the LoRA weights train, gradient
 checkpointing changes nothing, and saving writes both parts, which load back to identical
 logits. QLoRA runs a 4-bit bitsandbytes base where bitsandbytes is installed."""

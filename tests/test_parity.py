@@ -1,4 +1,4 @@
-"""The parity test of DESIGN.md on every architecture: a prefix equal to the frozen
+"""The parity test, on every architecture: a prefix equal to the frozen
 model's own key/values for tokens ``p`` makes it behave exactly as on ``p + x``."""
 
 import pytest

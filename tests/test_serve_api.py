@@ -8,15 +8,18 @@ import json
 import os
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import openai
 import psutil
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tiny import tiny_model_folder
 
-from prefixtune import PrefixConfig, PrefixModel
+from prefixtune import PrefixConfig, PrefixModel, options
 from prefixtune.base_models import load_model
 from prefixtune.serve import cli
 from prefixtune.serve.background import BackgroundServer
@@ -48,7 +51,7 @@ def build(folders, *extra, prefixes=PREFIXES[:2], api_key=KEY):
             "--max-tokens", "64", "--max-prompt-tokens", "100", *extra]
     for name in prefixes:
         argv += ["--prefix", f"{name}={folders / name}"]
-    return cli.build_app(parser.parse_args(argv), api_key=api_key)
+    return cli.build_app(options.build(cli.ServeConfig, parser.parse_args(argv)), api_key=api_key)
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +312,7 @@ def test_without_a_key_the_api_is_open_and_prefix_management_is_off(folders):
 def test_binds_to_loopback_unless_told_otherwise():
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    assert parser.parse_args([]).host == "127.0.0.1"
+    assert options.build(cli.ServeConfig, parser.parse_args([])).host == "127.0.0.1"
 
 
 def test_command_line_refuses_bad_prefix_options(folders, capsys):
@@ -324,6 +327,8 @@ def test_command_line_refuses_bad_prefix_options(folders, capsys):
 def test_health_and_metrics(client, server):
     client.completions.create(model="alpha", prompt="count me", max_tokens=4)
     status, body = http(server, "GET", "/health", key=None)
+    assert (status, body) == (200, {"status": "ok"}), "without the key: up or not, nothing about what is served"
+    status, body = http(server, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["models"] == [BASE, *PREFIXES[:2]]
     status, text = http(server, "GET", "/metrics", key=None)
     assert status == 200
@@ -362,6 +367,89 @@ def test_load_every_request_answered_and_no_memory_growth(client, server):
     assert after - before < 64 << 20, (before, after)
     assert batcher.queue_depth() == 0 and batcher.active_rows() == 0 and batcher.cached_rows() == 0
     assert not batcher.held_prefixes()
+
+
+
+# ------------------------------------------------------ hostile requests
+def test_a_lone_surrogate_anywhere_is_a_400(client, server):
+    for path, body in [("/v1/completions", {"model": "alpha", "prompt": "ok \ud800", "max_tokens": 2}),
+                       ("/v1/chat/completions", {"model": "alpha", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "\udfff"}]}),
+                       ("/v1/completions", {"model": "alpha", "prompt": "ok", "stop": ["\ud83d"], "max_tokens": 2})]:
+        status, answer = http(server, "POST", path, raw=json.dumps(body).encode())  # JSON escapes: \\ud800
+        assert status == 400 and answer["error"]["code"] == "invalid_text", (path, answer)
+
+
+def test_more_generations_than_the_queue_can_ever_hold_is_a_400_not_a_429(server):
+    status, body = http(server, "POST", "/v1/completions", {"model": "alpha", "prompt": ["a"] * 200, "n": 2})
+    assert status == 400 and body["error"]["code"] == "too_many_generations", body
+
+
+def test_a_huge_batch_of_prompts_is_refused_before_tokenizing_and_never_stalls_health(server):
+    body = json.dumps({"model": "alpha", "prompt": ["x"] * 200_000}).encode()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        big = pool.submit(http, server, "POST", "/v1/completions", None, KEY, body)
+        start = time.monotonic()
+        status, health = http(server, "GET", "/health")
+        assert status == 200 and time.monotonic() - start < 2.0
+        status, answer = big.result(timeout=60)
+    assert status in (400, 413), answer
+
+
+def test_a_client_that_stops_mid_body_gets_a_408_and_leaves_no_traceback(folders, caplog):
+    import socket
+
+    with BackgroundServer(build(folders, "--body-timeout", "1", api_key=None)) as running:
+        host, port = running.url.removeprefix("http://").split(":")
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                "Content-Length: 1000\r\n\r\n").encode()
+        with socket.create_connection((host, int(port))) as sock, caplog.at_level("ERROR"):
+            sock.sendall(head + b'{"model": "tiny-ba')  # ... and nothing more
+            sock.settimeout(60)
+            reply = sock.recv(4096).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 408"), reply
+    assert "Traceback" not in caplog.text
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=12)
+TEXT = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=20)  # surrogates, controls too
+NUMBER = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3),
+                   st.none(), st.booleans())
+SHAPED = st.fixed_dictionaries({}, optional={
+    "model": st.sampled_from(["alpha", "beta", BASE, "", "nope"]) | TEXT,
+    "prompt": TEXT | st.lists(TEXT, max_size=3) | st.lists(st.integers(-5, 2**40), max_size=4) | JSON,
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]) | TEXT,
+                                                "content": TEXT | JSON}), max_size=3) | JSON,
+    "max_tokens": NUMBER, "temperature": NUMBER, "top_p": NUMBER, "n": NUMBER, "seed": NUMBER,
+    "stop": TEXT | st.lists(TEXT, max_size=5) | JSON, "stream": NUMBER, "echo": NUMBER,
+    "logprobs": NUMBER, "stream_options": JSON, "ignore_eos": NUMBER,
+})
+
+
+def _fuzzed(server, path: str, body) -> None:
+    raw = json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass")
+    start = time.monotonic()
+    status, answer = http(server, "POST", path, raw=raw)
+    assert status < 500, (status, answer)
+    if status >= 400:
+        assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}, answer
+    assert time.monotonic() - start < 30
+    status, _ = http(server, "GET", "/health")  # the others are still served
+    assert status == 200
+
+
+@settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=SHAPED, chat=st.booleans())
+def test_fuzzed_requests_get_a_2xx_or_a_4xx_in_openai_format(server, body, chat):
+    _fuzzed(server, "/v1/chat/completions" if chat else "/v1/completions", body)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(body=JSON, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/prefixes/x"]))
+def test_arbitrary_json_bodies_get_a_4xx_in_openai_format(server, body, path):
+    _fuzzed(server, path, body)
 
 
 # ------------------------------------------------------ the playground, in a browser

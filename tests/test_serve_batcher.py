@@ -85,7 +85,7 @@ def _alone(batcher, prompt, model, **params):
 
 
 def test_concurrent_mixed_prefix_requests_equal_requests_sent_one_at_a_time(served, until):
-    """The issue's correctness criterion, with rows joining while others are mid-decoding
+    """The server's correctness criterion, with rows joining while others are mid-decoding
     (so caches of different lengths are merged and trimmed) and leaving at different steps."""
     pm, batcher = served
     c = Collector(batcher)

@@ -22,30 +22,35 @@ class CompareConfig(StepOptions, DataOptions):
                         "comma-separated methods (see --list-methods); 'base' scores the untuned model")
     quick: bool = _opt(False, "a few-minute smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
                        + " (options you give still win)")
-    max_steps: int = _opt(120, "optimizer steps per method (the same for every method)")
+    max_steps: int = _opt(120, "optimizer steps per method (the same for every method)", ge=1)
     lr: str | None = _opt(None, "peak learning rates: one number for every method, or method=value pairs such as "
                           "'prefix=1e-2,lora=1e-2' (the rest keep their defaults, see --list-methods)")
     max_grad_norm: float = _opt(0.0, "clip each method's gradient to this norm (0 = no clipping, the default: at "
                                 "short budgets clipping slows prefix tuning most, see docs/training.md)")
-    train_limit: int | None = _opt(None, "use only the first N training rows")
+    train_limit: int | None = _opt(None, "use only the first N training rows", ge=1)
     train_sample: int | None = _opt(None, "train on N rows drawn at random (seeded by --seed) from the training "
-                                    "data: the paper's low-data setting")
-    eval_limit: int | None = _opt(None, "read only the first N evaluation rows")
-    eval_prompts: int = _opt(50, "distinct evaluation prompts decoded and scored (all their references count)")
-    eval_batch_size: int | None = _opt(None, "prompts decoded at once when scoring (default: --batch-size)")
+                                    "data: the paper's low-data setting", ge=1)
+    eval_limit: int | None = _opt(None, "read only the first N evaluation rows", ge=1)
+    eval_prompts: int = _opt(50, "distinct evaluation prompts decoded and scored (all their references count)", ge=1)
+    eval_batch_size: int | None = _opt(None, "prompts decoded at once when scoring (default: --batch-size)", ge=1)
     metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics (bleu, nist, meteor, rouge_l, cider, ...)")
-    prefix_length: int = _opt(10, "prefix / virtual-token length of prefix, peft-prefix and prompt")
-    reparam_hidden_size: int = _opt(512, "width of the prefix reparameterization MLP (prefix and peft-prefix)")
+    prefix_length: int = _opt(10, "prefix / virtual-token length of prefix, peft-prefix and prompt", ge=1)
+    reparam_hidden_size: int = _opt(512, "width of the prefix reparameterization MLP (prefix and peft-prefix)", ge=1)
     init_text: str = _opt("table-to-text:", "the real words whose activations seed 'prefix-words' (the paper's "
                           "initialization for low-data table-to-text)")
-    lora_r: int = _opt(8, "LoRA rank (lora, qlora)")
-    lora_alpha: int = _opt(8, "LoRA alpha (lora, qlora; PEFT's default)")
+    lora_r: int = _opt(8, "LoRA rank (lora, qlora)", ge=1)
+    lora_alpha: int = _opt(8, "LoRA alpha (lora, qlora; PEFT's default)", ge=1)
     lora_targets: str = _opt("q_proj,v_proj", "modules LoRA adapts (lora, qlora)")
-    adapter_size: int = _opt(64, "bottleneck width of the Houlsby adapters")
+    adapter_size: int = _opt(64, "bottleneck width of the Houlsby adapters", ge=1)
     threads: int | None = _opt(None, "torch CPU threads per method (default: torch's choice; on a machine shared with "
-                                "other jobs, 1 can be several times faster than oversubscribed threads)")
+                                "other jobs, 1 can be several times faster than oversubscribed threads)", ge=1)
     isolate: bool = _opt(True, "run each method in its own process (clean peak-memory numbers; a crash "
                          "costs one row, not the run)")
     keep_checkpoints: bool = _opt(False, "keep checkpoints over 100 MB (full fine-tuning) instead of deleting "
                                   "them once measured")
-    quiet: bool = _opt(False, "no per-step progress lines")
+    quiet: bool = _opt(False, "no per-step loss lines (the progress bar of each method stays)")
+
+    def problems(self):
+        """``(option, message)`` for each rule between options that is broken (``options.check``)."""
+        if self.data is not None and not self.eval_data:
+            yield "eval_data", "is required with --data: the held-out examples to score"

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from .. import data
+from .. import data, progress
+from .. import evaluate
 from ..evaluate import generate_texts
-from ..metrics import check_available, compute_metrics
+from ..metrics import check_available
 from ..options import split_list
 from ..runtime import pick_device
 from ..train import Diverged, Hooks, optimizer_for, run_steps
@@ -52,7 +53,6 @@ def compare(cfg: CompareConfig) -> dict:
     methods = parse_methods(cfg.methods)
     rates = learning_rates(cfg.lr, methods)
     check_available(split_list(cfg.metrics))
-    _validate(cfg)
     examples(cfg)  # bad data is one clear error now, not the same failure in every row
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,8 +81,10 @@ def run_method(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
     except Exception as error:  # noqa: BLE001 - one method failing must not stop the comparison
         import traceback
 
-        traceback.print_exc()  # to the terminal, or to METHOD/stderr.txt when isolated
-        return {**row, "status": "failed", "reason": _first_line(error)}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stderr.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        return {**row, "status": "failed", "reason": _first_line(error),
+                "notes": [*row["notes"], f"traceback in {out / 'stderr.txt'}"]}
 
 
 def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dict) -> dict:
@@ -113,7 +115,7 @@ def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dic
     if report["truncated"]:
         row["notes"].append(f"{len(report['truncated'])} training examples truncated to --max-length")
     row["train_examples"] = len(rows)
-    row.update(_train(cfg, tuned, rows, tokenizer.pad_token_id, lr, device))
+    row.update(_train(cfg, tuned, rows, tokenizer.pad_token_id, lr, device, method.name))
     if row.get("status") != "ok":
         return row
     checkpoint = out / "checkpoint"
@@ -128,12 +130,12 @@ def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dic
     return {**row, **_score(cfg, tuned.generator, tokenizer, groups)}
 
 
-def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, device) -> dict:
+def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, device, name: str) -> dict:
     """Train ``tuned`` through ``prefixtune train``'s own loop and step; measure each step."""
     optimizer, scheduler = optimizer_for(tuned.trainable, lr, cfg, cfg.max_steps)
-    measured = _Measured(cfg.max_steps, cfg.quiet)
     tuned.model.train()
-    with PeakMemory(device) as memory:
+    with PeakMemory(device) as memory, progress.bar(cfg.max_steps, f"{name}: train", unit="step") as bar:
+        measured = _Measured(cfg.max_steps, cfg.quiet, bar)
         try:
             run_steps(tuned.loss, tuned.trainable, data.BatchOrder(rows, cfg.batch_size, cfg.seed), pad_id, optimizer,
                       scheduler, cfg, device, start=0, total=cfg.max_steps, hooks=measured)
@@ -146,16 +148,18 @@ def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, 
 class _Measured(Hooks):
     """What compare records of each step: loss, seconds (the device waited for) and input tokens."""
 
-    def __init__(self, steps: int, quiet: bool):
-        self.steps, self.quiet = steps, quiet
+    def __init__(self, steps: int, quiet: bool, bar):
+        self.steps, self.quiet, self.bar = steps, quiet, bar
         self.losses, self.seconds, self.tokens = [], [], []
 
     def after_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
         self.losses.append(loss)
         self.seconds.append(seconds)
         self.tokens.append(tokens)
+        self.bar.set_postfix(loss=f"{loss:.3f}")
+        self.bar.update()
         if not self.quiet and step % max(1, self.steps // 10) == 0:
-            print(f"  step {step}/{self.steps}  loss {loss:.3f}  {seconds:.2f} s/step", flush=True)
+            progress.note(f"  step {step}/{self.steps}  loss {loss:.3f}  {seconds:.2f} s/step")
 
     def result(self) -> dict:
         """Seconds per step and tokens per second over every step but the first (which pays one-off
@@ -172,7 +176,7 @@ def _score(cfg: CompareConfig, generator, tokenizer, groups) -> dict:
     start = time.perf_counter()
     opts = dataclasses.replace(cfg, batch_size=cfg.eval_batch_size or cfg.batch_size)
     texts = generate_texts(generator, tokenizer, [ex for ex, _ in groups], opts, prefix="default")
-    metrics = compute_metrics(split_list(cfg.metrics), texts, [refs for _, refs in groups])
+    metrics = evaluate.scores(split_list(cfg.metrics), texts, [refs for _, refs in groups])
     samples = [{"prompt": ex.prompt, "generation": t, "references": refs[:3]}
                for (ex, refs), t in zip(groups, texts)]
     return {"metrics": metrics, "eval_prompts": len(groups), "eval_seconds": time.perf_counter() - start,
@@ -253,22 +257,19 @@ def rss_bytes() -> int:
 
 # ---------------------------------------------------------------------------- isolation
 def run_isolated(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
-    """``run_method`` in a fresh Python process (its own peak memory; a crash costs one row)."""
+    """``run_method`` in a fresh Python process (its own peak memory; a crash costs one row). The worker
+    shares this process's terminal, so its progress shows as it goes."""
     out.mkdir(parents=True, exist_ok=True)
-    spec, result, errors = out / "spec.json", out / "row.json", out / "stderr.txt"
+    spec, result = out / "spec.json", out / "row.json"
     spec.write_text(json.dumps({"config": dataclasses.asdict(cfg), "method": name, "lr": lr, "out": str(out)}))
     result.unlink(missing_ok=True)
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    with errors.open("w", encoding="utf-8") as err:
-        code = subprocess.call([sys.executable, "-m", "prefixtune.compare.runner", str(spec), str(result)],
-                               stderr=err, env=env)
+    code = subprocess.call([sys.executable, "-m", "prefixtune.compare.runner", str(spec), str(result)], env=env)
     if result.is_file():
         return json.loads(result.read_text(encoding="utf-8"))
-    lines = [line for line in errors.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    why = lines[-1] if lines else f"exit code {code}"
     return {"method": name, "label": METHODS[name].label, "lr": lr, "status": "failed",
-            "reason": f"worker process died ({why}); see {errors}", "notes": []}
+            "reason": f"worker process died (exit code {code}; its output is above)", "notes": []}
 
 
 def _worker(spec_path: str, result_path: str) -> int:
@@ -293,14 +294,6 @@ def _quiet() -> None:
 
 
 # ------------------------------------------------------------------------------- helpers
-def _validate(cfg: CompareConfig) -> None:
-    for name in ("max_steps", "batch_size", "eval_prompts", "prefix_length", "lora_r", "adapter_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.data is not None and not cfg.eval_data:
-        raise ValueError("--eval-data is required with --data: the held-out examples to score")
-
-
 def _unavailable(method: Method, cfg: CompareConfig, device) -> str | None:
     import importlib.util
 

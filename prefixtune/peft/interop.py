@@ -212,7 +212,7 @@ def _read_peft_weights(source: Path) -> torch.Tensor:
 
         weights = load_file(str(source / PEFT_WEIGHTS))
     elif (source / PEFT_WEIGHTS_LEGACY).is_file():
-        weights = torch.load(source / PEFT_WEIGHTS_LEGACY, map_location="cpu", weights_only=True)
+        weights = _legacy_weights(source / PEFT_WEIGHTS_LEGACY)
     else:
         raise FileNotFoundError(f"{source}: holds neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_LEGACY}")
     if PEFT_KEY not in weights:
@@ -220,13 +220,31 @@ def _read_peft_weights(source: Path) -> torch.Tensor:
     return weights[PEFT_KEY]
 
 
+def _legacy_weights(path: Path) -> dict:
+    """A legacy ``adapter_model.bin``, read with ``torch.load(weights_only=True)``: tensors only, no code runs.
+    Anything else in it (pickled objects) is refused in one line, as is a file torch cannot read."""
+    import pickle
+
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ValueError(f"{path}: not loaded: it holds more than tensors, or is not a torch file "
+                         f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:120]}); save the adapter "
+                         "with PEFT's save_pretrained(safe_serialization=True) and import the .safetensors") from None
+    if not isinstance(weights, dict):
+        raise ValueError(f"{path}: expected a mapping of tensor names to tensors, got {type(weights).__name__}")
+    return weights
+
+
 def _shape_of(base: str) -> arch.ModelShape:
     """The prefix geometry of a base model, from its config alone (built on the meta device, no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .. import base_models
+    from .. import base_models, hub
 
     bundled = base in (base_models.BUNDLED, base_models.BUNDLED_NAME)  # the name load_model records for it
+    if not bundled and not Path(base).is_dir():
+        hub.require("model", base)
     config = AutoConfig.from_pretrained(base_models.bundled_folder() if bundled else base)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

@@ -13,6 +13,7 @@ rendered in OpenAI's error format; a client that goes away cancels its rows.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import json
@@ -22,6 +23,7 @@ from importlib import resources
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -39,13 +41,17 @@ class ServerOptions:
 
     Args:
         api_key: When set, every ``/v1`` route needs ``Authorization: Bearer KEY``; prefix
-            management is only possible with a key.
+            management is only possible with a key, and ``/health`` without it says only whether
+            the server is up.
         max_body_bytes: Largest request body (a larger one is a 413, read no further).
+        body_seconds: How long a client may take to send its body (then 408): a client that
+            stops mid-body does not hold a connection open.
         limits: What one request may ask for.
     """
 
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    body_seconds: float = 30.0
     limits: protocol.ServeLimits = None
 
     def __post_init__(self):
@@ -76,7 +82,7 @@ def create_app(batcher: Batcher, options: ServerOptions | None = None, metrics: 
         batcher.close()
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        errors.APIError: _api_error, HTTPException: _http_error, Exception: _crash})
+        errors.APIError: _api_error, HTTPException: _http_error, ClientDisconnect: _gone, Exception: _crash})
     app.state.batcher, app.state.metrics = batcher, metrics
     return app
 
@@ -96,40 +102,51 @@ async def _crash(request, err: Exception):
     return JSONResponse(errors.internal(f"internal error: {type(err).__name__}").body(), status_code=500)
 
 
+async def _gone(request, err: ClientDisconnect):
+    """The client left before its body arrived: nobody reads an answer, and nothing went wrong here."""
+    return Response(status_code=499)
+
+
 class _API:
     def __init__(self, batcher: Batcher, options: ServerOptions, metrics: Metrics):
         self.batcher, self.options, self.metrics = batcher, options, metrics
         self.tokenizer = batcher.tokenizer
+        # requests are checked and tokenized here, one at a time, off the event loop: a body of many
+        # prompts never stalls other clients, and the tokenizer is never used by two encodes at once
+        self.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefixtune-check")
 
     # ------------------------------------------------------------ plumbing
-    def _authorize(self, request: HTTPRequest) -> None:
+    def _authorized(self, request: HTTPRequest) -> bool:
         key = self.options.api_key
         if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+    def _authorize(self, request: HTTPRequest) -> None:
+        if not self._authorized(request):
             raise errors.APIError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'",
                                   type="authentication_error", code="invalid_api_key")
 
     async def _json(self, request: HTTPRequest) -> dict:
-        """The body as a JSON object, read no further than the size limit."""
+        """The body as a JSON object, read no further than the size limit and no longer than
+        ``body_seconds``, every string in it valid Unicode (:func:`protocol.check_text`)."""
         limit = self.options.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise errors.APIError(413, f"request body over {limit} bytes", code="body_too_large")
-        chunks, size = [], 0
-        async for piece in request.stream():
-            size += len(piece)
-            if size > limit:
-                raise errors.APIError(413, f"request body over {limit} bytes", code="body_too_large")
-            chunks.append(piece)
         try:
-            body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise errors.bad_request(f"the body is not valid JSON: {err}", code="invalid_json") from err
+            raw = await asyncio.wait_for(_read(request, limit), self.options.body_seconds)
+        except asyncio.TimeoutError:
+            raise errors.APIError(408, f"the request body did not arrive within {self.options.body_seconds:g} s",
+                                  code="body_timeout") from None
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise errors.bad_request(f"the body is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise errors.bad_request("the body must be a JSON object", code="invalid_json")
+        protocol.check_text(body)
         return body
 
     def _count(self, endpoint: str, status: int) -> None:
@@ -141,9 +158,12 @@ class _API:
         return HTMLResponse(page)
 
     async def health(self, request):
+        """Up or not, for anyone; the models and the load only with the key (when the server has one)."""
         alive = self.batcher.alive
-        body = {"status": "ok" if alive else "unavailable", "models": self.batcher.model_names(),
-                "queue_depth": self.batcher.queue_depth(), "active_requests": self.batcher.active_rows()}
+        body = {"status": "ok" if alive else "unavailable"}
+        if self._authorized(request):
+            body.update(models=self.batcher.model_names(), queue_depth=self.batcher.queue_depth(),
+                        active_requests=self.batcher.active_rows())
         return JSONResponse(body, status_code=200 if alive else 503)
 
     async def metrics_page(self, request):
@@ -203,7 +223,9 @@ class _API:
         try:
             self._authorize(request)
             body = await self._json(request)
-            job = make_job(body, self.tokenizer, self.options.limits)
+            protocol.check_count(body, self.options.limits, self.batcher.limits.max_queue)  # before tokenizing
+            job = await asyncio.get_running_loop().run_in_executor(
+                self.checker, make_job, body, self.tokenizer, self.options.limits)
             run = _Run(job, asyncio.get_running_loop())
             self.batcher.submit(run.requests)
         except errors.APIError as err:
@@ -224,6 +246,17 @@ class _API:
         self._count(endpoint, 200)
         texts, reasons = result
         return JSONResponse(protocol.response(job, run.id, texts, reasons, run.usage()))
+
+
+async def _read(request: HTTPRequest, limit: int) -> bytes:
+    """The body, or a 413 as soon as it grows past ``limit`` bytes."""
+    chunks, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise errors.APIError(413, f"request body over {limit} bytes", code="body_too_large")
+        chunks.append(piece)
+    return b"".join(chunks)
 
 
 async def _unless_disconnected(request: HTTPRequest, run: "_Run"):

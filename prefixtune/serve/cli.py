@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
+
+from ..config import Checked, _opt
 
 SUMMARY = "serve a base model and many prefixes over an OpenAI-compatible HTTP API"
 DESCRIPTION = (
@@ -20,24 +23,34 @@ DESCRIPTION = (
 )
 
 
+@dataclass
+class ServeConfig(Checked):
+    """What ``prefixtune serve`` serves, and its limits (checked like every other command's options)."""
+
+    model: str | None = _opt(None, "base model: Hub id or folder (default: the bundled model)")
+    prefix: tuple[str, ...] = _opt((), "serve the prefix saved in DIR as model NAME (repeatable)", repeat=True,
+                                   metavar="NAME=DIR")
+    host: str = _opt("127.0.0.1", "address to bind (default 127.0.0.1: this machine only)")
+    port: int = _opt(8000, "port to listen on", ge=0, le=65535)
+    api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on /v1 routes; also enables prefix "
+                               "management (default: $PREFIXTUNE_API_KEY if set)")
+    served_model_name: str | None = _opt(None, "name of the base model in the API (default: the model's name_or_path)")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:1, mps")
+    dtype: str | None = _opt(None, "weights dtype, e.g. float32, bfloat16 (default: the model's)")
+    attn_implementation: str = _opt("sdpa", "attention kernel of the base model", choices=("sdpa", "eager"))
+    max_batch: int = _opt(32, "most requests decoded together", ge=1)
+    max_queue: int = _opt(256, "most requests waiting; more get 429", ge=1)
+    max_tokens: int = _opt(512, "largest max_tokens a request may ask", ge=1)
+    max_prompt_tokens: int = _opt(2048, "longest prompt accepted (413 above)", ge=1)
+    max_body_mb: float = _opt(1.0, "largest request body in MiB (413 above)", gt=0)
+    body_timeout: float = _opt(30.0, "seconds a client may take to send its request body (408 after)", gt=0)
+    log_level: str = _opt("info", "server log level", choices=("critical", "error", "warning", "info", "debug"))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="base model: Hub id or folder (default: the bundled model)")
-    parser.add_argument("--prefix", action="append", default=[], metavar="NAME=DIR",
-                        help="serve the prefix saved in DIR as model NAME (repeatable)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes; "
-                        "also enables prefix management (default: $PREFIXTUNE_API_KEY if set)")
-    parser.add_argument("--served-model-name", default=None,
-                        help="name of the base model in the API (default: the model's name_or_path)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    parser.add_argument("--dtype", default=None, help="weights dtype, e.g. float32, bfloat16 (default: the model's)")
-    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--max-batch", type=int, default=32, help="most requests decoded together")
-    parser.add_argument("--max-queue", type=int, default=256, help="most requests waiting; more get 429")
-    parser.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
-    parser.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt accepted (413 above)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from .. import options
+
+    options.add_options(parser, ServeConfig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,15 +58,18 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    app = build_app(args, api_key=args.api_key or os.environ.get("PREFIXTUNE_API_KEY") or None)
+    from .. import options
+
+    cfg = options.build(ServeConfig, args)
+    app = build_app(cfg, api_key=cfg.api_key or os.environ.get("PREFIXTUNE_API_KEY") or None)
     logging.getLogger(__name__).info("serving %s on http://%s:%d", ", ".join(app.state.batcher.model_names()),
-                                     args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+                                     cfg.host, cfg.port)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     return 0
 
 
-def build_app(args: argparse.Namespace, api_key: str | None = None):
-    """Load the model and prefixes named in ``args`` and build the app (no server started)."""
+def build_app(args: ServeConfig, api_key: str | None = None):
+    """Load the model and prefixes ``args`` names and build the app (no server started)."""
     from ..base_models import load_model
     from ..model import PrefixModel
     from ..runtime import pick_device
@@ -63,10 +79,6 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     from .protocol import ServeLimits
 
     prefixes = parse_prefixes(args.prefix)
-    for number, name in [(args.max_batch, "--max-batch"), (args.max_queue, "--max-queue"),
-                         (args.max_tokens, "--max-tokens"), (args.max_prompt_tokens, "--max-prompt-tokens")]:
-        if number < 1:
-            raise ValueError(f"{name} must be at least 1")
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation)
     model.to(pick_device(args.device))
     pm = PrefixModel(model, tokenizer=tokenizer)
@@ -80,7 +92,9 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
                       on_step=metrics.step)
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     limits = ServeLimits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, context_length=context)
-    return create_app(batcher, ServerOptions(api_key=api_key, limits=limits), metrics)
+    server = ServerOptions(api_key=api_key, limits=limits, max_body_bytes=int(args.max_body_mb * 2**20),
+                           body_seconds=args.body_timeout)
+    return create_app(batcher, server, metrics)
 
 
 def parse_prefixes(items: list[str]) -> dict[str, str]:

@@ -62,6 +62,40 @@ class Job:
 
 
 # ---------------------------------------------------------------- requests
+def check_text(body: dict) -> None:
+    """Refuse (400) any string in a parsed body that is not valid Unicode: JSON can carry a lone
+    surrogate (``"\\ud800"``), which no tokenizer can encode. Walked without recursion, so any
+    nesting that ``json.loads`` accepted is walked too."""
+    stack = [(body, "body")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise errors.bad_request(f"{where} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), "
+                                         "which is not valid Unicode text", code="invalid_text") from None
+        elif isinstance(value, dict):
+            stack += [(key, where) for key in value]
+            stack += [(item, key if where == "body" else f"{where}.{key}") for key, item in value.items()]
+        elif isinstance(value, list):
+            stack += [(item, f"{where}[{index}]") for index, item in enumerate(value)]
+
+
+def check_count(body: dict, limits: ServeLimits, max_queue: int) -> None:
+    """What can be refused before any prompt is tokenized: ``n`` out of range, or more generations
+    (prompts x ``n``) than the queue can ever hold, which no retry would fix (400, not 429)."""
+    n = _typed(body, "n", int, 1)
+    if not 1 <= n <= limits.max_n:
+        raise errors.bad_request(f"'n' must be between 1 and {limits.max_n}; got {n}", param="n")
+    prompt = body.get("prompt")
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not all(_is_token(t) for t in prompt) else 1
+    if prompts * n > max_queue:
+        raise errors.bad_request(f"{prompts} prompt(s) x n={n} is {prompts * n} generations; this server queues at "
+                                 f"most {max_queue}: send fewer per request", param="prompt",
+                                 code="too_many_generations")
+
+
 def completion_job(body: dict, tokenizer, limits: ServeLimits) -> Job:
     """Check a ``/v1/completions`` body."""
     _check_supported(body)
