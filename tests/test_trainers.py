@@ -123,20 +123,20 @@ def test_a_trainer_of_another_model_is_refused(model_dir):
         use_prefix_checkpoints(trainer)
 
 
-def test_trl_sft_trainer_checkpoints_hold_the_prefix_and_resume(model_dir, data_files, tmp_path):
+def test_trl_sft_trainer_checkpoints_hold_the_prefix_resume_and_load_anywhere(model_dir, data_files, tmp_path):
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
+    records = [json.loads(line) for line in (data_files / "train.jsonl").read_text().splitlines()]
 
-    def sft(out):
+    def sft(out, **changes):
         model, tokenizer = load_model(model_dir)
         torch.manual_seed(0)
         pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=3, reparam_hidden_size=16), tokenizer=tokenizer)
-        records = [json.loads(line) for line in (data_files / "train.jsonl").read_text().splitlines()]
-        dataset = datasets.Dataset.from_list(records)
-        config = trl.SFTConfig(**{**_args(out).to_dict(), "output_dir": str(out), "max_length": 64,
+        config = trl.SFTConfig(**{**_args(out, **changes).to_dict(), "output_dir": str(out), "max_length": 64,
                                   "completion_only_loss": True})
-        return use_prefix_checkpoints(trl.SFTTrainer(model=pm, args=config, train_dataset=dataset,
-                                                     processing_class=tokenizer)), pm
+        trainer = trl.SFTTrainer(model=pm, args=config, train_dataset=datasets.Dataset.from_list(records),
+                                 eval_dataset=datasets.Dataset.from_list(records[:4]), processing_class=tokenizer)
+        return use_prefix_checkpoints(trainer), pm
 
     trainer, pm = sft(tmp_path / "sft")
     trainer.train()
@@ -145,5 +145,13 @@ def test_trl_sft_trainer_checkpoints_hold_the_prefix_and_resume(model_dir, data_
     assert not any((c / "model.safetensors").exists() for c in checkpoints)
     resumed, resumed_pm = sft(tmp_path / "sft")
     resumed.train(resume_from_checkpoint=str(checkpoints[0]))
-    torch.testing.assert_close(_kv(resumed_pm), _kv(pm),
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(_kv(resumed_pm), _kv(pm), atol=1e-6, rtol=1e-5)
+    loaded = PrefixModel.from_pretrained(load_model(model_dir)[0], checkpoints[-1])
+    assert torch.equal(_kv(loaded), _kv(pm))
+    assert main(["generate", "--model", model_dir, "--prefix", str(checkpoints[-1]), "--prompt", "colour[red] ->",
+                 "--max-new-tokens", "3"]) == 0
+
+    best, best_pm = sft(tmp_path / "best", learning_rate=0.3, eval_strategy="steps", eval_steps=2,
+                        load_best_model_at_end=True, metric_for_best_model="loss")
+    best.train()
+    assert torch.equal(_kv(best_pm), _prefix(best.state.best_model_checkpoint))
