@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from prefixtune.runtime import first_line
+
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root: where ``python -m benchmarks.NAME`` runs, and where git is asked."""
 
@@ -115,11 +117,6 @@ def paired_ratio(times: dict, top: str, bottom: str) -> float | None:
     if top not in times or bottom not in times:
         return None
     return statistics.median(a / b for a, b in zip(times[top], times[bottom]))
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 def build_each(builders: dict) -> tuple[dict, dict]:

@@ -42,7 +42,17 @@ from prefixtune import PrefixModel
 from prefixtune.base_models import load_model
 
 from .arms import HIDDEN, PREFIX_LENGTH, peft_prefix_model, prefix_config
-from .common import build_each, first_line, paired_ratio, random_tokens, rotated, settings, start, sync, write_json
+from .common import (
+    build_each,
+    first_line,
+    paired_ratio,
+    random_tokens,
+    rotated,
+    settings,
+    start,
+    sync,
+    write_json,
+)
 
 NUM_MIXED = 8
 ARMS = ("plain", "prefixtune", "peft", "mixed", "sequential")

@@ -57,7 +57,15 @@ from prefixtune import PrefixModel
 from . import generate as gen_bench
 from . import scaling, train_step
 from .arms import POLICIES, build, build_all, padding_mask, prefix_config
-from .common import first_line, paired_ratio, settings, start, sync, token_batch, write_json
+from .common import (
+    first_line,
+    paired_ratio,
+    settings,
+    start,
+    sync,
+    token_batch,
+    write_json,
+)
 from .shapes import random_model
 
 TRAIN_ARMS = ("floor", "prefixtune", "prefixtune_logits", "prefixtune_chunk28", "prefixtune_mask", "peft",

@@ -24,7 +24,15 @@ from pathlib import Path
 from prefixtune.base_models import load_model
 
 from . import arms as arm_defs
-from .common import first_line, paired_ratio, random_tokens, rotated, settings, start, write_json
+from .common import (
+    first_line,
+    paired_ratio,
+    random_tokens,
+    rotated,
+    settings,
+    start,
+    write_json,
+)
 
 DEFAULT_ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
 RATIOS = (("prefixtune", "peft"), ("prefixtune_gc", "prefixtune"), ("prefixtune", "prefixtune_pad"),

@@ -34,7 +34,10 @@ from types import MappingProxyType
 import torch
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .arch import ATTENTION_IMPLEMENTATIONS

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .artifacts import read_json
 from .model import PrefixModel
+from .runtime import first_line
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -75,7 +76,7 @@ def restore(directory: Path, optimizer, scheduler, rng: bool = True) -> None:
         optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
         scheduler.load_state_dict(meta["scheduler"])
     except (SafetensorError, OSError, KeyError, ValueError) as err:
-        raise ValueError(f"{path}: the checkpoint is damaged ({_first_line(err)}); remove {directory} to start "
+        raise ValueError(f"{path}: the checkpoint is damaged ({first_line(err)}); remove {directory} to start "
                          "again from step 0") from None
     if rng:
         torch.set_rng_state(rng_state)
@@ -89,9 +90,6 @@ def _meta(directory: Path) -> dict:
                          f"remove {directory} to start again from step 0")
     return meta
 
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict, list]:

@@ -78,9 +78,10 @@ def _internal_error(command: str, err: Exception) -> int:
 
     with tempfile.NamedTemporaryFile("w", prefix="prefixtune-traceback-", suffix=".txt", delete=False) as f:
         traceback.print_exception(err, file=f)
-    first = (str(err).strip().splitlines() or [""])[0]
-    print(f"prefixtune {command}: internal error: {type(err).__name__}: {first} (this is a bug; the traceback "
-          f"is in {f.name})", file=sys.stderr)
+    from .runtime import first_line
+
+    print(f"prefixtune {command}: internal error: {first_line(err)} (this is a bug; the traceback is in {f.name})",
+          file=sys.stderr)
     return 3
 
 

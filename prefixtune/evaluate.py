@@ -107,7 +107,7 @@ def scores(metrics: list[str], texts: list[str], references: list[list[str]]) ->
     out = {}
     with progress.bar(len(metrics), "metrics", unit="metric", enabled=len(metrics) > 1, leave=False) as shown:
         for name in metrics:
-            shown.set_postfix_str(name)
+            shown.set_postfix_str(name, refresh=False)
             out.update(compute_metrics([name], texts, references))
             shown.update()
     return out

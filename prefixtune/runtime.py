@@ -1,4 +1,5 @@
-"""What every entry point needs to run a model: the device, mixed precision, the learning-rate schedule.
+"""What every entry point needs to run a model: the device, mixed precision, the learning-rate schedule,
+and errors told in one line.
 
 Shared by ``prefixtune train``, ``compare`` and ``serve``, so that each option means the same
 thing everywhere.
@@ -44,3 +45,9 @@ def lr_lambda(schedule: str, warmup_steps: int, total: int):
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return factor
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``TypeName: first line of the message`` (at most ``limit`` characters): an error told in one line."""
+    text = (str(error).strip().splitlines() or [""])[0][:limit]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

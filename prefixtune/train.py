@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig

@@ -155,3 +155,9 @@ def test_trl_sft_trainer_checkpoints_hold_the_prefix_resume_and_load_anywhere(mo
                         load_best_model_at_end=True, metric_for_best_model="loss")
     best.train()
     assert torch.equal(_kv(best_pm), _prefix(best.state.best_model_checkpoint))
+
+
+def test_the_documented_trainer_script_is_the_one_in_examples():
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "examples" / "trainer_e2e.py").read_text()
+    assert f"```python\n{script}```" in (root / "docs" / "training.md").read_text()

@@ -33,12 +33,11 @@ from pathlib import Path
 
 import torch
 
-from .. import data, progress
-from .. import evaluate
+from .. import data, evaluate, progress
 from ..evaluate import generate_texts
 from ..metrics import check_available
 from ..options import split_list
-from ..runtime import pick_device
+from ..runtime import first_line, pick_device
 from ..train import Diverged, Hooks, optimizer_for, run_steps
 from .config import CompareConfig
 from .methods import METHODS, Method, Plain, learning_rates, parse_methods
@@ -83,7 +82,7 @@ def run_method(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
 
         out.mkdir(parents=True, exist_ok=True)
         (out / "stderr.txt").write_text(traceback.format_exc(), encoding="utf-8")
-        return {**row, "status": "failed", "reason": _first_line(error),
+        return {**row, "status": "failed", "reason": first_line(error),
                 "notes": [*row["notes"], f"traceback in {out / 'stderr.txt'}"]}
 
 
@@ -322,9 +321,6 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 if __name__ == "__main__":

@@ -225,11 +225,13 @@ def _legacy_weights(path: Path) -> dict:
     Anything else in it (pickled objects) is refused in one line, as is a file torch cannot read."""
     import pickle
 
+    from ..runtime import first_line
+
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         raise ValueError(f"{path}: not loaded: it holds more than tensors, or is not a torch file "
-                         f"({(str(err).strip().splitlines() or [type(err).__name__])[0][:120]}); save the adapter "
+                         f"({first_line(err, 120)}); save the adapter "
                          "with PEFT's save_pretrained(safe_serialization=True) and import the .safetensors") from None
     if not isinstance(weights, dict):
         raise ValueError(f"{path}: expected a mapping of tensor names to tensors, got {type(weights).__name__}")
