@@ -34,7 +34,7 @@ class OptionError(ValueError):
     """A bad option value, in one line: ``--max-grad-norm: must be at least 0, got -1``."""
 
     def __init__(self, option: str, message: str, where: str | None = None):
-        self.option, self.where = option, where
+        self.option, self.message, self.where = option, message, where
         shown = option if where else "--" + option.replace("_", "-")
         super().__init__(f"{where + ': ' if where else ''}{shown}: {message}")
 
@@ -90,18 +90,18 @@ def add_options(parser: argparse.ArgumentParser, config_cls) -> None:
                             choices=choices, metavar=option.name.upper(), help=help_text)
 
 
-def build(config_cls, args: argparse.Namespace | dict, config_file: str | None = None, base: dict | None = None):
-    """The config: dataclass defaults < ``base`` < ``config_file`` (YAML/JSON) < options given on the
-    command line. A bad value that came from the file is reported with the file's name."""
+def build(config_cls, args: argparse.Namespace | dict, config_file: str | None = None):
+    """The config: dataclass defaults < ``config_file`` (YAML/JSON) < options given on the command line.
+    A bad value that came from the file is reported with the file's name."""
     from_file = load_file(config_file, config_cls) if config_file else {}
     given = vars(args) if isinstance(args, argparse.Namespace) else args
     names = {o.name for o in options_of(config_cls)}
     given = {k: v for k, v in given.items() if k in names}
     try:
-        return from_flat(config_cls, {**(base or {}), **from_file, **given})
+        return from_flat(config_cls, {**from_file, **given})
     except OptionError as err:
         if err.option in from_file and err.option not in given:
-            raise OptionError(err.option, str(err).split(": ", 1)[1], where=config_file) from None
+            raise OptionError(err.option, err.message, where=config_file) from None
         raise
 
 
