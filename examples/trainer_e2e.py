@@ -30,7 +30,7 @@ train = data.load_examples(f"{E2E}/trainset.csv", prompt_field="mr", completion_
 dev = data.load_examples(f"{E2E}/devset.csv", prompt_field="mr", completion_field="ref", limit=500)
 training = dict(output_dir=args.output_dir, max_steps=120, per_device_train_batch_size=8, learning_rate=3e-2,
                 lr_scheduler_type="linear", warmup_steps=10, max_grad_norm=0.0, save_steps=40, logging_steps=20,
-                report_to=[], seed=0, data_seed=0)
+                bf16=False, report_to=[], seed=0, data_seed=0)  # float32, as prefixtune train
 
 if args.trl:
     import datasets
