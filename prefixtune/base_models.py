@@ -155,7 +155,7 @@ def load_model(
     if not bundled and name != MINILM and _looks_local(name) and not Path(name).is_dir():
         raise FileNotFoundError(f"model folder {name!r} does not exist (give a folder, a Hub id, or nothing for the bundled model)")
     source = bundled_folder() if bundled else minilm_folder() if name == MINILM else name
-    if not bundled and name != MINILM and not Path(name).is_dir():
+    if not bundled and name != MINILM:
         hub.require("model", name)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     model = _auto_class(task).from_pretrained(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 TIMEOUT = 3.0
@@ -18,9 +19,11 @@ TIMEOUT = 3.0
 
 def require(kind: str, name: str) -> None:
     """Raise ``OSError`` at once if fetching ``name`` (a ``kind``: "model", "dataset") needs the Hub and
-    it cannot be reached. Offline mode (``HF_HUB_OFFLINE=1``), a cached model and a proxy (whose reach
-    a direct connection cannot judge) are left to the libraries."""
-    if _offline() or _proxied() or (kind == "model" and _cached_model(name)) or reachable():
+    it cannot be reached. A local folder needs no Hub; offline mode (``HF_HUB_OFFLINE=1``), a cached
+    model and a proxy (whose reach a direct connection cannot judge) are left to the libraries."""
+    if Path(name).expanduser().is_dir() or _offline() or _proxied() or (kind == "model" and _cached_model(name)):
+        return
+    if reachable():
         return
     raise OSError(f"cannot reach the Hugging Face Hub ({_endpoint()}) to fetch the {kind} {name!r}: this machine is "
                   f"offline or the Hub is blocked. Give a local folder instead, or set HF_HUB_OFFLINE=1 to use what "

@@ -245,7 +245,7 @@ def _shape_of(base: str) -> arch.ModelShape:
     from .. import base_models, hub
 
     bundled = base in (base_models.BUNDLED, base_models.BUNDLED_NAME)  # the name load_model records for it
-    if not bundled and not Path(base).is_dir():
+    if not bundled:
         hub.require("model", base)
     config = AutoConfig.from_pretrained(base_models.bundled_folder() if bundled else base)
     with torch.device("meta"):

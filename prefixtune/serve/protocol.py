@@ -85,9 +85,7 @@ def check_text(body: dict) -> None:
 def check_count(body: dict, limits: ServeLimits, max_queue: int) -> None:
     """What can be refused before any prompt is tokenized: ``n`` out of range, or more generations
     (prompts x ``n``) than the queue can ever hold, which no retry would fix (400, not 429)."""
-    n = _typed(body, "n", int, 1)
-    if not 1 <= n <= limits.max_n:
-        raise errors.bad_request(f"'n' must be between 1 and {limits.max_n}; got {n}", param="n")
+    n = _choices(body, limits)
     prompt = body.get("prompt")
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not all(_is_token(t) for t in prompt) else 1
     if prompts * n > max_queue:
@@ -199,15 +197,21 @@ def _job(kind: str, body: dict, prompts: list[list[int]], limits: ServeLimits, d
         seed=_typed(body, "seed", int, None),
         ignore_eos=_typed(body, "ignore_eos", bool, False),
     )
-    n = _typed(body, "n", int, 1)
-    if not 1 <= n <= limits.max_n:
-        raise errors.bad_request(f"'n' must be between 1 and {limits.max_n}; got {n}", param="n")
+    n = _choices(body, limits)
     _check_lengths(prompts, max_tokens, limits, "prompt" if kind == "completion" else "messages")
     stream = _typed(body, "stream", bool, False)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise errors.bad_request("'stream_options' must be an object", param="stream_options")
     return Job(kind, model, prompts, params, n, stream, include_usage=bool(options.get("include_usage")))
+
+
+def _choices(body: dict, limits: ServeLimits) -> int:
+    """``n``, the choices per prompt, within ``limits.max_n``."""
+    n = _typed(body, "n", int, 1)
+    if not 1 <= n <= limits.max_n:
+        raise errors.bad_request(f"'n' must be between 1 and {limits.max_n}; got {n}", param="n")
+    return n
 
 
 def _check_lengths(prompts: list[list[int]], max_tokens: int, limits: ServeLimits, param: str) -> None:
