@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -61,6 +61,43 @@ def load_prefix(directory: str | os.PathLike, model: nn.Module, shape: ModelShap
     """The prefix saved in ``directory`` as an encoder for ``model`` (geometry ``shape``); its task
     head and PEFT adapter weights are loaded into ``heads`` and ``model`` on the way."""
     meta, tensors = read_prefix(directory)
+    config, sites = _checked(meta, shape, directory)
+    if not meta.get("reparameterization_saved"):
+        config = config.replace(reparameterize=False)
+    _check_finite(tensors, directory)
+    encoder = PrefixEncoder(config, sites, shape.num_kv_heads, shape.head_dim)
+    _load_encoder(encoder, tensors, directory)
+    _load_heads(heads, tensors, directory)
+    if lora.has_saved_adapter(directory):  # prefix + LoRA: the LoRA weights trained with this prefix
+        lora.load_adapter_weights(model, directory)
+    return encoder
+
+
+def load_key_values(directory: str | os.PathLike, shape: ModelShape) -> PrefixEncoder:
+    """The folded key/values saved in ``directory``, as a flat encoder, and nothing else: what a
+    server that swaps prefixes per request needs. Only that tensor is read (not the MLP), and a
+    prefix that trained with its own task head or LoRA weights is refused: loading those would
+    change the shared model under every other prefix's requests."""
+    meta = read_meta(directory)
+    config, sites = _checked(meta, shape, directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = set(f.keys())
+            if any(n.startswith("head.") for n in names) or lora.has_saved_adapter(directory):
+                raise ValueError(f"{directory}: this prefix carries its own task head or LoRA weights, which would "
+                                 "change the model for every other prefix; serve it on a server of its own")
+            tensors = {"key_values": f.get_tensor("key_values")} if "key_values" in names else {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights}: unreadable safetensors file ({err})") from err
+    _check_finite(tensors, directory)
+    encoder = PrefixEncoder(config.replace(reparameterize=False), sites, shape.num_kv_heads, shape.head_dim)
+    _load_encoder(encoder, tensors, directory)
+    return encoder
+
+
+def _checked(meta: dict, shape: ModelShape, directory) -> tuple[PrefixConfig, tuple[int, ...]]:
+    """The saved prefix's config and sites, once its ``base`` block matches ``shape``."""
     saved = _saved_shape(meta, directory)
     problems = saved.mismatches(shape)
     if problems:
@@ -68,18 +105,13 @@ def load_prefix(directory: str | os.PathLike, model: nn.Module, shape: ModelShap
     if saved.name_or_path and shape.name_or_path and saved.name_or_path != shape.name_or_path:
         warnings.warn(f"prefix was trained on {saved.name_or_path!r}, loading onto {shape.name_or_path!r}")
     config = PrefixConfig.from_dict(_entry(meta, "prefix", dict, directory))
-    if not meta.get("reparameterization_saved"):
-        config = config.replace(reparameterize=False)
-    sites = _sites(_entry(meta, "layers", list, directory), shape.num_layers, directory)
+    return config, _sites(_entry(meta, "layers", list, directory), shape.num_layers, directory)
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], directory) -> None:
     bad = sorted(name for name, tensor in tensors.items() if not torch.isfinite(tensor).all())
     if bad:
         raise ValueError(f"{directory}: tensors {bad} hold NaN or infinite values")
-    encoder = PrefixEncoder(config, sites, shape.num_kv_heads, shape.head_dim)
-    _load_encoder(encoder, tensors, directory)
-    _load_heads(heads, tensors, directory)
-    if lora.has_saved_adapter(directory):  # prefix + LoRA: the LoRA weights trained with this prefix
-        lora.load_adapter_weights(model, directory)
-    return encoder
 
 
 def _entry(meta: dict, key: str, kind: type, directory):

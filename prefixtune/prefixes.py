@@ -130,18 +130,7 @@ class PrefixRegistry(nn.ModuleDict):
         a :class:`PrefixBatch` (one laid out already, e.g. by ``prefixtune.serve``) is used as it is."""
         if isinstance(prefix, PrefixBatch):
             return prefix
-        names = self._row_names(prefix, rows)
-        unique = list(dict.fromkeys(n for n in names if n is not None))
-        if not unique:
-            return None
-        encoders = [self[n] for n in unique]
-        made = [encoder() for encoder in encoders]  # each [n_sites, 2, kv_heads, L_p, head_dim]
-        if len(unique) == 1 and None not in names:  # one prefix for every row: what training sends
-            shift = _shift(encoders[0])
-            return PrefixBatch(key_values=_uniform(encoders[0], made[0], rows, num_sites), valid=[None] * num_sites,
-                               offsets=torch.full((rows,), shift, device=device), shift=shift)
-        return _mixed(encoders, made, [unique.index(n) if n is not None else len(unique) for n in names], num_sites,
-                      device)
+        return layout([None if n is None else self[n] for n in self._row_names(prefix, rows)], num_sites, device)
 
     def _row_names(self, prefix: PrefixArg, rows: int) -> list[str | None]:
         if prefix is None or isinstance(prefix, str):
@@ -150,6 +139,23 @@ class PrefixRegistry(nn.ModuleDict):
         if len(names) != rows:
             raise ValueError(f"prefix= lists {len(names)} names for a batch of {rows} rows")
         return [None if n is None else self.resolve(n) for n in names]
+
+
+def layout(row_encoders: Sequence[PrefixEncoder | None], num_sites: int, device) -> PrefixBatch | None:
+    """The :class:`PrefixBatch` of a call whose row ``i`` carries ``row_encoders[i]`` (``None``: no
+    prefix); each distinct encoder runs once. Registries and servers (which keep their prefixes
+    elsewhere) lay out their calls here."""
+    unique = list({id(e): e for e in row_encoders if e is not None}.values())
+    if not unique:
+        return None
+    made = [encoder() for encoder in unique]  # each [n_sites, 2, kv_heads, L_p, head_dim]
+    rows = len(row_encoders)
+    if len(unique) == 1 and None not in row_encoders:  # one prefix for every row: what training sends
+        shift = _shift(unique[0])
+        return PrefixBatch(key_values=_uniform(unique[0], made[0], rows, num_sites), valid=[None] * num_sites,
+                           offsets=torch.full((rows,), shift, device=device), shift=shift)
+    index = {id(e): i for i, e in enumerate(unique)}
+    return _mixed(unique, made, [len(unique) if e is None else index[id(e)] for e in row_encoders], num_sites, device)
 
 
 def _shift(encoder: PrefixEncoder) -> int:

@@ -169,7 +169,7 @@ def test_the_server_refuses_a_broken_prefix_with_a_400_and_serves_on(tmp_path):
         with pytest.raises(APIError) as refused:
             batcher.add_prefix("broken", str(folder)).result(timeout=30)
         assert refused.value.status == 400 and "not layers of this model" in refused.value.message
-        assert batcher.alive and batcher.prefix_names() == []
+        assert batcher.alive and batcher.model_names() == ["base"]
     finally:
         batcher.close()
 

@@ -25,6 +25,7 @@ from prefixtune.serve import cli
 from prefixtune.serve.background import BackgroundServer
 
 KEY = "test-key"
+ADMIN = "admin-key"
 BASE = "tiny-base"
 PREFIXES = ("alpha", "beta", "gamma")
 
@@ -41,17 +42,20 @@ def folders(tmp_path_factory):
         if i == 1:
             pm.prefixes[name].embedding.weight.data.normal_(0, 3.0)
         pm.save_prefix(root / name, name=name, keep_reparam=True)
+    shutil.copytree(root / "gamma", root / "library" / "nested" / "gamma")  # inside --prefix-dir, not listed
     return root
 
 
-def build(folders, *extra, prefixes=PREFIXES[:2], api_key=KEY):
+def build(folders, *extra, prefixes=PREFIXES[:2], api_key=KEY, admin_key=ADMIN):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     argv = ["--model", str(folders / "model"), "--served-model-name", BASE, "--device", "cpu",
-            "--max-tokens", "64", "--max-prompt-tokens", "100", *extra]
+            "--max-tokens", "64", "--max-prompt-tokens", "100", "--prefix-dir", str(folders / "library"), *extra]
     for name in prefixes:
         argv += ["--prefix", f"{name}={folders / name}"]
-    return cli.build_app(options.build(cli.ServeConfig, parser.parse_args(argv)), api_key=api_key)
+    argv += ["--api-key", api_key] if api_key else []
+    argv += ["--admin-key", admin_key] if admin_key else []
+    return cli.build_app(options.build(cli.ServeConfig, parser.parse_args(argv)))
 
 
 @pytest.fixture(scope="module")
@@ -288,25 +292,57 @@ def test_a_client_that_hangs_up_frees_its_rows(server, until):
 
 # ------------------------------------------------------ prefix management
 def test_prefixes_are_added_and_removed_at_run_time(client, server, folders):
-    assert_error(http(server, "POST", "/v1/prefixes/gamma", {"path": str(folders / "gamma")}, key=None), 401)
-    assert_error(http(server, "POST", "/v1/prefixes/gamma", {"path": str(folders / "missing")}), 400, param="path")
-    assert_error(http(server, "POST", "/v1/prefixes/gamma", raw=b"{"), 400)
-    status, body = http(server, "POST", "/v1/prefixes/gamma", {"path": str(folders / "gamma")})
+    inside = str(folders / "library" / "nested" / "gamma")
+    assert_error(http(server, "POST", "/v1/prefixes/gamma", {"path": inside}, key=None), 401)
+    assert_error(http(server, "POST", "/v1/prefixes/gamma", {"path": inside}), 403, code="admin_only")  # inference key
+    assert_error(http(server, "DELETE", "/v1/prefixes/alpha"), 403, code="admin_only")
+    assert_error(http(server, "POST", "/v1/prefixes/gamma", {"path": str(folders / "library" / "missing")}, key=ADMIN),
+                 400, param="path")
+    assert_error(http(server, "POST", "/v1/prefixes/gamma", raw=b"{", key=ADMIN), 400)
+    status, body = http(server, "POST", "/v1/prefixes/gamma", {"path": inside}, key=ADMIN)
     assert status == 200 and body["id"] == "gamma" and body["prefix_length"] == 4
     assert "gamma" in [m.id for m in client.models.list().data]
     assert client.completions.create(model="gamma", prompt="Hi", max_tokens=3).choices[0].finish_reason
-    status, body = http(server, "DELETE", "/v1/prefixes/gamma")
+    status, body = http(server, "DELETE", "/v1/prefixes/gamma", key=ADMIN)
     assert status == 200 and body["deleted"]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gamma", prompt="Hi", max_tokens=3)
-    assert_error(http(server, "DELETE", "/v1/prefixes/gamma"), 404)
+    assert_error(http(server, "DELETE", "/v1/prefixes/gamma", key=ADMIN), 404)
 
 
-def test_without_a_key_the_api_is_open_and_prefix_management_is_off(folders):
-    with BackgroundServer(build(folders, prefixes=(), api_key=None)) as running:
+def test_admin_loads_read_only_inside_a_prefix_dir(server, folders, tmp_path):
+    """The path rule: after symlinks and ``..``, the folder must lie inside a --prefix-dir."""
+    library = folders / "library"
+    escape = library / "escape"
+    if not escape.exists():
+        escape.symlink_to(folders / "gamma", target_is_directory=True)  # a link inside, pointing out
+    for path in [folders / "gamma", library / ".." / "gamma", escape, "/etc", tmp_path]:
+        status, body = http(server, "POST", "/v1/prefixes/gamma", {"path": str(path)}, key=ADMIN)
+        assert_error((status, body), 403, param="path", code="path_not_allowed")
+        assert "--prefix-dir" in body["error"]["message"], path
+    status, _ = http(server, "POST", "/v1/prefixes/gamma2", {"path": str(library / "nested" / ".." / "nested" /
+                                                                        "gamma")}, key=ADMIN)
+    assert status == 200  # ".." that stays inside is fine
+    assert http(server, "DELETE", "/v1/prefixes/gamma2", key=ADMIN)[0] == 200
+
+
+def test_without_keys_the_api_is_open_and_prefix_management_is_off(folders):
+    with BackgroundServer(build(folders, prefixes=(), api_key=None, admin_key=None)) as running:
         open_client = openai.OpenAI(base_url=running.url + "/v1", api_key="anything", max_retries=0)
         assert [m.id for m in open_client.models.list().data] == [BASE]
-        assert_error(http(running, "POST", "/v1/prefixes/alpha", {"path": str(folders / "alpha")}, key=None), 403)
+        inside = str(folders / "library" / "nested" / "gamma")
+        assert_error(http(running, "POST", "/v1/prefixes/alpha", {"path": inside}, key=None), 403,
+                     code="admin_disabled")
+
+
+def test_inference_keys_from_options_and_a_file(folders, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one per line\nfile-key-1\n\n  file-key-2  \n")
+    with BackgroundServer(build(folders, "--api-key-file", str(keys), api_key="opt-key")) as running:
+        for key in ("opt-key", "file-key-1", "file-key-2", ADMIN):
+            assert http(running, "GET", "/v1/models", key=key)[0] == 200, key
+        for key in (None, "# one per line", "wrong"):
+            assert_error(http(running, "GET", "/v1/models", key=key), 401)
 
 
 def test_binds_to_loopback_unless_told_otherwise():

@@ -1,68 +1,23 @@
 """The continuous batcher without HTTP: mixed-prefix batches decode exactly as requests
 alone do, rows join and leave mid-flight, prefixes change between steps, limits hold."""
 
-import queue
-
 import pytest
 import torch
-from tiny import tiny_model, tokens
+from tiny import CharTokenizer, Collector, tiny_model, tokens
 
 from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.prefixes import PrefixBatch
-from prefixtune.serve import Batcher, Limits, Request, SamplingParams
+from prefixtune.serve import Batcher, Limits, SamplingParams
 from prefixtune.serve.errors import APIError
 from prefixtune.serve.kvcache import BatchCache
 from prefixtune.serve.sampling import next_tokens
 from prefixtune.serve.text import TextStream
-
-EOS = 2
-
-
-class CharTokenizer:
-    """Token ``i`` is one letter: easy to reason about stop strings and text pieces."""
-
-    eos_token_id = EOS
-    pad_token_id = 0
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(ord("a") + i % 26) for i in ids if i > EOS)
-
-    def __len__(self):
-        return 97
-
 
 def _model(arch="llama"):
     pm = PrefixModel.wrap(tiny_model(arch), PrefixConfig(prefix_length=3, reparameterize=False, init_std=2.0), name="a")
     pm.add_prefix("b", PrefixConfig(prefix_length=5, reparameterize=True, reparam_hidden_size=16))
     pm.prefixes["b"].embedding.weight.data.normal_(0, 3.0)  # make b's MLP output matter
     return pm
-
-
-class Collector:
-    """Submits requests and waits for their ends."""
-
-    def __init__(self, batcher):
-        self.batcher, self.done, self.events = batcher, queue.Queue(), {}
-
-    def request(self, key, prompt, model, **params):
-        self.events[key] = []
-
-        def sink(event):
-            self.events[key].append(event)
-            if event.finish_reason or event.error:
-                self.done.put(key)
-
-        params = {"max_tokens": 10, "temperature": 0.0, **params}
-        return Request(prompt, model, SamplingParams(**params), sink)
-
-    def wait(self, count, timeout=60):
-        return [self.done.get(timeout=timeout) for _ in range(count)]
-
-    def text(self, key):
-        return "".join(e.text for e in self.events[key])
-
-    def last(self, key):
-        return self.events[key][-1]
 
 
 @pytest.fixture
@@ -108,17 +63,27 @@ def test_batched_greedy_equals_prefix_model_generate(served):
     c = Collector(batcher)
     batcher.submit([c.request(i, p, m, ignore_eos=True) for i, (p, m) in enumerate(zip(PROMPTS, MODELS))])
     c.wait(len(PROMPTS))
-    internal = {"base": None, **{m: batcher.served_prefix(m) for m in ("a", "b")}}
+    for name in ("a", "b"):  # what the server serves, registered in the model to generate with
+        pm.prefixes.add(name, served_encoder(batcher, name))
     for i, (p, m) in enumerate(zip(PROMPTS, MODELS)):
         x = torch.tensor([p])
-        out = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), prefix=internal[m], max_new_tokens=10,
+        out = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), prefix=None if m == "base" else m,
+                          max_new_tokens=10,
                           do_sample=False, pad_token_id=0, eos_token_id=None)
         assert c.text(i) == CharTokenizer().decode(out[0, len(p):].tolist())
 
 
+def served_encoder(batcher, name):
+    entry = batcher.store.acquire(name).result(timeout=30)
+    batcher.store.release(entry)
+    return entry.encoder
+
+
 def test_prefixes_are_materialized_once_at_load(served):
     pm, batcher = served
-    assert all(not encoder.reparameterized and not encoder.training for encoder in pm.prefixes.values())
+    assert not pm.prefixes  # the store holds them now
+    assert all(not served_encoder(batcher, n).reparameterized and not served_encoder(batcher, n).training
+               for n in ("a", "b"))
 
 
 def test_end_of_sequence_stop_strings_and_length_end_a_row(served):
@@ -177,8 +142,9 @@ def test_replacing_or_removing_a_prefix_mid_flight_keeps_running_requests_on_the
     assert (c.text(0), c.last(0).finish_reason) == expected
     assert _alone(batcher, PROMPTS[3], "a", max_tokens=40, ignore_eos=True) != expected  # new requests: new prefix
     assert batcher.model_names() == ["base", "a"]
-    _alone(batcher, PROMPTS[0], "base")  # one more turn of the loop, which drops retired prefixes
-    assert len(pm.prefixes) == 1  # the old "a" and "b" are gone once unused
+    assert not batcher.held_prefixes()  # the old "a" and "b" are gone once unused: only the new "a" is held
+    new = served_encoder(batcher, "a")
+    assert batcher.store.stats.resident["device"] == new.key_values.numel() * 4
     with pytest.raises(APIError) as err:
         batcher.remove_prefix("b").result(timeout=30)
     assert err.value.status == 404

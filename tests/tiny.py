@@ -3,6 +3,8 @@ classes, no downloads, a fraction of a second each."""
 
 from __future__ import annotations
 
+import queue
+
 import torch
 import transformers as tf
 
@@ -106,3 +108,49 @@ def tiny_encoder(arch: str, task: str = "sequence", num_labels: int = 3, attn: s
     config.num_labels = num_labels
     auto = tf.AutoModelForSequenceClassification if task == "sequence" else tf.AutoModelForTokenClassification
     return auto.from_config(config, attn_implementation=attn).eval()
+
+
+# ------------------------------------------------------------ serving helpers
+EOS = 2
+
+
+class CharTokenizer:
+    """Token ``i`` is one letter: easy to reason about stop strings and text pieces."""
+
+    eos_token_id = EOS
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids if i > EOS)
+
+    def __len__(self):
+        return 97
+
+
+class Collector:
+    """Submits requests and waits for their ends."""
+
+    def __init__(self, batcher):
+        self.batcher, self.done, self.events = batcher, queue.Queue(), {}
+
+    def request(self, key, prompt, model, **params):
+        self.events[key] = []
+
+        def sink(event):
+            self.events[key].append(event)
+            if event.finish_reason or event.error:
+                self.done.put(key)
+
+        params = {"max_tokens": 10, "temperature": 0.0, **params}
+        from prefixtune.serve import Request, SamplingParams
+
+        return Request(prompt, model, SamplingParams(**params), sink)
+
+    def wait(self, count, timeout=60):
+        return [self.done.get(timeout=timeout) for _ in range(count)]
+
+    def text(self, key):
+        return "".join(e.text for e in self.events[key])
+
+    def last(self, key):
+        return self.events[key][-1]

@@ -46,16 +46,19 @@ class ServerOptions:
     """Options of the HTTP layer.
 
     Args:
-        api_key: When set, every ``/v1`` route needs ``Authorization: Bearer KEY``; prefix
-            management is only possible with a key, and ``/health`` without it says only whether
-            the server is up.
+        api_keys: Inference keys: when any is set, every ``/v1`` route needs
+            ``Authorization: Bearer KEY`` with one of them (or the admin key), and ``/health``
+            without it says only whether the server is up.
+        admin_key: The one credential for prefix management (``/v1/prefixes``); an inference key
+            there gets 403. Without it, prefix management is off.
         max_body_bytes: Largest request body (a larger one is a 413, read no further).
         body_seconds: How long a client may take to send its body (then 408): a client that
             stops mid-body does not hold a connection open.
         limits: What one request may ask for.
     """
 
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()
+    admin_key: str | None = None
     max_body_bytes: int = 1 << 20
     body_seconds: float = 30.0
     limits: protocol.ServeLimits = None
@@ -93,6 +96,11 @@ def create_app(batcher: Batcher, options: ServerOptions | None = None, metrics: 
     return app
 
 
+def _unauthenticated() -> errors.APIError:
+    return errors.APIError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'",
+                           type="authentication_error", code="invalid_api_key")
+
+
 async def _api_error(request, err: errors.APIError):
     return JSONResponse(err.body(), status_code=err.status)
 
@@ -122,17 +130,34 @@ class _API:
         self.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefixtune-check")
 
     # ------------------------------------------------------------ plumbing
-    def _authorized(self, request: HTTPRequest) -> bool:
-        key = self.options.api_key
-        if key is None:
-            return True
+    def _role(self, request: HTTPRequest) -> str | None:
+        """``"admin"`` for the admin key, ``"user"`` for an inference key, else ``None`` (every key is
+        compared in constant time, so the answer's timing tells nothing about the keys)."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+        if scheme.lower() != "bearer":
+            return None
+        token = token.strip().encode()
+        admin = self.options.admin_key is not None and hmac.compare_digest(token, self.options.admin_key.encode())
+        user = [hmac.compare_digest(token, key.encode()) for key in self.options.api_keys]
+        return "admin" if admin else "user" if any(user) else None
+
+    def _authorized(self, request: HTTPRequest) -> bool:
+        return not self.options.api_keys or self._role(request) is not None
 
     def _authorize(self, request: HTTPRequest) -> None:
         if not self._authorized(request):
-            raise errors.APIError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                  type="authentication_error", code="invalid_api_key")
+            raise _unauthenticated()
+
+    def _authorize_admin(self, request: HTTPRequest) -> None:
+        if self.options.admin_key is None:
+            raise errors.APIError(403, "prefix management is disabled: start the server with --admin-key",
+                                  type="permission_error", code="admin_disabled")
+        role = self._role(request)
+        if role is None:
+            raise _unauthenticated()
+        if role != "admin":
+            raise errors.APIError(403, "an inference key cannot manage prefixes: send the admin key",
+                                  type="permission_error", code="admin_only")
 
     async def _json(self, request: HTTPRequest) -> dict:
         """The body as a JSON object, read no further than the size limit and no longer than
@@ -173,8 +198,7 @@ class _API:
         return JSONResponse(body, status_code=200 if alive else 503)
 
     async def metrics_page(self, request):
-        text = self.metrics.render(self.batcher.queue_depth(), self.batcher.active_rows(),
-                                   len(self.batcher.prefix_names()))
+        text = self.metrics.render(self.batcher.queue_depth(), self.batcher.active_rows(), self.batcher.store.stats)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def models(self, request):
@@ -198,10 +222,7 @@ class _API:
     async def prefix(self, request):
         endpoint = "/v1/prefixes"
         try:
-            self._authorize(request)
-            if self.options.api_key is None:
-                raise errors.APIError(403, "prefix management is disabled: start the server with --api-key",
-                                      type="permission_error", code="admin_disabled")
+            self._authorize_admin(request)
             name = request.path_params["name"]
             if request.method == "DELETE":
                 future = self.batcher.remove_prefix(name)
@@ -210,7 +231,8 @@ class _API:
                 path = body.get("path")
                 if not isinstance(path, str) or not path:
                     raise errors.bad_request("'path' must name the folder of a saved prefix", param="path")
-                future = self.batcher.add_prefix(name, path)
+                folder = await asyncio.get_running_loop().run_in_executor(None, self.batcher.store.check_folder, path)
+                future = self.batcher.add_prefix(name, str(folder))
             result = await asyncio.wrap_future(future)
         except errors.APIError as err:
             self._count(endpoint, err.status)
@@ -233,7 +255,7 @@ class _API:
             job = await asyncio.get_running_loop().run_in_executor(
                 self.checker, make_job, body, self.tokenizer, self.options.limits)
             run = _Run(job, asyncio.get_running_loop())
-            self.batcher.submit(run.requests)
+            await asyncio.wrap_future(self.batcher.submit(run.requests))  # a cold prefix loads meanwhile
         except errors.APIError as err:
             self._count(endpoint, err.status)
             raise

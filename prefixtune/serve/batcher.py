@@ -11,10 +11,12 @@ background thread owns the model. Between two steps it
    in front of its cached keys/values since it joined: ``kvcache``), and
 4. lets finished rows leave.
 
-Prefixes are materialized once when loaded (the reparameterization MLP folded away), so
-a step only gathers fixed key/values. A prefix that is replaced or deleted while
-requests still use it stays loaded under its internal name until the last of them ends:
-a request always finishes with the prefix it started with.
+The prefixes come from a :class:`~prefixtune.serve.store.PrefixStore`, folded (the
+reparameterization MLP away), so a step only gathers fixed key/values. A request holds its
+prefix from :meth:`Batcher.submit` to its end: the store neither evicts it nor lets a
+replacement take it away, so a request always finishes with the prefix it started with. A
+prefix that is not on the device yet is loaded by the store's threads while the loop goes on
+decoding; the requests that need it join the queue when it is there.
 
 The HTTP side talks to the thread through :meth:`Batcher.submit` (bounded: a full queue
 is refused, never buffered without limit) and per-request callbacks (``Request.sink``).
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import itertools
 import logging
 import re
 import threading
@@ -35,8 +36,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import artifacts
+from ..prefixes import layout
 from . import errors
 from .kvcache import BatchCache
+from .store import Entry, PrefixStore
 from .sampling import SamplingParams, next_tokens
 from .text import TextStream
 
@@ -77,7 +81,7 @@ class Request:
     params: SamplingParams
     sink: Callable[[Event], None]
     cancelled: bool = False
-    prefix: str | None = field(default=None, init=False)  # internal name, pinned at submit
+    prefix: Entry | None = field(default=None, init=False)  # the prefix held from submit to the end
     generated: int = field(default=0, init=False)  # tokens generated so far
 
 
@@ -118,10 +122,12 @@ class Batcher:
         base_name: The name that selects no prefix.
         limits: Batch and queue sizes.
         on_step: Called after each step with ``(kind, rows, new_tokens, seconds)`` (metrics).
+        store: Where the prefixes come from (default: a store without budget or folders, for the
+            model's own prefixes and those added with :meth:`add_prefix`).
     """
 
     def __init__(self, model, tokenizer, base_name: str, limits: Limits | None = None,
-                 on_step: Callable[[str, int, int, float], None] | None = None):
+                 on_step: Callable[[str, int, int, float], None] | None = None, store: PrefixStore | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.base_name = base_name
@@ -137,14 +143,14 @@ class Batcher:
         self._controls: collections.deque[tuple[Callable, Future]] = collections.deque()
         self._rows: list[_Row] = []
         self._cache = BatchCache()
-        self._names: dict[str, str] = {}  # public prefix name -> internal name in the model
-        self._refs: collections.Counter[str] = collections.Counter()  # internal name -> live requests
-        self._retired: set[str] = set()  # internal names to drop once unused
-        self._serial = itertools.count(1)
+        self._loading = 0  # requests waiting for their prefix to load (they count against the queue)
         self._closed = False
         self._thread: threading.Thread | None = None
-        for name in list(model.prefixes):
-            self._adopt(name)
+        self.store = store or PrefixStore(lambda folder: artifacts.load_key_values(folder, model.shape), model.device)
+        for name in list(model.prefixes):  # the model's own prefixes, folded, served under their names
+            self.model.materialize(name)
+            self.store.add(name, model.prefixes[name])
+            del model.prefixes[name]
 
     # ---------------------------------------------------------------- public
     def start(self) -> "Batcher":
@@ -161,6 +167,7 @@ class Batcher:
             self._thread.join(timeout)
         else:  # never started: no loop to tell the waiting requests
             self._fail_all(errors.unavailable())
+        self.store.close()
 
     @property
     def started(self) -> bool:
@@ -171,16 +178,12 @@ class Batcher:
         return self._thread is not None and self._thread.is_alive() and not self._closed
 
     def model_names(self) -> list[str]:
-        """The base model's name, then every prefix's."""
-        with self._cond:
-            return [self.base_name, *self._names]
-
-    def prefix_names(self) -> list[str]:
-        with self._cond:
-            return list(self._names)
+        """The base model's name, then every prefix's (none is loaded to list it)."""
+        return [self.base_name, *self.store.names()]
 
     def queue_depth(self) -> int:
-        return len(self._pending)
+        """Requests waiting for a row, including those waiting for their prefix to load."""
+        return len(self._pending) + self._loading
 
     def active_rows(self) -> int:
         return len(self._rows)
@@ -190,22 +193,20 @@ class Batcher:
         return self._cache.rows
 
     def held_prefixes(self) -> dict[str, int]:
-        """Requests waiting or running, per prefix they hold (by the model's internal name); a
-        prefix replaced or removed stays loaded until its count is 0."""
-        with self._cond:
-            return {name: count for name, count in self._refs.items() if count}
-
-    def served_prefix(self, name: str) -> str:
-        """The model's internal name of the prefix served as ``name`` (``PrefixModel.prefixes`` key)."""
-        with self._cond:
-            return self._names[name]
+        """Requests waiting or running, per prefix they hold (by the store's entry key); a prefix
+        replaced or removed stays loaded until its count is 0."""
+        return self.store.held()
 
     def running(self) -> list[Request]:
         """The requests being decoded now (their ``generated`` counts their tokens so far)."""
         return [row.request for row in list(self._rows)]
 
-    def submit(self, requests: list[Request]) -> None:
-        """Queue ``requests`` (all or none).
+    def submit(self, requests: list[Request]) -> Future:
+        """Queue ``requests`` (all or none), each holding its prefix until it ends.
+
+        Returns a future that is done when they are queued: at once when their prefixes are on
+        the device, else once the store has loaded them (if that fails, the future and every
+        request's sink get the error, and nothing is queued).
 
         Raises:
             APIError: 404 for an unknown model, 429 when the queue is full, 503 when closed.
@@ -213,29 +214,87 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise errors.unavailable()
-            if len(self._pending) + len(requests) > self.limits.max_queue:
+            if len(self._pending) + self._loading + len(requests) > self.limits.max_queue:
                 raise errors.queue_full(self.limits.max_queue)
+            self._loading += len(requests)
+        try:
+            holds = self._hold(requests)
+        except BaseException:
+            with self._cond:
+                self._loading -= len(requests)
+            raise
+        queued: Future = Future()
+        waiting = [f for f in holds if f is not None]
+        left = [len(waiting)]
+
+        def arrived(_=None):
+            with self._cond:
+                left[0] -= 1
+                if left[0] > 0:
+                    return
+            self._enqueue(requests, holds, queued)
+
+        for future in waiting:
+            future.add_done_callback(arrived)
+        if not waiting:
+            self._enqueue(requests, holds, queued)
+        return queued
+
+    def _hold(self, requests: list[Request]) -> list[Future | None]:
+        """Per request, the store's future of its prefix (``None`` for the base model); a 404 for an
+        unknown name lets go of those already held."""
+        holds = []
+        try:
             for request in requests:
-                if request.model != self.base_name and request.model not in self._names:
-                    raise errors.unknown_model(request.model, [self.base_name, *self._names])
-            for request in requests:
-                request.prefix = self._names.get(request.model) if request.model != self.base_name else None
-                if request.prefix is not None:
-                    self._refs[request.prefix] += 1
-                self._pending.append(request)
-            self._cond.notify_all()
+                holds.append(None if request.model == self.base_name else self.store.acquire(request.model))
+        except errors.APIError as err:
+            if err.status == 404:
+                err = errors.unknown_model(request.model, self.model_names())
+            self._let_go(holds)
+            raise err from None
+        return holds
+
+    def _enqueue(self, requests: list[Request], holds: list[Future | None], queued: Future) -> None:
+        """Every prefix of ``requests`` is loaded (or failed): queue them all, or fail them all."""
+        failed = next((f.exception() for f in holds if f is not None and f.exception() is not None), None)
+        with self._cond:
+            self._loading -= len(requests)
+            if failed is None and self._closed:
+                failed = errors.unavailable()
+            if failed is None:
+                for request, hold in zip(requests, holds):
+                    request.prefix = None if hold is None else hold.result()
+                    self._pending.append(request)
+                self._cond.notify_all()
+        if failed is None:
+            queued.set_result(None)
+            return
+        if not isinstance(failed, errors.APIError):
+            failed = errors.internal(f"cannot load the prefix: {failed}")
+        self._let_go(holds)
+        for request in requests:
+            request.sink(Event(error=failed))
+        queued.set_exception(failed)
+
+    def _let_go(self, holds: list[Future | None]) -> None:
+        for hold in holds:
+            if hold is not None:
+                hold.add_done_callback(lambda f: f.exception() is None and self.store.release(f.result()))
 
     def add_prefix(self, name: str, directory: str) -> Future:
-        """Load the prefix saved in ``directory`` as ``name`` (replacing one of that name), between steps."""
+        """Load the prefix saved in ``directory`` as ``name`` (replacing one of that name) on the
+        store's loader thread; the future holds what was loaded, or the error."""
         if not NAME.match(name or "") or name == self.base_name:
             raise errors.bad_request(
                 f"invalid prefix name {name!r}: use letters, digits and . _ : - (at most 128), "
                 f"not the base model's name", param="name")
-        return self.between_steps(lambda: self._load(name, directory))
+        return self.store.load(name, directory)
 
     def remove_prefix(self, name: str) -> Future:
         """Stop serving ``name``; requests already using it finish with it."""
-        return self.between_steps(lambda: self._remove(name))
+        future: Future = Future()
+        _settle(future, lambda: self.store.remove(name))
+        return future
 
     # ------------------------------------------------------------ prefixes
     def between_steps(self, action: Callable) -> Future:
@@ -249,54 +308,9 @@ class Batcher:
             self._cond.notify_all()
         return future
 
-    def _adopt(self, loaded: str) -> None:
-        """Serve a prefix already in the model, folded for inference, under its own name."""
-        internal = f"{loaded}#{next(self._serial)}"
-        encoder = self.model.prefixes[loaded]
-        del self.model.prefixes[loaded]
-        self.model.prefixes[internal] = encoder.eval()
-        self.model.materialize(internal)
-        self._names[loaded] = internal
-
-    def _load(self, name: str, directory: str) -> dict:
-        internal = f"{name}#{next(self._serial)}"
-        try:
-            self.model.load_prefix(directory, name=internal)
-        except FileNotFoundError as err:
-            raise errors.bad_request(f"no saved prefix at {directory!r}: {err}", param="path") from err
-        except (ValueError, KeyError, OSError) as err:
-            raise errors.bad_request(f"cannot load the prefix in {directory!r}: {err}", param="path") from err
-        self.model.prefixes[internal].eval()
-        self.model.materialize(internal)
-        with self._cond:
-            old = self._names.get(name)
-            self._names[name] = internal
-        if old is not None:
-            self._retired.add(old)
-        encoder = self.model.prefixes[internal]
-        return {"id": name, "object": "prefix", "prefix_length": encoder.config.prefix_length,
-                "layers": len(encoder.layers), "replaced": old is not None}
-
-    def _remove(self, name: str) -> dict:
-        with self._cond:
-            if name not in self._names:
-                raise errors.unknown_model(name, [self.base_name, *self._names])
-            self._retired.add(self._names.pop(name))
-        return {"id": name, "object": "prefix", "deleted": True}
-
-    def _drop_retired(self) -> None:
-        with self._cond:
-            unused = [n for n in self._retired if self._refs[n] == 0]
-            for internal in unused:
-                self._retired.discard(internal)
-                self._refs.pop(internal, None)
-        for internal in unused:
-            self.model.remove_prefix(internal)
-
     def _release(self, request: Request) -> None:
         if request.prefix is not None:
-            with self._cond:
-                self._refs[request.prefix] -= 1
+            self.store.release(request.prefix)
 
     # ---------------------------------------------------------------- loop
     def _loop(self) -> None:
@@ -321,7 +335,6 @@ class Batcher:
             admitted = self._admit()
         for action, future in controls:
             _settle(future, action)
-        self._drop_retired()
         with torch.inference_mode():
             if admitted:
                 self._prefill_all(admitted)
@@ -348,9 +361,7 @@ class Batcher:
         while self._pending and len(self._rows) + len(admitted) < self.limits.max_batch:
             request = self._pending[0]
             if request.cancelled:
-                self._pending.popleft()
-                if request.prefix is not None:
-                    self._refs[request.prefix] -= 1
+                self._release(self._pending.popleft())
                 continue
             longest = max(longest, len(request.prompt_ids))
             if admitted and longest * (len(admitted) + 1) > self.limits.max_prefill_tokens:
@@ -367,6 +378,7 @@ class Batcher:
                 future.set_exception(error)
             self._controls.clear()
         for request in waiting + [row.request for row in self._rows if not row.done]:
+            self._release(request)
             request.sink(Event(error=error))
         self._rows = []
         self._cache = BatchCache()
@@ -398,7 +410,8 @@ class Batcher:
             mask[i, width - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        batch = self.model.prefix_batch([r.prefix for r in requests], len(requests))
+        encoders = [None if r.prefix is None else r.prefix.encoder for r in requests]
+        batch = self.model.prefix_batch(layout(encoders, self.model.shape.num_layers, device), len(requests))
         cache, prefix = BatchCache.open(batch, self.model.shape.num_layers)  # the prefixes go in once, here
         extra = {"logits_to_keep": 1} if self._keep_logits else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import Checked, _opt
 
 SUMMARY = "serve a base model and many prefixes over an OpenAI-compatible HTTP API"
 DESCRIPTION = (
-    "Serve --model (default: the bundled SmolLM2-135M-Instruct) with every --prefix NAME=DIR over an "
+    "Serve --model (default: the bundled SmolLM2-135M-Instruct) with every --prefix NAME=DIR, and every prefix "
+    "folder under each --prefix-dir (by folder name, loaded on first use, within --prefix-cache-mb), over an "
     "OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models). A request picks a prefix with "
     '"model": "NAME"; the base model\'s own name means no prefix. Concurrent requests are decoded together, '
-    "one forward pass per step whatever their prefixes. With --api-key, /v1 needs 'Authorization: Bearer KEY' "
-    "and prefixes can be added or removed at run time (POST/DELETE /v1/prefixes/NAME). A playground is at /, "
-    "health at /health, Prometheus metrics at /metrics. See docs/serving.md."
+    "one forward pass per step whatever their prefixes. With --api-key, /v1 needs 'Authorization: Bearer KEY'; "
+    "with --admin-key, that key may add or remove prefixes at run time (POST/DELETE /v1/prefixes/NAME), from "
+    "folders inside a --prefix-dir only. --ray --replicas N serves the same API from N replicas on Ray Serve, "
+    "routing each prefix's requests to replicas that hold it. A playground is at /, health at /health, "
+    "Prometheus metrics at /metrics. See docs/serving.md."
 )
 
 
@@ -32,8 +37,20 @@ class ServeConfig(Checked):
                                    metavar="NAME=DIR")
     host: str = _opt("127.0.0.1", "address to bind (default 127.0.0.1: this machine only)")
     port: int = _opt(8000, "port to listen on", ge=0, le=65535)
-    api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on /v1 routes; also enables prefix "
-                               "management (default: $PREFIXTUNE_API_KEY if set)")
+    prefix_dir: tuple[str, ...] = _opt((), "serve every prefix folder under DIR by its folder name, loaded on its "
+                                       "first request (repeatable; the first DIR that has a name wins); admin "
+                                       "loads may read only inside these", repeat=True, metavar="DIR")
+    prefix_cache_mb: float = _opt(1024.0, "most MiB of prefix key/values held on the model's device; prefixes no "
+                                  "request holds are evicted least recently used first", gt=0)
+    prefix_host_cache_mb: float = _opt(0.0, "with a GPU: MiB of host memory that keeps evicted prefixes ready to "
+                                       "copy back (0: none)", ge=0)
+    api_key: tuple[str, ...] = _opt((), "an inference key: /v1 routes need 'Authorization: Bearer KEY' with one of "
+                                    "them (repeatable; default: $PREFIXTUNE_API_KEY if set)", repeat=True,
+                                    metavar="KEY")
+    api_key_file: str | None = _opt(None, "a file of inference keys, one per line (# starts a comment)")
+    admin_key: str | None = _opt(None, "the key for prefix management (POST/DELETE /v1/prefixes/NAME); an "
+                                 "inference key there gets 403 (default: $PREFIXTUNE_ADMIN_KEY if set; none: "
+                                 "management is off)")
     served_model_name: str | None = _opt(None, "name of the base model in the API (default: the model's name_or_path)")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1, mps")
     dtype: str | None = _opt(None, "weights dtype, e.g. float32, bfloat16 (default: the model's)")
@@ -45,6 +62,21 @@ class ServeConfig(Checked):
     max_body_mb: float = _opt(1.0, "largest request body in MiB (413 above)", gt=0)
     body_timeout: float = _opt(30.0, "seconds a client may take to send its request body (408 after)", gt=0)
     log_level: str = _opt("info", "server log level", choices=("critical", "error", "warning", "info", "debug"))
+    ray: bool = _opt(False, "serve from --replicas replicas on Ray Serve (pip install 'prefixtune[ray]'), each with "
+                     "the model, a batcher and its own prefix store; requests are routed by prefix name")
+    replicas: int = _opt(1, "with --ray: replicas, each holding one copy of the base model", ge=1)
+    ray_address: str | None = _opt(None, "with --ray: the Ray cluster to join (default: start a local one)")
+    ray_prefixes_per_replica: int = _opt(64, "with --ray: prefixes a replica advertises as held, for routing "
+                                         "(Ray Serve's max_num_models_per_replica)", ge=1)
+
+    def problems(self):
+        """``(option, message)`` for each rule between options that is broken."""
+        if self.prefix_host_cache_mb and self.device == "cpu":
+            yield "prefix_host_cache_mb", "the host tier keeps evicted prefixes off a GPU; on --device cpu it has none"
+        if not self.ray:
+            for name in ("replicas", "ray_address"):
+                if getattr(self, name) != ServeConfig.__dataclass_fields__[name].default:
+                    yield name, "needs --ray"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,29 +86,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     import uvicorn
 
     from .. import options
 
     cfg = options.build(ServeConfig, args)
-    app = build_app(cfg, api_key=cfg.api_key or os.environ.get("PREFIXTUNE_API_KEY") or None)
-    logging.getLogger(__name__).info("serving %s on http://%s:%d", ", ".join(app.state.batcher.model_names()),
-                                     cfg.host, cfg.port)
+    log = logging.getLogger(__name__)
+    if cfg.ray:
+        from . import ray_serve
+
+        app = ray_serve.build_front(cfg)
+    else:
+        app = build_app(cfg)
+        log.info("serving %s on http://%s:%d", _shown(app.state.batcher.model_names()), cfg.host, cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
     return 0
 
 
-def build_app(args: ServeConfig, api_key: str | None = None):
+def build_app(args: ServeConfig):
     """Load the model and prefixes ``args`` names and build the app (no server started)."""
+    from .app import create_app
+    from .metrics import Metrics
+
+    metrics = Metrics()
+    batcher = build_batcher(args, on_step=metrics.step)
+    return create_app(batcher, server_options(args, batcher.model.config), metrics)
+
+
+def build_batcher(args: ServeConfig, on_step=None):
+    """The model, its prefix store (``--prefix``, ``--prefix-dir``, the budgets) and the batcher over them."""
+    from .. import artifacts
     from ..base_models import load_model
     from ..model import PrefixModel
     from ..runtime import pick_device
-    from .app import ServerOptions, create_app
     from .batcher import Batcher, Limits
-    from .metrics import Metrics
-    from .protocol import ServeLimits
+    from .store import PrefixStore
 
     prefixes = parse_prefixes(args.prefix)
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation)
@@ -87,14 +131,47 @@ def build_app(args: ServeConfig, api_key: str | None = None):
     base = args.served_model_name or model.config.name_or_path or "base"
     if base in prefixes:
         raise ValueError(f"prefix name {base!r} is the base model's name; pick another")
-    metrics = Metrics()
-    batcher = Batcher(pm, tokenizer, base, Limits(max_batch=args.max_batch, max_queue=args.max_queue),
-                      on_step=metrics.step)
-    context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    missing = [d for d in args.prefix_dir if not Path(d).is_dir()]
+    if missing:
+        raise ValueError(f"--prefix-dir {missing[0]!r}: not a folder")
+    host = int(args.prefix_host_cache_mb * 2**20) if pm.device.type != "cpu" else 0
+    store = PrefixStore(lambda folder: artifacts.load_key_values(folder, pm.shape), pm.device, args.prefix_dir,
+                        budget_bytes=int(args.prefix_cache_mb * 2**20), host_budget_bytes=host)
+    return Batcher(pm, tokenizer, base, Limits(max_batch=args.max_batch, max_queue=args.max_queue),
+                   on_step=on_step, store=store)
+
+
+def server_options(args: ServeConfig, model_config):
+    """The HTTP layer's options: keys (from the options, the key file or the environment), limits."""
+    from .app import ServerOptions
+    from .protocol import ServeLimits
+
+    context = getattr(model_config, "max_position_embeddings", None) or 1 << 30
     limits = ServeLimits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, context_length=context)
-    server = ServerOptions(api_key=api_key, limits=limits, max_body_bytes=int(args.max_body_mb * 2**20),
-                           body_seconds=args.body_timeout)
-    return create_app(batcher, server, metrics)
+    return ServerOptions(api_keys=inference_keys(args), admin_key=args.admin_key or os.environ.get(
+        "PREFIXTUNE_ADMIN_KEY") or None, limits=limits, max_body_bytes=int(args.max_body_mb * 2**20),
+        body_seconds=args.body_timeout)
+
+
+def inference_keys(args: ServeConfig) -> tuple[str, ...]:
+    """``--api-key`` values, then the lines of ``--api-key-file``; ``$PREFIXTUNE_API_KEY`` when neither is given."""
+    keys = list(args.api_key)
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--api-key-file {args.api_key_file!r}: cannot read it ({err})") from None
+        keys += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        if not keys:
+            raise ValueError(f"--api-key-file {args.api_key_file!r}: holds no key")
+    if not keys and os.environ.get("PREFIXTUNE_API_KEY"):
+        keys.append(os.environ["PREFIXTUNE_API_KEY"])
+    return tuple(keys)
+
+
+def _shown(names: list[str], most: int = 8) -> str:
+    """The first names of a list that may hold thousands, for a log line."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def parse_prefixes(items: list[str]) -> dict[str, str]:

@@ -48,9 +48,10 @@ class Metrics:
             self._recent.append((now, tokens))
             self.batch_count += 1
             self.batch_sum += rows
-            for i, bound in enumerate(BATCH_BUCKETS):
+            for i, bound in enumerate(BATCH_BUCKETS):  # the bucket of its own; render() accumulates
                 if rows <= bound:
                     self.batch_buckets[i] += 1
+                    break
 
     def tokens_per_second(self) -> float:
         """Generated tokens per second over the last ``RATE_WINDOW_S`` seconds."""
@@ -60,8 +61,9 @@ class Metrics:
                 self._recent.popleft()
             return sum(n for _, n in self._recent) / RATE_WINDOW_S
 
-    def render(self, queue_depth: int, active: int, prefixes: int) -> str:
-        """The exposition text; gauges are passed in, read from the batcher at scrape time."""
+    def render(self, queue_depth: int, active: int, store) -> str:
+        """The exposition text; gauges are passed in, read from the batcher and its prefix store
+        (``store``: a :class:`~prefixtune.serve.store.StoreStats`) at scrape time."""
         rate = self.tokens_per_second()
         with self._lock:
             lines = _family("prefixtune_requests_total", "counter", "HTTP requests by endpoint and status.",
@@ -76,16 +78,38 @@ class Metrics:
                              [({"kind": k}, n) for k, n in sorted(self.steps.items())])
             lines += _family("prefixtune_step_seconds_total", "counter", "Time in batcher forward passes by kind.",
                              [({"kind": k}, s) for k, s in sorted(self.step_seconds.items())])
-            lines += ["# HELP prefixtune_batch_size Rows in each decoding step (all prefixes together).",
-                      "# TYPE prefixtune_batch_size histogram"]
-            buckets = zip(BATCH_BUCKETS, self.batch_buckets)
-            lines += [f'prefixtune_batch_size_bucket{{le="{b}"}} {n}' for b, n in buckets]
-            lines += [f'prefixtune_batch_size_bucket{{le="+Inf"}} {self.batch_count}',
-                      f"prefixtune_batch_size_sum {self.batch_sum}", f"prefixtune_batch_size_count {self.batch_count}"]
+            lines += _histogram("prefixtune_batch_size", "Rows in each decoding step (all prefixes together).",
+                                BATCH_BUCKETS, self.batch_buckets, self.batch_sum, self.batch_count)
         lines += _family("prefixtune_queue_depth", "gauge", "Requests waiting for a batch row.", [({}, queue_depth)])
         lines += _family("prefixtune_active_requests", "gauge", "Requests being decoded.", [({}, active)])
-        lines += _family("prefixtune_prefixes", "gauge", "Prefixes being served.", [({}, prefixes)])
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + store_lines(store)) + "\n"
+
+
+def store_lines(stats) -> list[str]:
+    """The prefix store's families: lookups by result, evictions and resident bytes by tier, load times."""
+    from .store import LOAD_BUCKETS
+
+    lines = _family("prefixtune_prefix_cache_lookups_total", "counter",
+                    "Prefix lookups: hit (on the device), host_hit (copied back from host memory), miss (read "
+                    "from disk), failed (could not be loaded).",
+                    [({"result": "hit"}, stats.hits), ({"result": "host_hit"}, stats.host_hits),
+                     ({"result": "miss"}, stats.misses), ({"result": "failed"}, stats.failures)])
+    lines += _family("prefixtune_prefix_cache_evictions_total", "counter", "Prefixes evicted, by tier.",
+                     [({"tier": t}, stats.evictions[t]) for t in ("device", "host")])
+    lines += _family("prefixtune_prefix_cache_resident_bytes", "gauge", "Prefix key/values held, by tier.",
+                     [({"tier": t}, stats.resident[t]) for t in ("device", "host")])
+    return lines + _histogram("prefixtune_prefix_load_seconds", "Seconds to bring a prefix onto the device.",
+                              LOAD_BUCKETS, stats.load_buckets, stats.load_sum, stats.load_count)
+
+
+def _histogram(name: str, help_text: str, bounds, counts, total, count) -> list[str]:
+    """A histogram family from per-bucket counts (each bucket's own, made cumulative here)."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    running = 0
+    for bound, n in zip(bounds, counts):
+        running += n
+        lines.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
+    return lines + [f'{name}_bucket{{le="+Inf"}} {count}', f"{name}_sum {_number(total)}", f"{name}_count {count}"]
 
 
 def _family(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> list[str]:
