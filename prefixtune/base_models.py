@@ -145,19 +145,12 @@ def load_model(
         quantization_config: Passed to transformers, e.g. bitsandbytes' 4-bit config for QLoRA.
         trust_remote_code: Off by default; only for models whose code you have read.
     """
-    from transformers import AutoTokenizer
-
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
     if name is None and task.endswith("classification"):
         name = MINILM
     bundled = name in (None, BUNDLED, BUNDLED_NAME)
-    if not bundled and name != MINILM and _looks_local(name) and not Path(name).is_dir():
-        raise FileNotFoundError(f"model folder {name!r} does not exist (give a folder, a Hub id, or nothing for the bundled model)")
-    source = bundled_folder() if bundled else minilm_folder() if name == MINILM else name
-    if not bundled and name != MINILM:
-        hub.require("model", name)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    source, tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     model = _auto_class(task).from_pretrained(
         source,
         dtype=dtype or (torch.float32 if bundled and quantization_config is None else "auto"),
@@ -169,9 +162,25 @@ def load_model(
     )
     if bundled or name == MINILM:  # stable across machines, unlike the install path
         model.config.name_or_path = BUNDLED_NAME if bundled else MINILM_NAME
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(name: str | None = None, trust_remote_code: bool = False):
+    """``(source, tokenizer)`` of the model :func:`load_model` would load for ``name`` (a folder, a Hub
+    id, ``"minilm"``, or ``None`` for the bundled model), without its weights: what a server's front,
+    which only checks and tokenizes requests, needs."""
+    from transformers import AutoTokenizer
+
+    bundled = name in (None, BUNDLED, BUNDLED_NAME)
+    if not bundled and name != MINILM and _looks_local(name) and not Path(name).is_dir():
+        raise FileNotFoundError(f"model folder {name!r} does not exist (give a folder, a Hub id, or nothing for the bundled model)")
+    source = bundled_folder() if bundled else minilm_folder() if name == MINILM else name
+    if not bundled and name != MINILM:
+        hub.require("model", name)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return source, tokenizer
 
 
 def _auto_class(task: str):

@@ -269,3 +269,36 @@ def test_a_corrupt_folder_fails_only_its_own_requests(library, tmp_path):
         assert batcher.store.stats.failures == 1 and not batcher.held_prefixes()
     finally:
         batcher.close()
+
+
+def test_the_response_says_whether_the_prefix_was_loaded_for_it(library):
+    """``X-Prefix-Cache``: what a client (or a benchmark) needs to tell cold requests from warm ones."""
+    import argparse
+    import json
+    import urllib.request
+
+    from tiny import tiny_model_folder
+
+    from prefixtune import options
+    from prefixtune.serve import cli
+    from prefixtune.serve.background import BackgroundServer
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    model_dir = tiny_model_folder(library.parent / "served-model")
+    cfg = options.build(cli.ServeConfig, parser.parse_args(["--model", str(model_dir), "--device", "cpu",
+                                                             "--prefix-dir", str(library)]))
+    with BackgroundServer(cli.build_app(cfg)) as server:
+        def post(model, stream=False):
+            body = json.dumps({"model": model, "prompt": "hi", "max_tokens": 2, "stream": stream}).encode()
+            request = urllib.request.Request(server.url + "/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+                return response.headers.get("X-Prefix-Cache")
+
+        assert [post("p4"), post("p4"), post("p5", stream=True), post("p5", stream=True)] == ["miss", "hit"] * 2
+        assert post(str(model_dir)) is None  # the base model: no prefix, no header
+        metrics = urllib.request.urlopen(server.url + "/metrics").read().decode()
+        assert 'prefixtune_prefix_cache_lookups_total{result="miss"} 2' in metrics
+        assert 'prefixtune_prefix_load_seconds_count 2' in metrics
+        assert 'prefixtune_prefix_cache_resident_bytes{tier="device"} ' + str(2 * nbytes()) in metrics

@@ -255,14 +255,14 @@ class _API:
             job = await asyncio.get_running_loop().run_in_executor(
                 self.checker, make_job, body, self.tokenizer, self.options.limits)
             run = _Run(job, asyncio.get_running_loop())
-            await asyncio.wrap_future(self.batcher.submit(run.requests))  # a cold prefix loads meanwhile
+            cache = await asyncio.wrap_future(self.batcher.submit(run.requests))  # a cold prefix loads meanwhile
         except errors.APIError as err:
             self._count(endpoint, err.status)
             raise
         if job.stream:  # the status is sent now; a later error is the stream's last event
             self._count(endpoint, 200)
-            return StreamingResponse(_stream(run), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(_stream(run), media_type="text/event-stream", headers={
+                "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_cache_header(cache)})
         try:
             result = await _unless_disconnected(request, run)
         except errors.APIError as err:
@@ -273,7 +273,12 @@ class _API:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         self._count(endpoint, 200)
         texts, reasons = result
-        return JSONResponse(protocol.response(job, run.id, texts, reasons, run.usage()))
+        return JSONResponse(protocol.response(job, run.id, texts, reasons, run.usage()), headers=_cache_header(cache))
+
+
+def _cache_header(cache: str | None) -> dict:
+    """``X-Prefix-Cache: hit`` (the prefix was on the device) or ``miss`` (it was loaded for this request)."""
+    return {} if cache is None else {"X-Prefix-Cache": cache}
 
 
 async def _read(request: HTTPRequest, limit: int) -> bytes:

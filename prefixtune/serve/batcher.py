@@ -206,7 +206,8 @@ class Batcher:
 
         Returns a future that is done when they are queued: at once when their prefixes are on
         the device, else once the store has loaded them (if that fails, the future and every
-        request's sink get the error, and nothing is queued).
+        request's sink get the error, and nothing is queued). Its result says which: ``"hit"``,
+        ``"miss"`` (a prefix had to be loaded), or ``None`` for the base model alone.
 
         Raises:
             APIError: 404 for an unknown model, 429 when the queue is full, 503 when closed.
@@ -225,6 +226,7 @@ class Batcher:
             raise
         queued: Future = Future()
         waiting = [f for f in holds if f is not None]
+        cache = None if not waiting else "hit" if all(f.done() for f in waiting) else "miss"
         left = [len(waiting)]
 
         def arrived(_=None):
@@ -232,12 +234,12 @@ class Batcher:
                 left[0] -= 1
                 if left[0] > 0:
                     return
-            self._enqueue(requests, holds, queued)
+            self._enqueue(requests, holds, queued, cache)
 
         for future in waiting:
             future.add_done_callback(arrived)
         if not waiting:
-            self._enqueue(requests, holds, queued)
+            self._enqueue(requests, holds, queued, cache)
         return queued
 
     def _hold(self, requests: list[Request]) -> list[Future | None]:
@@ -254,7 +256,7 @@ class Batcher:
             raise err from None
         return holds
 
-    def _enqueue(self, requests: list[Request], holds: list[Future | None], queued: Future) -> None:
+    def _enqueue(self, requests: list[Request], holds: list[Future | None], queued: Future, cache: str | None) -> None:
         """Every prefix of ``requests`` is loaded (or failed): queue them all, or fail them all."""
         failed = next((f.exception() for f in holds if f is not None and f.exception() is not None), None)
         with self._cond:
@@ -267,7 +269,7 @@ class Batcher:
                     self._pending.append(request)
                 self._cond.notify_all()
         if failed is None:
-            queued.set_result(None)
+            queued.set_result(cache)
             return
         if not isinstance(failed, errors.APIError):
             failed = errors.internal(f"cannot load the prefix: {failed}")

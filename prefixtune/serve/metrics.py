@@ -28,10 +28,16 @@ class Metrics:
         self.batch_buckets = [0] * len(BATCH_BUCKETS)
         self.batch_count = self.batch_sum = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
+        self.routed: collections.Counter[tuple[str, str]] = collections.Counter()  # (replica, hit|miss), Ray only
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
             self.requests[(endpoint, status)] += 1
+
+    def route(self, replica: str, hit: bool) -> None:
+        """A request that Ray Serve routed to ``replica``, which held its prefix already (``hit``) or not."""
+        with self._lock:
+            self.routed[(replica, "hit" if hit else "miss")] += 1
 
     def step(self, kind: str, rows: int, tokens: int, seconds: float) -> None:
         """One batcher step: ``kind`` is ``"prefill"`` (tokens = prompt tokens) or ``"decode"``."""
@@ -78,6 +84,10 @@ class Metrics:
                              [({"kind": k}, n) for k, n in sorted(self.steps.items())])
             lines += _family("prefixtune_step_seconds_total", "counter", "Time in batcher forward passes by kind.",
                              [({"kind": k}, s) for k, s in sorted(self.step_seconds.items())])
+            if self.routed:
+                lines += _family("prefixtune_routed_requests_total", "counter",
+                                 "Requests routed to each replica, by whether it held their prefix already.",
+                                 [({"replica": r, "result": h}, n) for (r, h), n in sorted(self.routed.items())])
             lines += _histogram("prefixtune_batch_size", "Rows in each decoding step (all prefixes together).",
                                 BATCH_BUCKETS, self.batch_buckets, self.batch_sum, self.batch_count)
         lines += _family("prefixtune_queue_depth", "gauge", "Requests waiting for a batch row.", [({}, queue_depth)])

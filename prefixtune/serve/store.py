@@ -81,6 +81,19 @@ class StoreStats:
     load_count: int = 0
     load_sum: float = 0.0
 
+    @classmethod
+    def total(cls, parts: list["StoreStats"]) -> "StoreStats":
+        """The sum of several stores' counters (one per replica, behind one front)."""
+        out = cls()
+        for part in parts:
+            out.hits, out.host_hits = out.hits + part.hits, out.host_hits + part.host_hits
+            out.misses, out.failures = out.misses + part.misses, out.failures + part.failures
+            out.evictions.update(part.evictions)
+            out.resident = {t: out.resident[t] + part.resident[t] for t in out.resident}
+            out.load_buckets = [a + b for a, b in zip(out.load_buckets, part.load_buckets)]
+            out.load_count, out.load_sum = out.load_count + part.load_count, out.load_sum + part.load_sum
+        return out
+
     def loaded(self, seconds: float) -> None:
         self.load_count += 1
         self.load_sum += seconds
@@ -133,6 +146,12 @@ class PrefixStore:
                     seen.add(name)
                     names.append(name)
         return names
+
+    def resident(self, name: str) -> bool:
+        """Whether ``name`` is on the device now (a request for it would not wait for a load)."""
+        with self._lock:
+            entry = self._static.get(name) or self._found.get(name)
+            return entry is not None and entry.encoder is not None
 
     def check_folder(self, path: str) -> Path:
         """``path`` resolved (symlinks followed), if it lies inside a root; else a 403 naming the rule."""

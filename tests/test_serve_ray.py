@@ -1,0 +1,110 @@
+"""``prefixtune serve --ray``: two local Ray Serve replicas behind the same API, routed by prefix
+name; outputs, streaming and errors exactly as on one server. Slow: Ray takes tens of seconds to
+start its cluster and replicas."""
+
+import argparse
+import shutil
+import urllib.request
+
+import openai
+import pytest
+import torch
+from tiny import tiny_model_folder
+
+from prefixtune import PrefixConfig, PrefixModel, artifacts, options
+from prefixtune.base_models import load_model
+from prefixtune.serve import cli
+from prefixtune.serve.background import BackgroundServer
+
+pytestmark = pytest.mark.slow
+NAMES = ["p0", "p1", "p2", "p3"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    tiny_model_folder(root / "model")
+    model, _ = load_model(str(root / "model"))
+    for i, name in enumerate(NAMES):
+        torch.manual_seed(i)
+        pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=2 + i, reparameterize=False, init_std=2.0))
+        pm.save_prefix(root / "lib" / name)
+        model = pm.unwrap()
+    shutil.copytree(root / "lib" / "p0", root / "lib" / "broken")
+    (root / "lib" / "broken" / artifacts.WEIGHTS_FILE).write_bytes(b"not safetensors")
+    return root
+
+
+def config(folders, *extra):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    argv = ["--model", str(folders / "model"), "--device", "cpu", "--served-model-name", "base",
+            "--prefix-dir", str(folders / "lib"), "--max-tokens", "32", "--api-key", "k", *extra]
+    return options.build(cli.ServeConfig, parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def ray_server(folders):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from prefixtune.serve import ray_serve
+
+    app = ray_serve.build_front(config(folders, "--ray", "--replicas", "2"))
+    try:
+        with BackgroundServer(app) as running:
+            yield running
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0, timeout=120)
+
+
+def texts(server, jobs):
+    c = client(server)
+    return [c.completions.create(model=m, prompt=p, max_tokens=12, temperature=0).choices[0].text for m, p in jobs]
+
+
+JOBS = [(NAMES[i % 4] if i % 5 else "base", f"prompt {i}") for i in range(10)]
+
+
+def test_two_replicas_answer_exactly_as_one_server(ray_server, folders):
+    with BackgroundServer(cli.build_app(config(folders))) as local:
+        expected = texts(local, JOBS)
+        assert [m.id for m in client(local).models.list().data] == [m.id for m in client(ray_server).models.list().data]
+    assert texts(ray_server, JOBS) == expected
+    stream = client(ray_server).completions.create(model="p2", prompt=JOBS[2][1], max_tokens=12, temperature=0,
+                                                   stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == expected[2]
+
+
+def test_requests_are_routed_to_replicas_that_hold_their_prefix(ray_server):
+    c = client(ray_server)
+    skewed = ["p1"] * 12 + ["p3"] * 4
+    for name in skewed:
+        c.completions.create(model=name, prompt="warm", max_tokens=2)
+    text = urllib.request.urlopen(ray_server.url + "/metrics").read().decode()
+    routed = [line for line in text.splitlines() if line.startswith("prefixtune_routed_requests_total")]
+    hits = sum(float(line.split()[-1]) for line in routed if 'result="hit"' in line)
+    misses = sum(float(line.split()[-1]) for line in routed if 'result="miss"' in line)
+    assert hits + misses >= len(skewed)
+    assert misses <= 2 * len(NAMES) + 2, routed  # each prefix loads on at most both replicas, once
+    assert 'prefixtune_prefix_cache_lookups_total{result="miss"}' in text
+
+
+def test_errors_are_those_of_one_server(ray_server):
+    c = client(ray_server)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        c.completions.create(model="broken", prompt="x", max_tokens=2)
+    assert "broken" in str(err.value)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="p0", prompt="x", max_tokens=10_000)
+    bad = openai.OpenAI(base_url=ray_server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert c.completions.create(model="p0", prompt="still serving", max_tokens=2).choices[0].text is not None
