@@ -103,17 +103,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_app(args: ServeConfig):
-    """Load the model and prefixes ``args`` names and build the app (no server started)."""
+def build_app(args: ServeConfig, loaded=None):
+    """Load the model and prefixes ``args`` names and build the app (no server started); ``loaded``,
+    a ``(model, tokenizer)`` already loaded, is served instead of ``--model``."""
     from .app import create_app
     from .metrics import Metrics
 
     metrics = Metrics()
-    batcher = build_batcher(args, on_step=metrics.step)
+    batcher = build_batcher(args, on_step=metrics.step, loaded=loaded)
     return create_app(batcher, server_options(args, batcher.model.config), metrics)
 
 
-def build_batcher(args: ServeConfig, on_step=None):
+def build_batcher(args: ServeConfig, on_step=None, loaded=None):
     """The model, its prefix store (``--prefix``, ``--prefix-dir``, the budgets) and the batcher over them."""
     from .. import artifacts
     from ..base_models import load_model
@@ -123,7 +124,7 @@ def build_batcher(args: ServeConfig, on_step=None):
     from .store import PrefixStore
 
     prefixes = parse_prefixes(args.prefix)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation)
+    model, tokenizer = loaded or load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation)
     model.to(pick_device(args.device))
     pm = PrefixModel(model, tokenizer=tokenizer)
     for name, directory in prefixes.items():
