@@ -190,7 +190,8 @@ class TrainConfig(StepOptions, DataOptions):
     eval_every: int | None = _opt(None, "evaluate every N steps (0 = only at the end; default: every 20 steps on "
                                   "the built-in demo, else only at the end)", ge=0)
     save_every: int = _opt(50, "write a resumable checkpoint every N steps (0 = never)", ge=0)
-    metric: str = _opt("loss", "metric that picks the best prefix and drives early stopping: loss, or a generation metric such as bleu")
+    metric: str = _opt("loss", "metric that picks the best prefix and drives early stopping: loss, or a generation "
+                       "metric such as bleu (the lowest loss, perplexity or ter wins, the highest of any other)")
     metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics computed at evaluation")
     patience: int = _opt(0, "stop after N evaluations without improvement of --metric (0 = never)", ge=0)
     eval_generate_limit: int | None = _opt(None, "distinct eval prompts decoded for the generation metrics of an "
@@ -235,7 +236,8 @@ class EvalConfig(DataOptions):
 
     prefix: str | None = _opt(None, "folder of a saved prefix (a training run's --output-dir); omit to score the base model")
     data: str | None = _opt(None, "evaluation data (same formats as train)")
-    metrics: str = _opt("bleu,rouge_l", "comma-separated: bleu, nist, meteor, rouge_l, cider, accuracy, exact_match (loss and perplexity always)")
+    metrics: str = _opt("bleu,rouge_l", "comma-separated: bleu, nist, meteor, rouge_l, cider, ter (lower is better), accuracy, "
+                        "exact_match (loss and perplexity always)")
     limit: int | None = _opt(None, "score only the first N examples", ge=1)
     output: str | None = _opt(None, "write the metrics (and the generations) as JSON here")
 

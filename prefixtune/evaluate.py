@@ -122,10 +122,6 @@ def _batches(count: int, batch_size: int, desc: str):
             shown.update()
 
 
-def lower_is_better(metric: str) -> bool:
-    return metric in ("loss", "perplexity")
-
-
 def table(results: dict[str, dict], metrics: list[str]) -> str:
     """A small fixed-width table: one row per labelled result, one column per metric."""
     columns = ["loss", *(["perplexity"] if any("perplexity" in r for r in results.values()) else []), *metrics]

@@ -29,7 +29,7 @@ import torch
 from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig
-from .metrics import check_available
+from .metrics import check_available, lower_is_better
 from .model import PrefixModel
 from .runtime import autocast, lr_lambda, pick_device
 
@@ -303,7 +303,7 @@ class _Run(Hooks):
         result = self.dist.broadcast(result)  # every process then takes the same best/patience decisions
         value = result[metric]
         best = self.state["best"]
-        better = best is None or (value < best if evaluate.lower_is_better(metric) else value > best)
+        better = best is None or (value < best if lower_is_better(metric) else value > best)
         if better:
             self.state.update(best=value, best_step=self.state["step"], bad_evals=0)
             if self.dist.is_main:

@@ -33,7 +33,8 @@ class CompareConfig(StepOptions, DataOptions):
     eval_limit: int | None = _opt(None, "read only the first N evaluation rows", ge=1)
     eval_prompts: int = _opt(50, "distinct evaluation prompts decoded and scored (all their references count)", ge=1)
     eval_batch_size: int | None = _opt(None, "prompts decoded at once when scoring (default: --batch-size)", ge=1)
-    metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics (bleu, nist, meteor, rouge_l, cider, ...)")
+    metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics (bleu, nist, meteor, rouge_l, cider, ter, "
+                        "...; ter is lower-is-better)")
     prefix_length: int = _opt(10, "prefix / virtual-token length of prefix, peft-prefix and prompt", ge=1)
     reparam_hidden_size: int = _opt(512, "width of the prefix reparameterization MLP (prefix and peft-prefix)", ge=1)
     init_text: str = _opt("table-to-text:", "the real words whose activations seed 'prefix-words' (the paper's "
