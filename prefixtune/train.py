@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress
+from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig
 from .metrics import check_available, lower_is_better
@@ -205,6 +205,7 @@ class _Run(Hooks):
         self._before: list | None = None  # what trains, as it was before the step in progress
         self._last_good: list | None = None  # what trains, as it was before the last step that succeeded
         self.tensorboard = _tensorboard(out) if self.dist.is_main else None
+        self.spikes = spikes.SpikeWatch(cfg.warmup_steps)  # a resumed run starts its window afresh
         self.bar = None
 
     def train(self) -> None:
@@ -246,6 +247,7 @@ class _Run(Hooks):
                       "epoch": (step - 1) // self.order.per_epoch})
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
         self.bar.update()
+        self._warn_of_spike(step, loss)
         every = self.cfg.evaluations_every()
         if self.eval_examples and every and step % every == 0 and step < self.total:
             self._evaluate()
@@ -253,6 +255,14 @@ class _Run(Hooks):
             self._checkpoint()
         for callback in self.callbacks:
             callback(step, loss)
+
+    def _warn_of_spike(self, step: int, loss: float) -> None:
+        """One line where the step's loss is a spike (:mod:`prefixtune.spikes`); training goes on."""
+        ratio = self.spikes.add(step, loss)
+        if ratio is not None and ratio > spikes.THRESHOLD and self.dist.is_main:
+            progress.note(f"warning: loss spike at step {step}: {loss:.3f} is {ratio:.1f}x the median of the "
+                          f"last {spikes.WINDOW} steps' losses (training goes on; a lower --lr or --max-grad-norm "
+                          "may help)")
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict, items: torch.Tensor) -> torch.Tensor:
