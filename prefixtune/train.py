@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes
+from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes, where
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig
 from .metrics import check_available, lower_is_better
@@ -422,14 +422,17 @@ def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
 
 
 def _examples(cfg: TrainConfig) -> tuple[list, list]:
+    train_where, eval_where = where.parsed(cfg.train_where, "train_where"), where.parsed(cfg.eval_where, "eval_where")
     if cfg.data is None:
         train_examples, held_out = demo.train_and_held_out(cfg.seed)
+        train_examples = data.select(train_examples, train_where, "demo")
+        held_out = data.select(held_out, eval_where, "demo") if not cfg.eval_data else held_out
         log.info("no --data: training on the built-in demo task (%d examples)", len(train_examples))
     else:
-        train_examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.train_limit)
+        train_examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.train_limit, keep=train_where)
         held_out = []
     if cfg.eval_data:
-        held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit)
+        held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit, keep=eval_where)
     return train_examples, held_out
 
 

@@ -232,3 +232,16 @@ def test_bad_data_is_one_clear_error(tmp_path, capsys):
     assert code == 2 and "missing.jsonl" in capsys.readouterr().err
     assert cli.main(["compare", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--eval-data: is required with --data" in capsys.readouterr().err
+
+
+def test_compare_trains_and_scores_on_the_rows_its_filters_keep(tmp_path):
+    data = tmp_path / "cats.jsonl"
+    data.write_text("".join(json.dumps({"category": c, "prompt": f"{c} {i}", "completion": f"t {i}"}) + "\n"
+                            for i, c in enumerate(["City", "Food", "Airport", "Astronaut"] * 2)))
+    cfg = CompareConfig(data=str(data), eval_data=str(data), train_where="category!=City,Food",
+                        eval_where="category=City,Food")
+    train_examples, groups = runner.examples(cfg)
+    assert {e.fields["category"] for e in train_examples} == {"Airport", "Astronaut"} and len(train_examples) == 4
+    assert [ex.prompt for ex, _ in groups] == ["City 0", "Food 1", "City 4", "Food 5"]
+    demo_only, _ = runner.examples(CompareConfig(train_where="food=Italian", eval_prompts=2))
+    assert demo_only and {e.fields["food"] for e in demo_only} == {"Italian"}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DataOptions, StepOptions, _opt
+from .. import where
+from ..config import EVAL_WHERE, TRAIN_WHERE, DataOptions, StepOptions, _opt
 
 QUICK = dict(max_steps=8, batch_size=4, train_limit=400, eval_prompts=6, max_new_tokens=40, warmup_steps=2)
 """What ``--quick`` changes (options given explicitly on the command line or in --config win)."""
@@ -31,6 +32,8 @@ class CompareConfig(StepOptions, DataOptions):
     train_sample: int | None = _opt(None, "train on N rows drawn at random (seeded by --seed) from the training "
                                     "data: the paper's low-data setting", ge=1)
     eval_limit: int | None = _opt(None, "read only the first N evaluation rows", ge=1)
+    train_where: str | None = _opt(None, TRAIN_WHERE)
+    eval_where: str | None = _opt(None, EVAL_WHERE)
     eval_prompts: int = _opt(50, "distinct evaluation prompts decoded and scored (all their references count)", ge=1)
     eval_batch_size: int | None = _opt(None, "prompts decoded at once when scoring (default: --batch-size)", ge=1)
     metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics (bleu, nist, meteor, rouge_l, cider, ter, "
@@ -53,5 +56,6 @@ class CompareConfig(StepOptions, DataOptions):
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (``options.check``)."""
+        yield from where.problems(self, "train_where", "eval_where")
         if self.data is not None and not self.eval_data:
             yield "eval_data", "is required with --data: the held-out examples to score"

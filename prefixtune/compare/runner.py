@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data, evaluate, progress
+from .. import data, evaluate, progress, where
 from ..evaluate import generate_texts
 from ..metrics import check_available
 from ..options import split_list
@@ -186,18 +186,21 @@ def examples(cfg: CompareConfig) -> tuple[list, list]:
     """The training examples and the evaluation groups ``(first example, references)``."""
     from .. import demo
 
+    train_where, eval_where = where.parsed(cfg.train_where, "train_where"), where.parsed(cfg.eval_where, "eval_where")
     if cfg.data is None:
         train_examples, held_out = demo.train_and_held_out(cfg.seed)
+        train_examples = data.select(train_examples, train_where, "demo")
         train_examples = train_examples[:cfg.train_limit] if cfg.train_limit else train_examples
+        held_out = data.select(held_out, eval_where, "demo")
     else:
-        train_examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.train_limit)
+        train_examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.train_limit, keep=train_where)
         held_out = None
     if cfg.train_sample:
         if cfg.train_sample > len(train_examples):
             raise ValueError(f"--train-sample {cfg.train_sample}: only {len(train_examples)} training examples")
         train_examples = random.Random(cfg.seed).sample(train_examples, cfg.train_sample)
     if cfg.eval_data:
-        held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit)
+        held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit, keep=eval_where)
     if not held_out:
         raise ValueError("--eval-data is required with --data: the held-out examples to score")
     return train_examples, data.group_references(held_out)[:cfg.eval_prompts]
