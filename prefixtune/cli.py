@@ -140,8 +140,14 @@ def _eval(cfg: EvalConfig) -> int:
     examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit,
                                   keep=where.parsed(cfg.eval_where, "eval_where"))
     pm, tokenizer = _load(cfg)
-    result = evaluate.score(pm, tokenizer, examples, cfg, prefix="default" if cfg.prefix else None, metrics=metrics)
-    print(evaluate.table({"with prefix" if cfg.prefix else "base model": result}, metrics))
+    prefix, label = ("default", "with prefix") if cfg.prefix else (None, "base model")
+    if cfg.group_by:
+        result = evaluate.score_by(pm, tokenizer, examples, cfg, prefix=prefix, metrics=metrics, field=cfg.group_by)
+        print(evaluate.table({f"{label}, all": result, **{f"  {value}": row for value, row in result["groups"].items()}},
+                             metrics))
+    else:
+        result = evaluate.score(pm, tokenizer, examples, cfg, prefix=prefix, metrics=metrics)
+        print(evaluate.table({label: result}, metrics))
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"metrics written to {cfg.output}")

@@ -247,11 +247,15 @@ class EvalConfig(DataOptions):
                         "exact_match (loss and perplexity always)")
     limit: int | None = _opt(None, "score only the first N examples", ge=1)
     eval_where: str | None = _opt(None, EVAL_WHERE.replace("--eval-limit", "--limit"))
+    group_by: str | None = _opt(None, "also score the rows of each value of this field of the data (e.g. category): "
+                                "a row per value, each with the corpus metrics of its own inputs, under the overall row")
     output: str | None = _opt(None, "write the metrics (and the generations) as JSON here")
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (:func:`options.check`)."""
         yield from where.problems(self, "eval_where")
+        if self.group_by is not None and self.task == "classification":
+            yield "group_by", "scores generation tasks; --task classification reports its accuracy overall"
 
 
 @dataclass

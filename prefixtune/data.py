@@ -347,6 +347,19 @@ def group_references(examples: list[Example]) -> list[tuple[Example, list[str]]]
     return list(groups.values())
 
 
+def partition(examples: list[Example], field: str, option: str = "--group-by") -> dict[str, list[Example]]:
+    """The examples by the value of ``field`` in their raw record (as text), values in order of
+    first appearance: per-category scores of WebNLG. A row without the field is a :class:`DataError`
+    naming ``option``."""
+    parts: dict[str, list[Example]] = {}
+    for example in examples:
+        if field not in example.fields:
+            raise DataError(f"{_where(example)}: {option} names field {field!r}, which this row lacks "
+                            f"(fields: {', '.join(map(str, example.fields))})")
+        parts.setdefault(str(example.fields[field]), []).append(example)
+    return parts
+
+
 # ---------------------------------------------------------------------------- prompts
 def prompt_text(example: Example, template: str | None) -> str:
     """The prompt as the model sees it: ``template.format(**fields, prompt=...)``, or the bare prompt.

@@ -172,3 +172,34 @@ def test_a_bad_filter_is_one_line_naming_the_option_and_nothing_is_written(model
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_eval_group_by_scores_each_value_on_its_own_inputs_with_all_their_references(model_dir, trained, tmp_path,
+                                                                                     capsys):
+    from prefixtune.metrics import compute_metrics
+
+    _, out = trained
+    data = tmp_path / "groups.jsonl"
+    rows = [("A", "n=1 ->", " 1"), ("A", "n=1 ->", " one"), ("B", "n=2 ->", " 2"), ("A", "n=3 ->", " 0"),
+            ("B", "n=4 ->", " 1"), ("B", "n=4 ->", " four")]  # two inputs with two consecutive references each
+    data.write_text("".join(json.dumps({"category": c, "prompt": p, "completion": t}) + "\n" for c, p, t in rows))
+    target = tmp_path / "m.json"
+    assert main(["eval", "--model", model_dir, "--prefix", str(out), "--data", str(data), "--max-new-tokens", "3",
+                 "--metrics", "bleu,ter", "--group-by", "category", "--output", str(target)]) == 0
+    result = json.loads(target.read_text())
+    assert result["group_by"] == "category" and list(result["groups"]) == ["A", "B"]
+    assert result["inputs"] == 4 and [result["groups"][g]["inputs"] for g in "AB"] == [2, 2]
+    generations = result["generations"]
+    assert [(g["group"], g["prompt"], g["references"]) for g in generations] == [
+        ("A", "n=1 ->", [" 1", " one"]), ("A", "n=3 ->", [" 0"]), ("B", "n=2 ->", [" 2"]), ("B", "n=4 ->", [" 1", " four"])]
+    for group in "AB":  # corpus metrics of the group's own inputs, not a mean
+        mine = [g for g in generations if g["group"] == group]
+        expected = compute_metrics(["bleu", "ter"], [g["generation"] for g in mine], [g["references"] for g in mine])
+        assert result["groups"][group]["ter"] == pytest.approx(expected["ter"])
+        assert result["groups"][group]["bleu"] == pytest.approx(expected["bleu"])
+    overall = compute_metrics(["ter"], [g["generation"] for g in generations], [g["references"] for g in generations])
+    assert result["ter"] == pytest.approx(overall["ter"])
+    shown = capsys.readouterr().out
+    assert re.search(r"^with prefix, all\s", shown, flags=re.M) and re.search(r"^  A\s", shown, flags=re.M)
+    assert main(["eval", "--model", model_dir, "--prefix", str(out), "--data", str(data), "--group-by", "topic"]) == 2
+    assert "--group-by names field 'topic'" in capsys.readouterr().err
