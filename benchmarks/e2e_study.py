@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from prefixtune.compare.config import CompareConfig
+from prefixtune.compare.stats import format_mean_sd, paired
 
 LR_GRID = {  # {1e-3, 3e-3, 1e-2} for prefix tuning and LoRA; conventional ranges for the others
     "prefix": (1e-3, 3e-3, 1e-2),
@@ -205,14 +206,6 @@ def run_phase(runs: list[dict], args) -> None:
 
 
 # ---------------------------------------------------------------------------------- report
-def _mean_sd(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def report(args) -> str:
     rows = load_rows(Path(args.out))
     lines = []
@@ -230,8 +223,8 @@ def report(args) -> str:
                 lines.append(f"| {group[0]['label']} | {lr:g} | {changes} | {seeds} | "
                              f"{failed[0]['status']}: {failed[0].get('reason', '')} | | | | |")
                 continue
-            metric = lambda key: _mean_sd([r["metrics"][key] for r in group])  # noqa: E731
-            loss = _mean_sd([r["final_loss"] for r in group if "final_loss" in r], digits=3)
+            metric = lambda key: format_mean_sd([r["metrics"][key] for r in group])  # noqa: E731
+            loss = format_mean_sd([r["final_loss"] for r in group if "final_loss" in r], digits=3)
             sps = f"{statistics.median(r['seconds_per_step'] for r in group):.2f}" if "seconds_per_step" in group[0] else "-"
             lines.append(f"| {group[0]['label']} | {lr:g} | {changes} | {seeds} | {loss} | {metric('bleu')} | "
                          f"{metric('rouge_l')} | {sps} | {group[0]['trainable_params']:,} |")
@@ -253,9 +246,9 @@ def report(args) -> str:
             cells, loss = [], []
             for s in sizes:
                 picked = [r for r in mine if r["changes"]["train_sample"] == s]
-                cells += [_mean_sd([r["metrics"]["bleu"] for r in picked]),
-                          _mean_sd([r["metrics"]["rouge_l"] for r in picked])]
-                loss.append(_mean_sd([r["final_loss"] for r in picked], digits=3))
+                cells += [format_mean_sd([r["metrics"]["bleu"] for r in picked]),
+                          format_mean_sd([r["metrics"]["rouge_l"] for r in picked])]
+                loss.append(format_mean_sd([r["final_loss"] for r in picked], digits=3))
             seeds = sorted({r["changes"]["seed"] for r in mine})
             label = f"{method} (lr {mine[0]['lr']:g}, seeds {seeds})" if mine else f"{method} (not run yet)"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -313,21 +306,24 @@ def per_seed(rows: dict) -> list[str]:
     for (_, method, lr, _), group in cells.items():
         scores = ", ".join(f"seed {r.get('changes', {}).get('seed', 0)}: {r['metrics']['bleu']:.2f} / "
                            f"{r['metrics']['rouge_l']:.2f}" for r in group)
-        means = " / ".join(_mean_sd([r["metrics"][key] for r in group], digits=2) for key in ("bleu", "rouge_l"))
+        means = " / ".join(format_mean_sd([r["metrics"][key] for r in group], digits=2) for key in ("bleu", "rouge_l"))
         lines.append(f"- {method} at {lr:g}: {scores}; mean ± sd {means}")
     lora = cells.get((False, "lora", best_lr(rows, "lora"), ()))
     for (_, method, lr, _), group in cells.items():
         if lora is None or not method.startswith("prefix"):
             continue
-        base = {r.get("changes", {}).get("seed", 0): r["metrics"] for r in lora}
         for key in ("bleu", "rouge_l"):
-            diffs = [r["metrics"][key] - base[seed][key] for r in group
-                     if (seed := r.get("changes", {}).get("seed", 0)) in base]
-            if len(diffs) > 1:
-                lines.append(f"- {method} at {lr:g} minus LoRA, {key}: per seed " + ", ".join(f"{d:+.2f}" for d in diffs)
-                             + f"; mean {statistics.mean(diffs):+.2f}, sd {statistics.stdev(diffs):.2f}, "
-                             f"prefix ahead in {sum(d > 0 for d in diffs)} of {len(diffs)}")
+            diff = paired(_by_seed(group, key), _by_seed(lora, key))
+            if diff["n"] > 1:
+                lines.append(f"- {method} at {lr:g} minus LoRA, {key}: per seed "
+                             + ", ".join(f"{d:+.2f}" for d in diff["diffs"]) + f"; mean {diff['mean']:+.2f}, "
+                             f"sd {diff['sd']:.2f}, prefix ahead in {diff['above']} of {diff['n']}")
     return lines + [""]
+
+
+def _by_seed(group: list[dict], key: str) -> dict[int, float]:
+    """``{seed: metric}`` of a cell's rows (the seed is in the row's changes; 0 where none is)."""
+    return {r.get("changes", {}).get("seed", 0): r["metrics"][key] for r in group}
 
 
 def plot(rows: dict, images: Path) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .. import where
 from ..config import EVAL_WHERE, TRAIN_WHERE, DataOptions, StepOptions, _opt
+from ..options import split_list
 
 QUICK = dict(max_steps=8, batch_size=4, train_limit=400, eval_prompts=6, max_new_tokens=40, warmup_steps=2)
 """What ``--quick`` changes (options given explicitly on the command line or in --config win)."""
@@ -21,6 +22,11 @@ class CompareConfig(StepOptions, DataOptions):
     output_dir: str = _opt("runs/compare", "where compare.md, compare.json, compare.png and each method's folder go")
     methods: str = _opt("base,prefix,peft-prefix,prompt,lora,adapter,full,qlora",
                         "comma-separated methods (see --list-methods); 'base' scores the untuned model")
+    seeds: tuple[int, ...] | None = _opt(None, "run every method once per seed, e.g. 0,1,2 (the methods of a seed "
+                                         "share its data order); the table gives the mean ± sd over seeds and the "
+                                         "paired differences from --reference. Without it, --seed alone", min_length=1)
+    reference: str | None = _opt(None, "the method the paired differences are taken from (method - reference, seed by "
+                                 "seed; default: the first of --methods)")
     quick: bool = _opt(False, "a few-minute smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
                        + " (options you give still win)")
     max_steps: int = _opt(120, "optimizer steps per method (the same for every method)", ge=1)
@@ -57,5 +63,9 @@ class CompareConfig(StepOptions, DataOptions):
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (``options.check``)."""
         yield from where.problems(self, "train_where", "eval_where")
+        if self.seeds and len(set(self.seeds)) != len(self.seeds):
+            yield "seeds", f"names a seed twice: {','.join(map(str, self.seeds))}"
+        if self.reference and self.reference not in split_list(self.methods):
+            yield "reference", f"must be one of --methods ({self.methods}), got {self.reference!r}"
         if self.data is not None and not self.eval_data:
             yield "eval_data", "is required with --data: the held-out examples to score"

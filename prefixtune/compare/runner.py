@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data, evaluate, progress, where
+from .. import data, evaluate, progress, spikes, where
 from ..evaluate import generate_texts
 from ..metrics import check_available
 from ..options import split_list
@@ -46,23 +46,30 @@ BIG_CHECKPOINT = 100 * 2**20
 
 
 def compare(cfg: CompareConfig) -> dict:
-    """Run every method of ``cfg.methods``; write compare.{json,md,png}; return the results."""
-    from . import report
+    """Run every method of ``cfg.methods`` once per seed (``cfg.seeds``, else ``cfg.seed``), seed after
+    seed; write compare.{json,md,png}; return the results, with their summary over seeds."""
+    from . import report, stats
 
     methods = parse_methods(cfg.methods)
     rates = learning_rates(cfg.lr, methods)
     check_available(split_list(cfg.metrics))
+    seeds = list(cfg.seeds or (cfg.seed,))
     examples(cfg)  # bad data is one clear error now, not the same failure in every row
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for method in methods:
-        print(f"\n== {method.name}: {method.label} (lr {rates[method.name]:g})", flush=True)
-        run = run_isolated if cfg.isolate else run_method
-        row = run(cfg, method.name, rates[method.name], out / method.name)
-        print(report.one_line(row), flush=True)
-        rows.append(row)
-    results = {"config": dataclasses.asdict(cfg), "machine": report.machine(pick_device(cfg.device)), "rows": rows}
+    for seed in seeds:  # whole seeds first: a run cut short leaves every method of the seeds it finished
+        seeded = dataclasses.replace(cfg, seed=seed)
+        for method in methods:
+            shown = f" seed {seed}" if len(seeds) > 1 else ""
+            print(f"\n== {method.name}{shown}: {method.label} (lr {rates[method.name]:g})", flush=True)
+            run = run_isolated if cfg.isolate else run_method
+            folder = out / method.name / f"seed-{seed}" if len(seeds) > 1 else out / method.name
+            row = run(seeded, method.name, rates[method.name], folder)
+            print(report.one_line(row), flush=True)
+            rows.append(row)
+    results = {"config": dataclasses.asdict(cfg), "machine": report.machine(pick_device(cfg.device)), "rows": rows,
+               "summary": stats.summarize(rows, cfg.reference)}
     report.write(results, out)
     return results
 
@@ -70,7 +77,7 @@ def compare(cfg: CompareConfig) -> dict:
 def run_method(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
     """Train and score one method in this process; returns its row of the table."""
     method = METHODS[name]
-    row = {"method": name, "label": method.label, "lr": lr, "status": "ok", "notes": []}
+    row = {"method": name, "label": method.label, "lr": lr, "seed": cfg.seed, "status": "ok", "notes": []}
     device = pick_device(cfg.device)
     reason = _unavailable(method, cfg, device)
     if reason:
@@ -134,7 +141,7 @@ def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, 
     optimizer, scheduler = optimizer_for(tuned.trainable, lr, cfg, cfg.max_steps)
     tuned.model.train()
     with PeakMemory(device) as memory, progress.bar(cfg.max_steps, f"{name}: train", unit="step") as bar:
-        measured = _Measured(cfg.max_steps, cfg.quiet, bar)
+        measured = _Measured(cfg.max_steps, cfg.quiet, bar, cfg.warmup_steps)
         try:
             run_steps(tuned.loss, tuned.trainable, data.BatchOrder(rows, cfg.batch_size, cfg.seed), pad_id, optimizer,
                       scheduler, cfg, device, start=0, total=cfg.max_steps, hooks=measured)
@@ -147,8 +154,8 @@ def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, 
 class _Measured(Hooks):
     """What compare records of each step: loss, seconds (the device waited for) and input tokens."""
 
-    def __init__(self, steps: int, quiet: bool, bar):
-        self.steps, self.quiet, self.bar = steps, quiet, bar
+    def __init__(self, steps: int, quiet: bool, bar, warmup_steps: int = 0):
+        self.steps, self.quiet, self.bar, self.warmup_steps = steps, quiet, bar, warmup_steps
         self.losses, self.seconds, self.tokens = [], [], []
 
     def after_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
@@ -162,13 +169,15 @@ class _Measured(Hooks):
 
     def result(self) -> dict:
         """Seconds per step and tokens per second over every step but the first (which pays one-off
-        costs); the final loss as the mean of the last fifth of the steps (at most 10)."""
+        costs); the final loss as the mean of the last fifth of the steps (at most 10); the largest
+        loss / running-median ratio after warmup, and whether it is a spike (:mod:`prefixtune.spikes`)."""
         timed = slice(1, None) if len(self.seconds) > 1 else slice(None)
         tail = self.losses[-max(1, min(10, len(self.losses) // 5)):]
+        ratio = spikes.largest_ratio(self.losses, self.warmup_steps)
         return {"steps": len(self.losses), "seconds_per_step": sum(self.seconds[timed]) / len(self.seconds[timed]),
                 "tokens_per_s": sum(self.tokens[timed]) / sum(self.seconds[timed]),
                 "train_seconds": sum(self.seconds), "first_loss": self.losses[0], "final_loss": sum(tail) / len(tail),
-                "losses": self.losses}
+                "spike_ratio": ratio, "spike": ratio is not None and ratio > spikes.THRESHOLD, "losses": self.losses}
 
 
 def _score(cfg: CompareConfig, generator, tokenizer, groups) -> dict:
