@@ -53,11 +53,26 @@ def parsed(text: str | None, option: str) -> Where | None:
     return None if text is None else Where.parse(text, "--" + option.replace("_", "-"))
 
 
-def problems(config, *names: str):
-    """``(option, message)`` for each of the filter options ``names`` of ``config`` that does not parse
-    (for a config's ``problems()``: the bad filter is refused before anything runs)."""
-    for name in names:
+def sets(text: str | None, option: str) -> dict[str, Where]:
+    """Named filters, ``NAME:FILTER;NAME:FILTER`` (``--eval-sets``): ``{name: Where}`` in their order."""
+    out: dict[str, Where] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(";"))):
+        name, sep, rule = part.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"expected NAME:FILTER;NAME:FILTER (each FILTER {SYNTAX}), got {part!r}")
+        if name.strip() in out:
+            raise ValueError(f"names the set {name.strip()!r} twice")
+        out[name.strip()] = Where.parse(rule.strip(), "--" + option.replace("_", "-") + f" {name.strip()}")
+    if text is not None and not out:
+        raise ValueError("names no set")
+    return out
+
+
+def problems(config, *names: str, named: tuple[str, ...] = ()):
+    """``(option, message)`` for each of the filter options ``names`` (and the sets of filters ``named``)
+    of ``config`` that does not parse (for a config's ``problems()``: refused before anything runs)."""
+    for name in (*names, *named):
         try:
-            parsed(getattr(config, name), name)
+            (sets if name in named else parsed)(getattr(config, name), name)
         except ValueError as err:
             yield name, str(err)

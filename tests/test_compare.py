@@ -181,13 +181,7 @@ def test_report_of_skipped_and_failed_rows():
 
 
 def test_e2e_study_plan_picks_best_rates_and_reports(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e_study.py"
-    spec = importlib.util.spec_from_file_location("e2e_study", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    from benchmarks import e2e_study as study
     args = argparse.Namespace(grid="prefix-flat=3e-3,lora=1e-2,prefix-flat=1e-3", methods="", ablations=False, lr_seeds="0,1",
                               set=None, sizes="50,100", seeds="0,1", out=str(tmp_path), images=str(tmp_path / "img"),
                               steps=120)
@@ -300,3 +294,19 @@ def test_bad_seeds_or_reference_are_one_line(capsys, argv, message):
     assert cli.main(["compare", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_eval_sets_score_each_named_subset(model_dir, tmp_path):
+    data = tmp_path / "cats.jsonl"
+    data.write_text("".join(json.dumps({"category": c, "prompt": f"{c} {i} ->", "completion": f" {i}"}) + "\n"
+                            for i, c in enumerate(["City", "Food", "Airport", "Astronaut"] * 3)))
+    cfg = tiny_config(model_dir, tmp_path, data=str(data), eval_data=str(data), train_where="category!=City",
+                      eval_sets="seen:category!=City; unseen:category=City", eval_prompts=2, metrics="bleu,ter")
+    row = runner.run_method(cfg, "prefix-flat", 3e-2, tmp_path / "run")
+    assert list(row["sets"]) == ["seen", "unseen"] and row["metrics"] == row["sets"]["seen"]["metrics"]
+    assert [s["prompt"] for s in row["sets"]["unseen"]["samples"]] == ["City 0 ->", "City 4 ->"]
+    assert [s["prompt"] for s in row["sets"]["seen"]["samples"]] == ["Food 1 ->", "Airport 2 ->"]
+    with pytest.raises(ValueError, match="--eval-sets: expected NAME:FILTER"):
+        CompareConfig(eval_sets="seen=category")
+    with pytest.raises(ValueError, match="not both"):
+        CompareConfig(eval_sets="a:x=1", eval_where="x=2")

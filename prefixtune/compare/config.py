@@ -40,6 +40,10 @@ class CompareConfig(StepOptions, DataOptions):
     eval_limit: int | None = _opt(None, "read only the first N evaluation rows", ge=1)
     train_where: str | None = _opt(None, TRAIN_WHERE)
     eval_where: str | None = _opt(None, EVAL_WHERE)
+    eval_sets: str | None = _opt(None, "score on several named subsets of --eval-data instead, 'NAME:FILTER;NAME:FILTER' "
+                                 "such as 'seen:category!=City,Food,Monument;unseen:category=City,Food,Monument' (each "
+                                 "its first --eval-prompts inputs; the table shows the first set, compare.json each "
+                                 "under its row's 'sets')")
     eval_prompts: int = _opt(50, "distinct evaluation prompts decoded and scored (all their references count)", ge=1)
     eval_batch_size: int | None = _opt(None, "prompts decoded at once when scoring (default: --batch-size)", ge=1)
     metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics (bleu, nist, meteor, rouge_l, cider, ter, "
@@ -62,7 +66,9 @@ class CompareConfig(StepOptions, DataOptions):
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (``options.check``)."""
-        yield from where.problems(self, "train_where", "eval_where")
+        yield from where.problems(self, "train_where", "eval_where", named=("eval_sets",))
+        if self.eval_sets and self.eval_where:
+            yield "eval_sets", "give --eval-sets or --eval-where, not both (each set is its own filter)"
         if self.seeds and len(set(self.seeds)) != len(self.seeds):
             yield "seeds", f"names a seed twice: {','.join(map(str, self.seeds))}"
         if self.reference and self.reference not in split_list(self.methods):

@@ -54,7 +54,7 @@ def compare(cfg: CompareConfig) -> dict:
     rates = learning_rates(cfg.lr, methods)
     check_available(split_list(cfg.metrics))
     seeds = list(cfg.seeds or (cfg.seed,))
-    examples(cfg)  # bad data is one clear error now, not the same failure in every row
+    examples(cfg), held_out_sets(cfg)  # bad data is one clear error now, not the same failure in every row
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -109,7 +109,7 @@ def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dic
     row["total_params"] = total_params
     if method.build is None:  # the untuned base model
         row.update(trainable_params=0, trainable_pct=0.0, checkpoint_bytes=0)
-        return {**row, **_score(cfg, Plain(model), tokenizer, groups)}
+        return {**row, **_score_sets(cfg, Plain(model), tokenizer, groups)}
 
     tuned = method.build(model, tokenizer, cfg)
     row["notes"] += tuned.notes
@@ -133,7 +133,7 @@ def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dic
         shutil.rmtree(checkpoint)
         row["checkpoint"] = None
         row["notes"].append("checkpoint deleted after measuring it (--keep-checkpoints keeps it)")
-    return {**row, **_score(cfg, tuned.generator, tokenizer, groups)}
+    return {**row, **_score_sets(cfg, tuned.generator, tokenizer, groups)}
 
 
 def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, device, name: str) -> dict:
@@ -189,6 +189,27 @@ def _score(cfg: CompareConfig, generator, tokenizer, groups) -> dict:
                for (ex, refs), t in zip(groups, texts)]
     return {"metrics": metrics, "eval_prompts": len(groups), "eval_seconds": time.perf_counter() - start,
             "samples": samples}
+
+
+def _score_sets(cfg: CompareConfig, generator, tokenizer, groups) -> dict:
+    """The scores on ``groups``, or with ``--eval-sets`` on each named set: the first set's are the row's
+    own (what the table shows), and every set's are under ``sets``."""
+    sets = held_out_sets(cfg)
+    if sets is None:
+        return _score(cfg, generator, tokenizer, groups)
+    results = {name: _score(cfg, generator, tokenizer, picked) for name, picked in sets.items()}
+    return {**next(iter(results.values())), "sets": results}
+
+
+def held_out_sets(cfg: CompareConfig) -> dict[str, list] | None:
+    """``--eval-sets``: each set's evaluation groups ``(first example, references)``; ``None`` without it."""
+    if not cfg.eval_sets:
+        return None
+    if not cfg.eval_data:
+        raise ValueError("--eval-sets needs --eval-data: the rows its filters pick from")
+    return {name: data.group_references(data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit,
+                                                           keep=keep))[:cfg.eval_prompts]
+            for name, keep in where.sets(cfg.eval_sets, "eval_sets").items()}
 
 
 def examples(cfg: CompareConfig) -> tuple[list, list]:
