@@ -306,6 +306,11 @@ def test_eval_sets_score_each_named_subset(model_dir, tmp_path):
     assert list(row["sets"]) == ["seen", "unseen"] and row["metrics"] == row["sets"]["seen"]["metrics"]
     assert [s["prompt"] for s in row["sets"]["unseen"]["samples"]] == ["City 0 ->", "City 4 ->"]
     assert [s["prompt"] for s in row["sets"]["seen"]["samples"]] == ["Food 1 ->", "Airport 2 ->"]
+    sampled = runner.held_out_sets(dataclasses.replace(cfg, eval_sample=3))
+    assert [ex.prompt for ex, _ in sampled["seen"]] == [ex.prompt for ex, _ in runner.held_out_sets(
+        dataclasses.replace(cfg, eval_sample=3, seed=5))["seen"]]  # the same draw whatever the seed
+    assert len(sampled["unseen"]) == 3 and [ex.prompt for ex, _ in sampled["seen"]] != [
+        "Food 1 ->", "Airport 2 ->", "Astronaut 3 ->"]  # drawn, not the first three
     with pytest.raises(ValueError, match="--eval-sets: expected NAME:FILTER"):
         CompareConfig(eval_sets="seen=category")
     with pytest.raises(ValueError, match="not both"):

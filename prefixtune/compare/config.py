@@ -45,6 +45,9 @@ class CompareConfig(StepOptions, DataOptions):
                                  "its first --eval-prompts inputs; the table shows the first set, compare.json each "
                                  "under its row's 'sets')")
     eval_prompts: int = _opt(50, "distinct evaluation prompts decoded and scored (all their references count)", ge=1)
+    eval_sample: int | None = _opt(None, "score N distinct evaluation prompts drawn at random instead of the first "
+                                   "--eval-prompts (the same draw for every method and seed: evaluation files sorted "
+                                   "by category or length then still give a fair sample)", ge=1)
     eval_batch_size: int | None = _opt(None, "prompts decoded at once when scoring (default: --batch-size)", ge=1)
     metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics (bleu, nist, meteor, rouge_l, cider, ter, "
                         "...; ter is lower-is-better)")

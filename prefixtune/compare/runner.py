@@ -207,9 +207,18 @@ def held_out_sets(cfg: CompareConfig) -> dict[str, list] | None:
         return None
     if not cfg.eval_data:
         raise ValueError("--eval-sets needs --eval-data: the rows its filters pick from")
-    return {name: data.group_references(data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit,
-                                                           keep=keep))[:cfg.eval_prompts]
+    return {name: _pick(data.group_references(data.load_examples(cfg.eval_data, **cfg.source_fields(),
+                                                                 limit=cfg.eval_limit, keep=keep)), cfg)
             for name, keep in where.sets(cfg.eval_sets, "eval_sets").items()}
+
+
+def _pick(groups: list, cfg: CompareConfig) -> list:
+    """The evaluation inputs scored: the first ``eval_prompts``, or ``eval_sample`` drawn at random with
+    seed 0 whatever ``--seed`` (every method and seed is scored on the same inputs), kept in file order."""
+    if not cfg.eval_sample or cfg.eval_sample >= len(groups):
+        return groups[:cfg.eval_sample or cfg.eval_prompts]
+    drawn = sorted(random.Random(0).sample(range(len(groups)), cfg.eval_sample))
+    return [groups[i] for i in drawn]
 
 
 def examples(cfg: CompareConfig) -> tuple[list, list]:
@@ -233,7 +242,7 @@ def examples(cfg: CompareConfig) -> tuple[list, list]:
         held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit, keep=eval_where)
     if not held_out:
         raise ValueError("--eval-data is required with --data: the held-out examples to score")
-    return train_examples, data.group_references(held_out)[:cfg.eval_prompts]
+    return train_examples, _pick(data.group_references(held_out), cfg)
 
 
 class PeakMemory:
