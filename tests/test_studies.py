@@ -59,3 +59,42 @@ def test_webnlg_study_plan_and_report_beside_the_paper(tmp_path):
     assert "| full | 2 |" in text and "| 64.2 / 27.7 |" in text
     assert "- full, unseen TER: +4.50 ± 7.78 (better in 1 of 2)" in text  # lower TER is better: seed 1 only
     assert "full-s1 (2.50)" in text
+
+
+def test_recipe_study_plan_covers_the_grid():
+    import argparse
+
+    from benchmarks import recipe_study
+
+    args = argparse.Namespace(tasks="e2e,webnlg,sst2", arms=",".join(recipe_study.ARMS), budgets="120,600", seeds="0,1,2")
+    plan = recipe_study.runs(args)
+    assert len(plan) == 3 * 3 * (10 + 9)  # seeds x tasks x (10 arms at 120 steps, all but full at 600)
+    assert len({r["id"] for r in plan}) == len(plan)
+    full = [r for r in plan if r["method"] == "full"]
+    assert {r["changes"]["max_steps"] for r in full} == {120} and len(full) == 9
+    clipped = next(r for r in plan if r["id"] == "sst2-prefix-words-clip-600-s2")
+    assert clipped["method"] == "prefix-words" and clipped["changes"] == {"max_grad_norm": 1.0, "max_steps": 600,
+                                                                         "seed": 2, "warmup_steps": 10}
+    assert [r["changes"]["seed"] for r in plan[:57]] == [0] * 57  # whole seeds first
+    with pytest.raises(SystemExit, match="--arms: unknown dora"):
+        recipe_study.check(argparse.Namespace(tasks="e2e", arms="lora,dora"))
+
+
+@pytest.mark.slow  # about 15 s: two tasks, three arms, two budgets on a tiny model
+def test_recipe_study_runs_each_task_and_records_spike_ratios(model_dir, tmp_path):
+    from benchmarks import recipe_study
+
+    out = tmp_path / "recipe"
+    assert recipe_study.main(["--model", model_dir, "--out", str(out), "--results", str(tmp_path / "recipe.json"),
+                              "--tasks", "sst2,e2e", "--arms", "prefix-flat,prefix-words-clip,full", "--budgets", "7,3",
+                              "--seeds", "0", "--train-limit", "16", "--eval-prompts", "2",
+                              "--data-dir", str(DATA)]) == 0
+    rows = study.load_rows(out)
+    assert len(rows) == 2 * (3 + 2) and all(r["status"] == "ok" for r in rows.values())
+    assert "sst2-full-3-s0" not in rows and "sst2-full-7-s0" in rows  # full fine-tuning at the first budget only
+    assert set(rows["sst2-prefix-flat-7-s0"]["metrics"]) == {"accuracy"}
+    assert set(rows["e2e-prefix-flat-7-s0"]["metrics"]) == {"bleu", "rouge_l"}
+    assert rows["e2e-prefix-flat-7-s0"]["spike_ratio"] > 0 and rows["e2e-prefix-flat-3-s0"]["spike_ratio"] is None
+    text = (out / "study.md").read_text()
+    assert "sst2 (accuracy):" in text and "| prefix-words-clip |" in text
+    assert len(json.loads((tmp_path / "recipe.json").read_text())["rows"]) == 10
