@@ -119,11 +119,7 @@ def report(args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=("run", "report"), default="run", help="run: every missing run, then the "
-                        "report; report: the report alone")
-    study.add_arguments(parser, out="runs/recipe-study")
-    parser.add_argument("--results", default="benchmarks/results/recipe-study.json",
-                        help="the rows with the command and machine, written by the report ('' for none)")
+    study.add_arguments(parser, out="runs/recipe-study", results="benchmarks/results/recipe-study.json")
     parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--arms", default=",".join(ARMS))
@@ -134,13 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check(args)
     config_of = lambda run: base_config(args, run["task"])  # noqa: E731 - each task has its own data and metric
-    if args.worker:
-        study.worker(args, config_of)
-        return 0
-    if args.phase == "run":
-        study.run_phase(runs(args), args, "benchmarks.recipe_study", config_of)
-    print(report(args))
-    return 0
+    return study.run_study(args, "benchmarks.recipe_study", lambda: runs(args), config_of, lambda: report(args))
 
 
 if __name__ == "__main__":

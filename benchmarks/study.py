@@ -88,8 +88,27 @@ def worker(args, config_of: Callable[[dict], CompareConfig]) -> None:
     execute(json.loads(Path(args.plan).read_text()), config_of, Path(args.out), shard(args.worker), args.drop_losses)
 
 
-def add_arguments(parser: argparse.ArgumentParser, out: str) -> None:
-    """The options every study has: where rows go, the machine, the sharing of runs."""
+def run_study(args, module: str, runs: Callable[[], list[dict]], config_of: Callable[[dict], CompareConfig],
+              report: Callable[[], str]) -> int:
+    """A study's command once its options are parsed: a ``--workers`` process runs its share; otherwise
+    ``--phase run`` runs what has no row yet, and the report (``--phase report``: only the report) is printed."""
+    if args.worker:
+        worker(args, config_of)
+        return 0
+    if args.phase == "run":
+        run_phase(runs(), args, module, config_of)
+    print(report())
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser, out: str, results: str | None = None) -> None:
+    """The options every study has: where rows go, the machine, the sharing of runs (and, for the studies
+    that write one, the results file and the phase)."""
+    if results is not None:
+        parser.add_argument("--phase", choices=("run", "report"), default="run",
+                            help="run: every missing run, then the report; report: the report alone")
+        parser.add_argument("--results", default=results,
+                            help="the rows with the command and machine, written by the report ('' for none)")
     parser.add_argument("--out", default=out, help="folder of the rows (OUT/runs/ID.json) and checkpoints")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default=None, help="base model (default: the bundled SmolLM2-135M-Instruct)")

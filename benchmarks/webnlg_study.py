@@ -123,11 +123,7 @@ def spikes(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=("run", "report"), default="run", help="run: every missing run, then the "
-                        "report; report: the report alone")
-    study.add_arguments(parser, out="runs/webnlg-study")
-    parser.add_argument("--results", default="benchmarks/results/webnlg-study.json",
-                        help="the rows with the command and machine, written by the report ('' for none)")
+    study.add_arguments(parser, out="runs/webnlg-study", results="benchmarks/results/webnlg-study.json")
     parser.add_argument("--data-dir", default="../shared/data/webnlg")
     parser.add_argument("--methods", default=",".join(METHODS_RUN))
     parser.add_argument("--seeds", default="0,1,2")
@@ -138,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args(argv)
     config_of = lambda run: base_config(args)  # noqa: E731 - every run starts from the same config
-    if args.worker:
-        study.worker(args, config_of)
-        return 0
-    if args.phase == "run":
-        study.run_phase(runs(args), args, "benchmarks.webnlg_study", config_of)
-    print(report(args))
-    return 0
+    return study.run_study(args, "benchmarks.webnlg_study", lambda: runs(args), config_of, lambda: report(args))
 
 
 if __name__ == "__main__":
