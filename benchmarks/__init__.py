@@ -39,8 +39,13 @@ Quality:
   ``python -m benchmarks.sst2``
 * ``e2e_study``: the E2E study, prefix tuning against LoRA and the other methods, and low data.
   ``python -m benchmarks.e2e_study --phase all``
+* ``webnlg_study``: WebNLG trained on 7 categories, scored on them and on the 3 held out, several methods and seeds.
+  ``python -m benchmarks.webnlg_study``
+* ``recipe_study``: the prefix recipes (flat / MLP, random / words, clipping) with LoRA and full
+  fine-tuning on E2E, WebNLG and SST-2 at two budgets and three seeds. ``python -m benchmarks.recipe_study``
 
-Shared pieces: :mod:`benchmarks.arms` (the training arms), :mod:`benchmarks.common` (the header of
+Shared pieces: :mod:`benchmarks.study` (the studies' resumable runs, workers and shards),
+:mod:`benchmarks.arms` (the training arms), :mod:`benchmarks.common` (the header of
 every results file: command, machine, code version; interleaving and paired ratios),
 :mod:`benchmarks.shapes` (random-weight models of named shapes), :mod:`benchmarks.profiling`
 (profiler op totals). Every ``--json`` file starts with ``command``, ``machine`` and

@@ -23,21 +23,20 @@ Run from the repository root::
     python -m benchmarks.e2e_study --phase lr --methods prefix,lora          # the bar only, on CPU
     python -m benchmarks.e2e_study --phase report --out runs/e2e-study
 
-It imports only the library, so a test can load it from its file.
+Its runs are resumable and can be shared among processes and machines (:mod:`benchmarks.study`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from benchmarks import study
 from prefixtune.compare.config import CompareConfig
+from prefixtune.compare.stats import format_mean_sd, paired
 
 LR_GRID = {  # {1e-3, 3e-3, 1e-2} for prefix tuning and LoRA; conventional ranges for the others
     "prefix": (1e-3, 3e-3, 1e-2),
@@ -165,54 +164,10 @@ def lr_cells(rows: dict) -> dict[tuple, list[dict]]:
 
 
 def load_rows(out: Path) -> dict:
-    folder = out / "runs"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
-
-
-def execute(runs: list[dict], args, shard: tuple[int, int]) -> None:
-    """Run this shard's runs that have no row yet, in this process."""
-    from prefixtune.compare.runner import run_method
-
-    index, count = shard
-    out = Path(args.out) / "runs"
-    out.mkdir(parents=True, exist_ok=True)
-    for i, run in enumerate(runs):
-        target = out / f"{run['id']}.json"
-        if i % count != index or target.exists():
-            continue
-        cfg = dataclasses.replace(base_config(args), **run["changes"])
-        start = time.perf_counter()
-        row = run_method(cfg, run["method"], run["lr"], Path(args.out) / "checkpoints" / run["id"])
-        row.update(id=run["id"], changes=run["changes"], wall_seconds=time.perf_counter() - start)
-        row.pop("losses", None) if args.drop_losses else None
-        target.write_text(json.dumps(row, indent=1))
-        scores = " ".join(f"{k} {v:.1f}" for k, v in row.get("metrics", {}).items())
-        print(f"[{index}] {run['id']}: {row['status']} {row.get('reason', '')} {scores} "
-              f"loss {row.get('final_loss', float('nan')):.3f} ({row['wall_seconds']:.0f} s)", flush=True)
-
-
-def run_phase(runs: list[dict], args) -> None:
-    if args.workers <= 1:
-        execute(runs, args, (0, 1))
-        return
-    plan = Path(args.out) / "plan.json"
-    plan.parent.mkdir(parents=True, exist_ok=True)
-    plan.write_text(json.dumps(runs))
-    workers = [subprocess.Popen([sys.executable, "-m", "benchmarks.e2e_study", "--worker", f"{i}/{args.workers}",
-                                 "--plan", str(plan), *sys.argv[1:]]) for i in range(args.workers)]
-    for worker in workers:
-        worker.wait()
+    return study.load_rows(out)
 
 
 # ---------------------------------------------------------------------------------- report
-def _mean_sd(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def report(args) -> str:
     rows = load_rows(Path(args.out))
     lines = []
@@ -230,8 +185,8 @@ def report(args) -> str:
                 lines.append(f"| {group[0]['label']} | {lr:g} | {changes} | {seeds} | "
                              f"{failed[0]['status']}: {failed[0].get('reason', '')} | | | | |")
                 continue
-            metric = lambda key: _mean_sd([r["metrics"][key] for r in group])  # noqa: E731
-            loss = _mean_sd([r["final_loss"] for r in group if "final_loss" in r], digits=3)
+            metric = lambda key: format_mean_sd([r["metrics"][key] for r in group])  # noqa: E731
+            loss = format_mean_sd([r["final_loss"] for r in group if "final_loss" in r], digits=3)
             sps = f"{statistics.median(r['seconds_per_step'] for r in group):.2f}" if "seconds_per_step" in group[0] else "-"
             lines.append(f"| {group[0]['label']} | {lr:g} | {changes} | {seeds} | {loss} | {metric('bleu')} | "
                          f"{metric('rouge_l')} | {sps} | {group[0]['trainable_params']:,} |")
@@ -253,9 +208,9 @@ def report(args) -> str:
             cells, loss = [], []
             for s in sizes:
                 picked = [r for r in mine if r["changes"]["train_sample"] == s]
-                cells += [_mean_sd([r["metrics"]["bleu"] for r in picked]),
-                          _mean_sd([r["metrics"]["rouge_l"] for r in picked])]
-                loss.append(_mean_sd([r["final_loss"] for r in picked], digits=3))
+                cells += [format_mean_sd([r["metrics"]["bleu"] for r in picked]),
+                          format_mean_sd([r["metrics"]["rouge_l"] for r in picked])]
+                loss.append(format_mean_sd([r["final_loss"] for r in picked], digits=3))
             seeds = sorted({r["changes"]["seed"] for r in mine})
             label = f"{method} (lr {mine[0]['lr']:g}, seeds {seeds})" if mine else f"{method} (not run yet)"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -313,21 +268,24 @@ def per_seed(rows: dict) -> list[str]:
     for (_, method, lr, _), group in cells.items():
         scores = ", ".join(f"seed {r.get('changes', {}).get('seed', 0)}: {r['metrics']['bleu']:.2f} / "
                            f"{r['metrics']['rouge_l']:.2f}" for r in group)
-        means = " / ".join(_mean_sd([r["metrics"][key] for r in group], digits=2) for key in ("bleu", "rouge_l"))
+        means = " / ".join(format_mean_sd([r["metrics"][key] for r in group], digits=2) for key in ("bleu", "rouge_l"))
         lines.append(f"- {method} at {lr:g}: {scores}; mean ± sd {means}")
     lora = cells.get((False, "lora", best_lr(rows, "lora"), ()))
     for (_, method, lr, _), group in cells.items():
         if lora is None or not method.startswith("prefix"):
             continue
-        base = {r.get("changes", {}).get("seed", 0): r["metrics"] for r in lora}
         for key in ("bleu", "rouge_l"):
-            diffs = [r["metrics"][key] - base[seed][key] for r in group
-                     if (seed := r.get("changes", {}).get("seed", 0)) in base]
-            if len(diffs) > 1:
-                lines.append(f"- {method} at {lr:g} minus LoRA, {key}: per seed " + ", ".join(f"{d:+.2f}" for d in diffs)
-                             + f"; mean {statistics.mean(diffs):+.2f}, sd {statistics.stdev(diffs):.2f}, "
-                             f"prefix ahead in {sum(d > 0 for d in diffs)} of {len(diffs)}")
+            diff = paired(_by_seed(group, key), _by_seed(lora, key))
+            if diff["n"] > 1:
+                lines.append(f"- {method} at {lr:g} minus LoRA, {key}: per seed "
+                             + ", ".join(f"{d:+.2f}" for d in diff["diffs"]) + f"; mean {diff['mean']:+.2f}, "
+                             f"sd {diff['sd']:.2f}, prefix ahead in {diff['above']} of {diff['n']}")
     return lines + [""]
+
+
+def _by_seed(group: list[dict], key: str) -> dict[int, float]:
+    """``{seed: metric}`` of a cell's rows (the seed is in the row's changes; 0 where none is)."""
+    return {r.get("changes", {}).get("seed", 0): r["metrics"][key] for r in group}
 
 
 def plot(rows: dict, images: Path) -> None:
@@ -377,13 +335,9 @@ def plot(rows: dict, images: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", choices=("lr", "lowdata", "all", "report"), default="all")
-    parser.add_argument("--out", default="runs/e2e-study")
+    study.add_arguments(parser, out="runs/e2e-study")
     parser.add_argument("--images", default="docs/images")
     parser.add_argument("--data-dir", default="../shared/data/e2e")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--model", default=None, help="base model (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")
-    parser.add_argument("--workers", type=int, default=1, help="processes sharing the runs (on one GPU: 3-4)")
     parser.add_argument("--methods", default="prefix,prefix-words,prefix-flat,prefix-flat-words,lora,peft-prefix,"
                         "prompt,adapter,full,base",
                         help="methods of the learning-rate phase")
@@ -398,22 +352,18 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--eval-prompts", type=int, default=50)
-    parser.add_argument("--eval-batch-size", type=int, default=None, help="prompts decoded at once (GPU: 50)")
-    parser.add_argument("--drop-losses", action="store_true", help="do not keep per-step losses in the rows")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--plan", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    config_of = lambda run: base_config(args)  # noqa: E731 - every run of the study starts from the same config
     if args.worker:
-        index, count = (int(x) for x in args.worker.split("/"))
-        execute(json.loads(Path(args.plan).read_text()), args, (index, count))
+        study.worker(args, config_of)
         return 0
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     if args.phase in ("lr", "all"):
-        run_phase(lr_runs(args), args)
+        study.run_phase(lr_runs(args), args, "benchmarks.e2e_study", config_of)
     if args.phase in ("lowdata", "all"):
-        run_phase(lowdata_runs(args, load_rows(Path(args.out))), args)
+        study.run_phase(lowdata_runs(args, load_rows(Path(args.out))), args, "benchmarks.e2e_study", config_of)
     print(report(args))
     return 0
 

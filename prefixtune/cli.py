@@ -127,7 +127,7 @@ def _train(cfg: TrainConfig) -> int:
 
 
 def _eval(cfg: EvalConfig) -> int:
-    from . import data, evaluate
+    from . import data, evaluate, where
     from .metrics import check_available
     from .options import split_list
 
@@ -137,10 +137,17 @@ def _eval(cfg: EvalConfig) -> int:
         return _eval_classes(cfg)
     metrics = split_list(cfg.metrics)
     check_available(metrics)
-    examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit)
+    examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit,
+                                  keep=where.parsed(cfg.eval_where, "eval_where"))
     pm, tokenizer = _load(cfg)
-    result = evaluate.score(pm, tokenizer, examples, cfg, prefix="default" if cfg.prefix else None, metrics=metrics)
-    print(evaluate.table({"with prefix" if cfg.prefix else "base model": result}, metrics))
+    prefix, label = ("default", "with prefix") if cfg.prefix else (None, "base model")
+    if cfg.group_by:
+        result = evaluate.score_by(pm, tokenizer, examples, cfg, prefix=prefix, metrics=metrics, field=cfg.group_by)
+        print(evaluate.table({f"{label}, all": result, **{f"  {value}": row for value, row in result["groups"].items()}},
+                             metrics))
+    else:
+        result = evaluate.score(pm, tokenizer, examples, cfg, prefix=prefix, metrics=metrics)
+        print(evaluate.table({label: result}, metrics))
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(f"metrics written to {cfg.output}")
@@ -149,12 +156,13 @@ def _eval(cfg: EvalConfig) -> int:
 
 def _eval_classes(cfg: EvalConfig) -> int:
     """Accuracy of a classifier prefix (its task head is saved with it)."""
-    from . import data, evaluate
+    from . import data, evaluate, where
     from .base_models import class_names
 
     if not cfg.prefix:
         raise ValueError("--task classification needs --prefix: the task head is trained with the prefix")
-    examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit)
+    examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit,
+                                  keep=where.parsed(cfg.eval_where, "eval_where"))
     pm, tokenizer = _load(cfg)
     labels = class_names(pm.model)
     rows, _ = data.tokenize_classes(examples, tokenizer, labels, max_length=cfg.max_length)

@@ -11,12 +11,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from . import options
+from . import options, where
 
 INITS = ("random", "text")
 DEMO_EVAL_EVERY, DEMO_EVAL_PROMPTS = 20, 8
 """How often, and on how many prompts, ``prefixtune train`` evaluates its built-in demo by default."""
 TARGETS = ("encoder", "decoder", "cross")  # the attentions a prefix can enter (prefixtune.arch.GROUPS)
+TRAIN_WHERE = ("train only on the rows whose FIELD matches: 'FIELD=V1,V2' keeps those values, 'FIELD!=V1,V2' drops "
+               "them, e.g. 'category!=City,Food,Monument' (values as text, exact; --train-limit counts kept rows)")
+EVAL_WHERE = ("evaluate only on the rows whose FIELD matches: 'FIELD=V1,V2' keeps those values, 'FIELD!=V1,V2' "
+              "drops them, e.g. 'category=City,Food,Monument' (values as text, exact; --eval-limit counts kept rows)")
 
 
 def _opt(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, **extra):
@@ -180,6 +184,8 @@ class TrainConfig(StepOptions, DataOptions):
     output_dir: str = _opt("runs/prefix", "where the prefix, checkpoints, metrics.jsonl, curves.png and config.yaml go")
     train_limit: int | None = _opt(None, "use only the first N training examples (the paper's low-data setting)", ge=1)
     eval_limit: int | None = _opt(None, "use only the first N evaluation examples", ge=1)
+    train_where: str | None = _opt(None, TRAIN_WHERE)
+    eval_where: str | None = _opt(None, EVAL_WHERE)
     prefix_config: PrefixConfig = _opt(help="the prefix (each of its fields is an option)", factory=PrefixConfig)
     lr: float = _opt(3e-3, "peak AdamW learning rate", ge=0)
     epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)", gt=0)
@@ -190,7 +196,8 @@ class TrainConfig(StepOptions, DataOptions):
     eval_every: int | None = _opt(None, "evaluate every N steps (0 = only at the end; default: every 20 steps on "
                                   "the built-in demo, else only at the end)", ge=0)
     save_every: int = _opt(50, "write a resumable checkpoint every N steps (0 = never)", ge=0)
-    metric: str = _opt("loss", "metric that picks the best prefix and drives early stopping: loss, or a generation metric such as bleu")
+    metric: str = _opt("loss", "metric that picks the best prefix and drives early stopping: loss, or a generation "
+                       "metric such as bleu (the lowest loss, perplexity or ter wins, the highest of any other)")
     metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics computed at evaluation")
     patience: int = _opt(0, "stop after N evaluations without improvement of --metric (0 = never)", ge=0)
     eval_generate_limit: int | None = _opt(None, "distinct eval prompts decoded for the generation metrics of an "
@@ -214,6 +221,7 @@ class TrainConfig(StepOptions, DataOptions):
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (:func:`options.check`)."""
+        yield from where.problems(self, "train_where", "eval_where")
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
             yield "micro_batch_size", f"must be at most --batch-size ({self.batch_size}), got {self.micro_batch_size}"
         if self.eval_data is None and self.data is not None:
@@ -235,9 +243,19 @@ class EvalConfig(DataOptions):
 
     prefix: str | None = _opt(None, "folder of a saved prefix (a training run's --output-dir); omit to score the base model")
     data: str | None = _opt(None, "evaluation data (same formats as train)")
-    metrics: str = _opt("bleu,rouge_l", "comma-separated: bleu, nist, meteor, rouge_l, cider, accuracy, exact_match (loss and perplexity always)")
+    metrics: str = _opt("bleu,rouge_l", "comma-separated: bleu, nist, meteor, rouge_l, cider, ter (lower is better), accuracy, "
+                        "exact_match (loss and perplexity always)")
     limit: int | None = _opt(None, "score only the first N examples", ge=1)
+    eval_where: str | None = _opt(None, EVAL_WHERE.replace("--eval-limit", "--limit"))
+    group_by: str | None = _opt(None, "also score the rows of each value of this field of the data (e.g. category): "
+                                "a row per value, each with the corpus metrics of its own inputs, under the overall row")
     output: str | None = _opt(None, "write the metrics (and the generations) as JSON here")
+
+    def problems(self):
+        """``(option, message)`` for each rule between options that is broken (:func:`options.check`)."""
+        yield from where.problems(self, "eval_where")
+        if self.group_by is not None and self.task == "classification":
+            yield "group_by", "scores generation tasks; --task classification reports its accuracy overall"
 
 
 @dataclass

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from . import hub
+from .where import Where
 
 IGNORE = -100
 """The label transformers' cross-entropy skips: prompt positions and padding."""
@@ -77,6 +78,7 @@ def load_examples(
     split: str = "train",
     limit: int | None = None,
     require_completion: bool = True,
+    keep: Where | None = None,
 ) -> list[Example]:
     """Read ``source`` into examples, checking every record.
 
@@ -90,22 +92,38 @@ def load_examples(
         label_field: For classification data: the label column; its value, as a string, is
             both ``label`` and the completion.
         split: The split to load from a ``datasets`` source (files have no splits).
-        limit: Keep only the first ``limit`` examples (and read no further).
+        limit: Keep only the first ``limit`` examples (and read no further); with ``keep``,
+            the first ``limit`` that pass it.
         require_completion: ``False`` lets records without a completion through (``""``),
             for prompts to generate from.
+        keep: Keep only the records that pass this filter (:mod:`prefixtune.where`); a record
+            without its field is an error, and so is a filter that keeps nothing.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     fields = dict(prompt=text_field or prompt_field, completion=label_field or completion_field,
                   is_label=label_field is not None, require_completion=require_completion)
     examples = []
-    for where, record in _records(source, split):
-        examples.append(_example(record, where, **fields))
+    for at, record in _records(source, split):
+        if keep is not None and not keep.keeps(record, at):
+            continue
+        examples.append(_example(record, at, **fields))
         if len(examples) == limit:
             break
     if not examples:
-        raise DataError(f"{source}: no examples")
+        raise DataError(f"{source}: {keep.option} {keep.text!r} keeps no row" if keep else f"{source}: no examples")
     return examples
+
+
+def select(examples: list[Example], keep: Where | None, source: str) -> list[Example]:
+    """The examples that pass ``keep`` (all of them for ``None``): the filter of :func:`load_examples`
+    for examples made in memory (the built-in demo task); ``source`` names them in errors."""
+    if keep is None:
+        return examples
+    kept = [ex for ex in examples if keep.keeps(ex.fields, ex.where or source)]
+    if not kept:
+        raise DataError(f"{source}: {keep.option} {keep.text!r} keeps no row")
+    return kept
 
 
 def _records(source: str, split: str) -> Iterator[tuple[str, dict]]:
@@ -327,6 +345,19 @@ def group_references(examples: list[Example]) -> list[tuple[Example, list[str]]]
         if example.completion:
             references.append(example.completion)
     return list(groups.values())
+
+
+def partition(examples: list[Example], field: str, option: str = "--group-by") -> dict[str, list[Example]]:
+    """The examples by the value of ``field`` in their raw record (as text), values in order of
+    first appearance: per-category scores of WebNLG. A row without the field is a :class:`DataError`
+    naming ``option``."""
+    parts: dict[str, list[Example]] = {}
+    for example in examples:
+        if field not in example.fields:
+            raise DataError(f"{_where(example)}: {option} names field {field!r}, which this row lacks "
+                            f"(fields: {', '.join(map(str, example.fields))})")
+        parts.setdefault(str(example.fields[field]), []).append(example)
+    return parts
 
 
 # ---------------------------------------------------------------------------- prompts

@@ -70,6 +70,34 @@ def score(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions, *, pref
     return result
 
 
+def score_by(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions, *, prefix, metrics: list[str],
+             field: str) -> dict:
+    """:func:`score` over all ``examples`` and over the rows of each value of ``field``.
+
+    Each group's metrics are corpus metrics of its own inputs (BLEU of the group's n-gram counts,
+    not a mean of per-input scores), and so are the overall ones, over every group's inputs.
+    References are grouped per prompt within each group (:func:`data.group_references`), so an
+    input keeps all its reference rows; an input whose rows carry two values of ``field`` counts
+    once in each. Every input is decoded once: the overall metrics reuse the groups' generations.
+
+    Returns:
+        The overall result (loss and perplexity over every row, ``metrics``, each generation with
+        its ``group``), with ``group_by`` and ``groups``: ``{value: {loss, perplexity, metrics...,
+        "inputs": distinct prompts scored}}``.
+    """
+    groups, generations = {}, []
+    for value, part in data.partition(examples, field).items():
+        result = score(pm, tokenizer, part, opts, prefix=prefix, metrics=metrics)
+        part_generations = result.pop("generations", [])
+        generations += [{**g, "group": value} for g in part_generations]
+        groups[value] = {**result, "inputs": len(part_generations)}
+    overall = score(pm, tokenizer, examples, opts, prefix=prefix, metrics=[])  # the loss over every row
+    if metrics:
+        overall.update(scores(metrics, [g["generation"] for g in generations], [g["references"] for g in generations]))
+        overall["generations"] = generations
+    return {**overall, "inputs": len(generations), "group_by": field, "groups": groups}
+
+
 @torch.no_grad()
 def classify(pm: PrefixModel, rows: list[dict], pad_id: int, *, batch_size: int, prefix) -> dict:
     """Mean cross-entropy, accuracy and the predicted class ids over ``rows`` (from
@@ -122,16 +150,13 @@ def _batches(count: int, batch_size: int, desc: str):
             shown.update()
 
 
-def lower_is_better(metric: str) -> bool:
-    return metric in ("loss", "perplexity")
-
-
 def table(results: dict[str, dict], metrics: list[str]) -> str:
     """A small fixed-width table: one row per labelled result, one column per metric."""
     columns = ["loss", *(["perplexity"] if any("perplexity" in r for r in results.values()) else []), *metrics]
-    lines = [f"{'':16}" + "".join(f"{c:>12}" for c in columns)]
+    width = max(16, *(len(label) + 2 for label in results))
+    lines = [f"{'':{width}}" + "".join(f"{c:>12}" for c in columns)]
     for label, row in results.items():
-        lines.append(f"{label:16}" + "".join(f"{row.get(c, float('nan')):12.2f}" for c in columns))
+        lines.append(f"{label:{width}}" + "".join(f"{row.get(c, float('nan')):12.2f}" for c in columns))
     return "\n".join(lines)
 
 

@@ -13,9 +13,11 @@ runs two families of scorers, and so does this module:
   ROUGE-L and CIDEr need no Java.
 
 Every input may have several references, as E2E does (up to ~40 per input).
+TER (translation edit rate, the WebNLG challenge's third metric) comes from sacrebleu;
+it is an error rate, so lower is better (:data:`LOWER_IS_BETTER`).
 ``accuracy`` and ``exact_match`` are for classification cast as generation.
 
-Scales follow the paper's table: BLEU, METEOR, ROUGE-L, accuracy and exact_match on
+Scales follow the paper's table: BLEU, METEOR, ROUGE-L, TER, accuracy and exact_match on
 0-100; NIST and CIDEr raw (the paper's GPT-2 prefix row: BLEU 69.7, NIST 8.81,
 METEOR 46.1, ROUGE-L 71.4, CIDEr 2.49).
 
@@ -37,7 +39,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-METRICS: tuple[str, ...] = ("bleu", "nist", "meteor", "rouge_l", "cider", "accuracy", "exact_match")
+METRICS: tuple[str, ...] = ("bleu", "nist", "meteor", "rouge_l", "cider", "ter", "accuracy", "exact_match")
+
+LOWER_IS_BETTER = frozenset({"ter", "loss", "perplexity"})
+"""The scores where less is better (TER counts edits); every other metric is higher-is-better.
+Whatever picks or marks "the best" reads this (:func:`lower_is_better`)."""
+
+
+def lower_is_better(name: str) -> bool:
+    """Whether a smaller value of ``name`` (a metric, ``loss`` or ``perplexity``) is the better one."""
+    return name in LOWER_IS_BETTER
 
 Refs = Sequence[Sequence[str]]
 
@@ -92,7 +103,8 @@ def _check_inputs(hypotheses: Sequence[str], references: Refs) -> None:
             raise TypeError(f"references[{i}] must contain only strings")
 
 
-_PACKAGES = {"meteor": "pycocoevalcap", "cider": "pycocoevalcap", "bleu": "sacrebleu", "nist": "sacrebleu"}
+_PACKAGES = {"meteor": "pycocoevalcap", "cider": "pycocoevalcap", "bleu": "sacrebleu", "nist": "sacrebleu",
+             "ter": "sacrebleu"}
 
 
 def check_available(names: Sequence[str]) -> None:
@@ -149,6 +161,20 @@ def _reference_streams(references: Refs) -> list[list[str | None]]:
     """
     depth = max(len(refs) for refs in references)
     return [[refs[k] if k < len(refs) else None for refs in references] for k in range(depth)]
+
+
+def _ter(hypotheses: Sequence[str], references: Refs) -> float:
+    """Corpus TER (Snover et al. 2006), case-insensitive, 0-100: the edits (insertions,
+    deletions, substitutions, shifts) that turn each hypothesis into its closest reference,
+    over the average reference length, summed over the corpus (sacrebleu's ``TER``, tercom's
+    algorithm). Lower is better.
+
+    Args:
+        hypotheses: One system output per input.
+        references: The references of each input.
+    """
+    sacrebleu = _require("sacrebleu.metrics", "sacrebleu")
+    return sacrebleu.TER(case_sensitive=False).corpus_score(list(hypotheses), _reference_streams(references)).score
 
 
 def _nist(hypotheses: Sequence[str], references: Refs, max_n: int = 5) -> float:
@@ -492,6 +518,7 @@ _SCORERS: dict[str, Callable[[Sequence[str], Refs], float]] = {
     "meteor": _meteor,
     "rouge_l": _rouge_l,
     "cider": _cider,
+    "ter": _ter,
     "accuracy": _accuracy,
     "exact_match": _exact_match,
 }

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress
+from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes, where
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig
-from .metrics import check_available
+from .metrics import check_available, lower_is_better
 from .model import PrefixModel
 from .runtime import autocast, lr_lambda, pick_device
 
@@ -205,6 +205,7 @@ class _Run(Hooks):
         self._before: list | None = None  # what trains, as it was before the step in progress
         self._last_good: list | None = None  # what trains, as it was before the last step that succeeded
         self.tensorboard = _tensorboard(out) if self.dist.is_main else None
+        self.spikes = spikes.SpikeWatch(cfg.warmup_steps)  # a resumed run starts its window afresh
         self.bar = None
 
     def train(self) -> None:
@@ -246,6 +247,7 @@ class _Run(Hooks):
                       "epoch": (step - 1) // self.order.per_epoch})
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
         self.bar.update()
+        self._warn_of_spike(step, loss)
         every = self.cfg.evaluations_every()
         if self.eval_examples and every and step % every == 0 and step < self.total:
             self._evaluate()
@@ -253,6 +255,14 @@ class _Run(Hooks):
             self._checkpoint()
         for callback in self.callbacks:
             callback(step, loss)
+
+    def _warn_of_spike(self, step: int, loss: float) -> None:
+        """One line where the step's loss is a spike (:mod:`prefixtune.spikes`); training goes on."""
+        ratio = self.spikes.add(step, loss)
+        if ratio is not None and ratio > spikes.THRESHOLD and self.dist.is_main:
+            progress.note(f"warning: loss spike at step {step}: {loss:.3f} is {ratio:.1f}x the median of the "
+                          f"last {spikes.WINDOW} steps' losses (training goes on; a lower --lr or --max-grad-norm "
+                          "may help)")
 
     # ------------------------------------------------------------------ steps
     def _loss(self, batch: dict, items: torch.Tensor) -> torch.Tensor:
@@ -303,7 +313,7 @@ class _Run(Hooks):
         result = self.dist.broadcast(result)  # every process then takes the same best/patience decisions
         value = result[metric]
         best = self.state["best"]
-        better = best is None or (value < best if evaluate.lower_is_better(metric) else value > best)
+        better = best is None or (value < best if lower_is_better(metric) else value > best)
         if better:
             self.state.update(best=value, best_step=self.state["step"], bad_evals=0)
             if self.dist.is_main:
@@ -412,14 +422,17 @@ def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
 
 
 def _examples(cfg: TrainConfig) -> tuple[list, list]:
+    train_where, eval_where = where.parsed(cfg.train_where, "train_where"), where.parsed(cfg.eval_where, "eval_where")
     if cfg.data is None:
         train_examples, held_out = demo.train_and_held_out(cfg.seed)
+        train_examples = data.select(train_examples, train_where, "demo")
+        held_out = data.select(held_out, eval_where, "demo") if not cfg.eval_data else held_out
         log.info("no --data: training on the built-in demo task (%d examples)", len(train_examples))
     else:
-        train_examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.train_limit)
+        train_examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.train_limit, keep=train_where)
         held_out = []
     if cfg.eval_data:
-        held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit)
+        held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit, keep=eval_where)
     return train_examples, held_out
 
 

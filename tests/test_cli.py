@@ -136,3 +136,70 @@ def test_backslash_n_typed_in_a_prompt_template_is_a_line_break():
 
     args = _parser().parse_args(["eval", "--prompt-template", r"Table: {prompt}\nText:"])
     assert options.build(EvalConfig, args).prompt_template == "Table: {prompt}\nText:"
+
+
+def test_train_and_eval_filter_rows_by_field(model_dir, tmp_path, capsys):
+    data = tmp_path / "cats.jsonl"
+    data.write_text("".join(json.dumps({"category": c, "prompt": f"{c} {i} ->", "completion": f" {i}"}) + "\n"
+                            for i, c in enumerate(["City", "Food", "Airport", "Astronaut"] * 3)))
+    out = tmp_path / "out"
+    assert main(["train", "--model", model_dir, "--data", str(data), "--eval-data", str(data), "--output-dir", str(out),
+                 "--max-steps", "1", "--prefix-length", "2", "--reparam-hidden-size", "8", "--batch-size", "2",
+                 "--max-new-tokens", "2", "--train-where", "category!=City,Food", "--eval-where", "category=City"]) == 0
+    scored = json.loads((out / "eval.json").read_text())["with prefix"]["generations"]
+    assert [g["prompt"] for g in scored] == ["City 0 ->", "City 4 ->", "City 8 ->"]
+    target = tmp_path / "m.json"
+    assert main(["eval", "--model", model_dir, "--prefix", str(out), "--data", str(data), "--max-new-tokens", "2",
+                 "--eval-where", "category=Food,Airport", "--limit", "3", "--output", str(target)]) == 0
+    assert [g["prompt"] for g in json.loads(target.read_text())["generations"]] == ["Food 1 ->", "Airport 2 ->",
+                                                                                   "Food 5 ->"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--train-where", "category"], "prefixtune train: error: --train-where: expected FIELD=V1,V2,..."),
+    (["eval", "--eval-where", "=City"], "prefixtune eval: error: --eval-where: expected FIELD=V1,V2,..."),
+    (["compare", "--eval-where", "category=="], "prefixtune compare: error: --eval-where: expected FIELD=V1,V2,..."),
+    (["train", "--train-where", "categry=City"], "--train-where 'categry=City' names field 'categry'"),
+    (["train", "--train-where", "category=Pasta"], "--train-where 'category=Pasta' keeps no row"),
+])
+def test_a_bad_filter_is_one_line_naming_the_option_and_nothing_is_written(model_dir, tmp_path, capsys, argv, message):
+    data = tmp_path / "cats.jsonl"
+    data.write_text(json.dumps({"category": "City", "prompt": "a", "completion": "b"}) + "\n")
+    out = tmp_path / "out"
+    files = ["--data", str(data), "--eval-data", str(data)] if argv[0] != "eval" else ["--data", str(data)]
+    assert main([*argv, "--model", model_dir, *files, "--output-dir" if argv[0] != "eval" else "--output",
+                 str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_eval_group_by_scores_each_value_on_its_own_inputs_with_all_their_references(model_dir, trained, tmp_path,
+                                                                                     capsys):
+    from prefixtune.metrics import compute_metrics
+
+    _, out = trained
+    data = tmp_path / "groups.jsonl"
+    rows = [("A", "n=1 ->", " 1"), ("A", "n=1 ->", " one"), ("B", "n=2 ->", " 2"), ("A", "n=3 ->", " 0"),
+            ("B", "n=4 ->", " 1"), ("B", "n=4 ->", " four")]  # two inputs with two consecutive references each
+    data.write_text("".join(json.dumps({"category": c, "prompt": p, "completion": t}) + "\n" for c, p, t in rows))
+    target = tmp_path / "m.json"
+    assert main(["eval", "--model", model_dir, "--prefix", str(out), "--data", str(data), "--max-new-tokens", "3",
+                 "--metrics", "bleu,ter", "--group-by", "category", "--output", str(target)]) == 0
+    result = json.loads(target.read_text())
+    assert result["group_by"] == "category" and list(result["groups"]) == ["A", "B"]
+    assert result["inputs"] == 4 and [result["groups"][g]["inputs"] for g in "AB"] == [2, 2]
+    generations = result["generations"]
+    assert [(g["group"], g["prompt"], g["references"]) for g in generations] == [
+        ("A", "n=1 ->", [" 1", " one"]), ("A", "n=3 ->", [" 0"]), ("B", "n=2 ->", [" 2"]), ("B", "n=4 ->", [" 1", " four"])]
+    for group in "AB":  # corpus metrics of the group's own inputs, not a mean
+        mine = [g for g in generations if g["group"] == group]
+        expected = compute_metrics(["bleu", "ter"], [g["generation"] for g in mine], [g["references"] for g in mine])
+        assert result["groups"][group]["ter"] == pytest.approx(expected["ter"])
+        assert result["groups"][group]["bleu"] == pytest.approx(expected["bleu"])
+    overall = compute_metrics(["ter"], [g["generation"] for g in generations], [g["references"] for g in generations])
+    assert result["ter"] == pytest.approx(overall["ter"])
+    shown = capsys.readouterr().out
+    assert re.search(r"^with prefix, all\s", shown, flags=re.M) and re.search(r"^  A\s", shown, flags=re.M)
+    assert main(["eval", "--model", model_dir, "--prefix", str(out), "--data", str(data), "--group-by", "topic"]) == 2
+    assert "--group-by names field 'topic'" in capsys.readouterr().err

@@ -181,13 +181,7 @@ def test_report_of_skipped_and_failed_rows():
 
 
 def test_e2e_study_plan_picks_best_rates_and_reports(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e_study.py"
-    spec = importlib.util.spec_from_file_location("e2e_study", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    from benchmarks import e2e_study as study
     args = argparse.Namespace(grid="prefix-flat=3e-3,lora=1e-2,prefix-flat=1e-3", methods="", ablations=False, lr_seeds="0,1",
                               set=None, sizes="50,100", seeds="0,1", out=str(tmp_path), images=str(tmp_path / "img"),
                               steps=120)
@@ -232,3 +226,92 @@ def test_bad_data_is_one_clear_error(tmp_path, capsys):
     assert code == 2 and "missing.jsonl" in capsys.readouterr().err
     assert cli.main(["compare", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--eval-data: is required with --data" in capsys.readouterr().err
+
+
+def test_compare_trains_and_scores_on_the_rows_its_filters_keep(tmp_path):
+    data = tmp_path / "cats.jsonl"
+    data.write_text("".join(json.dumps({"category": c, "prompt": f"{c} {i}", "completion": f"t {i}"}) + "\n"
+                            for i, c in enumerate(["City", "Food", "Airport", "Astronaut"] * 2)))
+    cfg = CompareConfig(data=str(data), eval_data=str(data), train_where="category!=City,Food",
+                        eval_where="category=City,Food")
+    train_examples, groups = runner.examples(cfg)
+    assert {e.fields["category"] for e in train_examples} == {"Airport", "Astronaut"} and len(train_examples) == 4
+    assert [ex.prompt for ex, _ in groups] == ["City 0", "Food 1", "City 4", "Food 5"]
+    demo_only, _ = runner.examples(CompareConfig(train_where="food=Italian", eval_prompts=2))
+    assert demo_only and {e.fields["food"] for e in demo_only} == {"Italian"}
+
+
+def test_seeds_run_every_method_per_seed_and_report_means_and_paired_differences(model_dir, tmp_path, capsys):
+    cfg = tiny_config(model_dir, tmp_path, methods="prefix-flat,lora", seeds=(0, 1), max_steps=7, warmup_steps=1,
+                      metrics="bleu,ter", reference="lora")
+    results = runner.compare(cfg)
+    rows = results["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [("prefix-flat", 0), ("lora", 0), ("prefix-flat", 1), ("lora", 1)]
+    assert all(r["status"] == "ok" and r["spike_ratio"] > 0 and r["spike"] is (r["spike_ratio"] > 2) for r in rows)
+    flat = [r for r in rows if r["method"] == "prefix-flat"]
+    assert flat[0]["losses"] != flat[1]["losses"]  # another seed, another order and initialization
+    summary = results["summary"]
+    assert summary["reference"] == "lora" and list(summary["methods"]) == ["prefix-flat", "lora"]
+    mine = summary["methods"]["prefix-flat"]
+    diffs = [a["metrics"]["ter"] - b["metrics"]["ter"] for a, b in zip(rows[0::2], rows[1::2])]
+    assert mine["vs_reference"]["ter"]["diffs"] == pytest.approx(diffs)
+    assert mine["scores"]["bleu"]["mean"] == pytest.approx((flat[0]["metrics"]["bleu"] + flat[1]["metrics"]["bleu"]) / 2)
+    assert mine["scores"]["final_loss"]["sd"] is not None and summary["methods"]["lora"]["vs_reference"] == {}
+    out = tmp_path / "out"
+    assert (out / "lora" / "seed-1" / "checkpoint").is_dir() and (out / "compare.png").stat().st_size > 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["summary"]["methods"]["prefix-flat"]["vs_reference"]["bleu"]["n"] == 2
+    md = (out / "compare.md").read_text()
+    assert "Over seeds" in md and "| BLEU - lora |" in md and "seeds 0, 1" in md
+    printed = capsys.readouterr().out
+    assert "d = method - lora" in printed and "d TER" in printed
+
+
+def test_summary_marks_the_lowest_ter_and_loss_as_best():
+    from prefixtune.compare import stats
+    from prefixtune.compare.report import summary_markdown
+
+    def row(method, seed, bleu, ter, loss):
+        return {"method": method, "label": method, "seed": seed, "status": "ok", "trainable_params": 5,
+                "final_loss": loss, "spike_ratio": 1.0, "spike": False, "metrics": {"bleu": bleu, "ter": ter}}
+
+    rows = [row("a", 0, 50, 40, 1.0), row("b", 0, 60, 50, 2.0), row("a", 1, 52, 42, 1.2), row("b", 1, 58, 46, 2.2)]
+    summary = stats.summarize(rows)
+    assert summary["reference"] == "a"
+    assert summary["methods"]["b"]["vs_reference"]["bleu"] == {"mean": 8.0, "sd": pytest.approx(2 ** 1.5), "n": 2,
+                                                                "above": 2, "diffs": [10, 6]}
+    table = "\n".join(summary_markdown({"summary": summary, "rows": rows}))
+    assert "| a | 2 | **1.100 ± 0.141** | 51.00 ± 1.41 | **41.00 ± 1.41** |" in table  # lower TER and loss win
+    assert "| b | 2 | 2.100 ± 0.141 | **59.00 ± 1.41** | 48.00 ± 2.83 | +1.000 ± 0.000 | +8.00 ± 2.83 | +7.00 ± 4.24 |" in table
+    assert stats.format_mean_sd([1.0]) == "1.0" and stats.format_mean_sd([]) == "-"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0,1,0"], "--seeds: names a seed twice: 0,1,0"),
+    (["--methods", "prefix,lora", "--reference", "full"], "--reference: must be one of --methods (prefix,lora), got 'full'"),
+])
+def test_bad_seeds_or_reference_are_one_line(capsys, argv, message):
+    assert cli.main(["compare", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_eval_sets_score_each_named_subset(model_dir, tmp_path):
+    data = tmp_path / "cats.jsonl"
+    data.write_text("".join(json.dumps({"category": c, "prompt": f"{c} {i} ->", "completion": f" {i}"}) + "\n"
+                            for i, c in enumerate(["City", "Food", "Airport", "Astronaut"] * 3)))
+    cfg = tiny_config(model_dir, tmp_path, data=str(data), eval_data=str(data), train_where="category!=City",
+                      eval_sets="seen:category!=City; unseen:category=City", eval_prompts=2, metrics="bleu,ter")
+    row = runner.run_method(cfg, "prefix-flat", 3e-2, tmp_path / "run")
+    assert list(row["sets"]) == ["seen", "unseen"] and row["metrics"] == row["sets"]["seen"]["metrics"]
+    assert [s["prompt"] for s in row["sets"]["unseen"]["samples"]] == ["City 0 ->", "City 4 ->"]
+    assert [s["prompt"] for s in row["sets"]["seen"]["samples"]] == ["Food 1 ->", "Airport 2 ->"]
+    sampled = runner.held_out_sets(dataclasses.replace(cfg, eval_sample=3))
+    assert [ex.prompt for ex, _ in sampled["seen"]] == [ex.prompt for ex, _ in runner.held_out_sets(
+        dataclasses.replace(cfg, eval_sample=3, seed=5))["seen"]]  # the same draw whatever the seed
+    assert len(sampled["unseen"]) == 3 and [ex.prompt for ex, _ in sampled["seen"]] != [
+        "Food 1 ->", "Airport 2 ->", "Astronaut 3 ->"]  # drawn, not the first three
+    with pytest.raises(ValueError, match="--eval-sets: expected NAME:FILTER"):
+        CompareConfig(eval_sets="seen=category")
+    with pytest.raises(ValueError, match="not both"):
+        CompareConfig(eval_sets="a:x=1", eval_where="x=2")

@@ -363,3 +363,52 @@ def test_batches_are_deterministic_per_seed_and_epoch_and_keep_the_last_partial_
     assert [len(b) for b in first] == [4, 4, 2]
     assert sorted(sum(first, [])) == list(range(10))
     assert order(seed=1, epoch=0, shuffle=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# ---------------------------------------------------------------------------- filters by field
+def _categories(tmp_path) -> str:
+    rows = [{"category": c, "prompt": f"{c} {i} |", "completion": f"text {i}"}
+            for i, c in enumerate(["City", "Food", "Airport", "City", "Monument", "Astronaut"])]
+    return write(tmp_path / "cats.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_where_keeps_or_drops_the_named_values_and_rows_keep_their_fields(tmp_path):
+    from prefixtune.where import Where
+
+    source = _categories(tmp_path)
+    unseen = load_examples(source, keep=Where.parse("category=City, Food,Monument", "--eval-where"))
+    assert [ex.fields["category"] for ex in unseen] == ["City", "Food", "City", "Monument"]
+    seen = load_examples(source, keep=Where.parse("category!=City,Food,Monument", "--train-where"))
+    assert [ex.fields["category"] for ex in seen] == ["Airport", "Astronaut"]
+    assert seen[0].fields == {"category": "Airport", "prompt": "Airport 2 |", "completion": "text 2"}
+    # the limit counts the rows the filter keeps
+    assert len(load_examples(source, limit=3, keep=Where.parse("category=City,Food,Monument", "--eval-where"))) == 3
+
+
+def test_where_compares_values_as_text_in_csv_and_json_alike(tmp_path):
+    from prefixtune.where import Where
+
+    tsv = write(tmp_path / "s.tsv", "sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\n")
+    kept = load_examples(tsv, text_field="sentence", label_field="label", keep=Where.parse("label=1", "--train-where"))
+    assert [ex.prompt for ex in kept] == ["good", "fine"]
+    jsonl = write(tmp_path / "n.jsonl", '{"prompt": "a", "completion": "b", "n": 1}\n{"prompt": "c", "completion": "d", "n": 2}\n')
+    assert [ex.prompt for ex in load_examples(jsonl, keep=Where.parse("n!=2", "--train-where"))] == ["a"]
+
+
+@pytest.mark.parametrize("text", ["category", "category=", "=City", "category=,", "cat=egory=x", "a!b=c"])
+def test_a_filter_of_bad_syntax_says_what_it_expects(text):
+    from prefixtune.where import Where
+
+    with pytest.raises(ValueError, match=r"expected FIELD=V1,V2,\.\.\. .* got"):
+        Where.parse(text, "--train-where")
+
+
+def test_a_filter_on_a_missing_field_or_that_keeps_nothing_names_itself(tmp_path):
+    from prefixtune.where import Where
+
+    source = _categories(tmp_path)
+    with pytest.raises(ValueError, match=r"cats\.jsonl:1: --train-where 'categry=City' names field 'categry'.*"
+                                         r"fields: category, prompt, completion"):
+        load_examples(source, keep=Where.parse("categry=City", "--train-where"))
+    with pytest.raises(DataError, match=r"cats\.jsonl: --eval-where 'category=Pasta' keeps no row"):
+        load_examples(source, keep=Where.parse("category=Pasta", "--eval-where"))

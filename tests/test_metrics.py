@@ -31,7 +31,17 @@ def score(name, hypotheses, references):
 
 
 def test_metrics_lists_every_supported_name():
-    assert METRICS == ("bleu", "nist", "meteor", "rouge_l", "cider", "accuracy", "exact_match")
+    assert METRICS == ("bleu", "nist", "meteor", "rouge_l", "cider", "ter", "accuracy", "exact_match")
+
+
+def test_ter_counts_edits_against_the_closest_reference_and_is_lower_is_better():
+    assert score("ter", ["The cat sat on the mat"], [["the cat sat on the mat"]]) == 0.0  # case-insensitive
+    # one deletion: the edits against the closest reference, over the references' average length (6 and 2 words)
+    assert score("ter", ["the cat sat on mat"], [["a dog", "the cat sat on the mat"]]) == pytest.approx(100 / 4)
+    # corpus-level: edits summed over inputs over the summed reference lengths (6 + 2 words)
+    assert score("ter", ["the cat sat on mat", "a cat"], [["the cat sat on the mat"], ["a dog"]]) == pytest.approx(
+        100 * 2 / 8)
+    assert metrics.lower_is_better("ter") and metrics.lower_is_better("loss") and not metrics.lower_is_better("bleu")
 
 
 def test_identical_texts_score_perfectly():

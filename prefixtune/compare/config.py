@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import DataOptions, StepOptions, _opt
+from .. import where
+from ..config import EVAL_WHERE, TRAIN_WHERE, DataOptions, StepOptions, _opt
+from ..options import split_list
 
 QUICK = dict(max_steps=8, batch_size=4, train_limit=400, eval_prompts=6, max_new_tokens=40, warmup_steps=2)
 """What ``--quick`` changes (options given explicitly on the command line or in --config win)."""
@@ -20,6 +22,11 @@ class CompareConfig(StepOptions, DataOptions):
     output_dir: str = _opt("runs/compare", "where compare.md, compare.json, compare.png and each method's folder go")
     methods: str = _opt("base,prefix,peft-prefix,prompt,lora,adapter,full,qlora",
                         "comma-separated methods (see --list-methods); 'base' scores the untuned model")
+    seeds: tuple[int, ...] | None = _opt(None, "run every method once per seed, e.g. 0,1,2 (the methods of a seed "
+                                         "share its data order); the table gives the mean ± sd over seeds and the "
+                                         "paired differences from --reference. Without it, --seed alone", min_length=1)
+    reference: str | None = _opt(None, "the method the paired differences are taken from (method - reference, seed by "
+                                 "seed; default: the first of --methods)")
     quick: bool = _opt(False, "a few-minute smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
                        + " (options you give still win)")
     max_steps: int = _opt(120, "optimizer steps per method (the same for every method)", ge=1)
@@ -31,9 +38,19 @@ class CompareConfig(StepOptions, DataOptions):
     train_sample: int | None = _opt(None, "train on N rows drawn at random (seeded by --seed) from the training "
                                     "data: the paper's low-data setting", ge=1)
     eval_limit: int | None = _opt(None, "read only the first N evaluation rows", ge=1)
+    train_where: str | None = _opt(None, TRAIN_WHERE)
+    eval_where: str | None = _opt(None, EVAL_WHERE)
+    eval_sets: str | None = _opt(None, "score on several named subsets of --eval-data instead, 'NAME:FILTER;NAME:FILTER' "
+                                 "such as 'seen:category!=City,Food,Monument;unseen:category=City,Food,Monument' (each "
+                                 "its first --eval-prompts inputs; the table shows the first set, compare.json each "
+                                 "under its row's 'sets')")
     eval_prompts: int = _opt(50, "distinct evaluation prompts decoded and scored (all their references count)", ge=1)
+    eval_sample: int | None = _opt(None, "score N distinct evaluation prompts drawn at random instead of the first "
+                                   "--eval-prompts (the same draw for every method and seed: evaluation files sorted "
+                                   "by category or length then still give a fair sample)", ge=1)
     eval_batch_size: int | None = _opt(None, "prompts decoded at once when scoring (default: --batch-size)", ge=1)
-    metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics (bleu, nist, meteor, rouge_l, cider, ...)")
+    metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics (bleu, nist, meteor, rouge_l, cider, ter, "
+                        "...; ter is lower-is-better)")
     prefix_length: int = _opt(10, "prefix / virtual-token length of prefix, peft-prefix and prompt", ge=1)
     reparam_hidden_size: int = _opt(512, "width of the prefix reparameterization MLP (prefix and peft-prefix)", ge=1)
     init_text: str = _opt("table-to-text:", "the real words whose activations seed 'prefix-words' (the paper's "
@@ -52,5 +69,12 @@ class CompareConfig(StepOptions, DataOptions):
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (``options.check``)."""
+        yield from where.problems(self, "train_where", "eval_where", named=("eval_sets",))
+        if self.eval_sets and self.eval_where:
+            yield "eval_sets", "give --eval-sets or --eval-where, not both (each set is its own filter)"
+        if self.seeds and len(set(self.seeds)) != len(self.seeds):
+            yield "seeds", f"names a seed twice: {','.join(map(str, self.seeds))}"
+        if self.reference and self.reference not in split_list(self.methods):
+            yield "reference", f"must be one of --methods ({self.methods}), got {self.reference!r}"
         if self.data is not None and not self.eval_data:
             yield "eval_data", "is required with --data: the held-out examples to score"

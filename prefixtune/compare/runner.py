@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .. import data, evaluate, progress
+from .. import data, evaluate, progress, spikes, where
 from ..evaluate import generate_texts
 from ..metrics import check_available
 from ..options import split_list
@@ -46,23 +46,30 @@ BIG_CHECKPOINT = 100 * 2**20
 
 
 def compare(cfg: CompareConfig) -> dict:
-    """Run every method of ``cfg.methods``; write compare.{json,md,png}; return the results."""
-    from . import report
+    """Run every method of ``cfg.methods`` once per seed (``cfg.seeds``, else ``cfg.seed``), seed after
+    seed; write compare.{json,md,png}; return the results, with their summary over seeds."""
+    from . import report, stats
 
     methods = parse_methods(cfg.methods)
     rates = learning_rates(cfg.lr, methods)
     check_available(split_list(cfg.metrics))
-    examples(cfg)  # bad data is one clear error now, not the same failure in every row
+    seeds = list(cfg.seeds or (cfg.seed,))
+    examples(cfg), held_out_sets(cfg)  # bad data is one clear error now, not the same failure in every row
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for method in methods:
-        print(f"\n== {method.name}: {method.label} (lr {rates[method.name]:g})", flush=True)
-        run = run_isolated if cfg.isolate else run_method
-        row = run(cfg, method.name, rates[method.name], out / method.name)
-        print(report.one_line(row), flush=True)
-        rows.append(row)
-    results = {"config": dataclasses.asdict(cfg), "machine": report.machine(pick_device(cfg.device)), "rows": rows}
+    for seed in seeds:  # whole seeds first: a run cut short leaves every method of the seeds it finished
+        seeded = dataclasses.replace(cfg, seed=seed)
+        for method in methods:
+            shown = f" seed {seed}" if len(seeds) > 1 else ""
+            print(f"\n== {method.name}{shown}: {method.label} (lr {rates[method.name]:g})", flush=True)
+            run = run_isolated if cfg.isolate else run_method
+            folder = out / method.name / f"seed-{seed}" if len(seeds) > 1 else out / method.name
+            row = run(seeded, method.name, rates[method.name], folder)
+            print(report.one_line(row), flush=True)
+            rows.append(row)
+    results = {"config": dataclasses.asdict(cfg), "machine": report.machine(pick_device(cfg.device)), "rows": rows,
+               "summary": stats.summarize(rows, cfg.reference)}
     report.write(results, out)
     return results
 
@@ -70,7 +77,7 @@ def compare(cfg: CompareConfig) -> dict:
 def run_method(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
     """Train and score one method in this process; returns its row of the table."""
     method = METHODS[name]
-    row = {"method": name, "label": method.label, "lr": lr, "status": "ok", "notes": []}
+    row = {"method": name, "label": method.label, "lr": lr, "seed": cfg.seed, "status": "ok", "notes": []}
     device = pick_device(cfg.device)
     reason = _unavailable(method, cfg, device)
     if reason:
@@ -102,7 +109,7 @@ def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dic
     row["total_params"] = total_params
     if method.build is None:  # the untuned base model
         row.update(trainable_params=0, trainable_pct=0.0, checkpoint_bytes=0)
-        return {**row, **_score(cfg, Plain(model), tokenizer, groups)}
+        return {**row, **_score_sets(cfg, Plain(model), tokenizer, groups)}
 
     tuned = method.build(model, tokenizer, cfg)
     row["notes"] += tuned.notes
@@ -126,7 +133,7 @@ def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dic
         shutil.rmtree(checkpoint)
         row["checkpoint"] = None
         row["notes"].append("checkpoint deleted after measuring it (--keep-checkpoints keeps it)")
-    return {**row, **_score(cfg, tuned.generator, tokenizer, groups)}
+    return {**row, **_score_sets(cfg, tuned.generator, tokenizer, groups)}
 
 
 def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, device, name: str) -> dict:
@@ -134,7 +141,7 @@ def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, 
     optimizer, scheduler = optimizer_for(tuned.trainable, lr, cfg, cfg.max_steps)
     tuned.model.train()
     with PeakMemory(device) as memory, progress.bar(cfg.max_steps, f"{name}: train", unit="step") as bar:
-        measured = _Measured(cfg.max_steps, cfg.quiet, bar)
+        measured = _Measured(cfg.max_steps, cfg.quiet, bar, cfg.warmup_steps)
         try:
             run_steps(tuned.loss, tuned.trainable, data.BatchOrder(rows, cfg.batch_size, cfg.seed), pad_id, optimizer,
                       scheduler, cfg, device, start=0, total=cfg.max_steps, hooks=measured)
@@ -147,8 +154,8 @@ def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, 
 class _Measured(Hooks):
     """What compare records of each step: loss, seconds (the device waited for) and input tokens."""
 
-    def __init__(self, steps: int, quiet: bool, bar):
-        self.steps, self.quiet, self.bar = steps, quiet, bar
+    def __init__(self, steps: int, quiet: bool, bar, warmup_steps: int = 0):
+        self.steps, self.quiet, self.bar, self.warmup_steps = steps, quiet, bar, warmup_steps
         self.losses, self.seconds, self.tokens = [], [], []
 
     def after_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
@@ -162,13 +169,15 @@ class _Measured(Hooks):
 
     def result(self) -> dict:
         """Seconds per step and tokens per second over every step but the first (which pays one-off
-        costs); the final loss as the mean of the last fifth of the steps (at most 10)."""
+        costs); the final loss as the mean of the last fifth of the steps (at most 10); the largest
+        loss / running-median ratio after warmup, and whether it is a spike (:mod:`prefixtune.spikes`)."""
         timed = slice(1, None) if len(self.seconds) > 1 else slice(None)
         tail = self.losses[-max(1, min(10, len(self.losses) // 5)):]
+        ratio = spikes.largest_ratio(self.losses, self.warmup_steps)
         return {"steps": len(self.losses), "seconds_per_step": sum(self.seconds[timed]) / len(self.seconds[timed]),
                 "tokens_per_s": sum(self.tokens[timed]) / sum(self.seconds[timed]),
                 "train_seconds": sum(self.seconds), "first_loss": self.losses[0], "final_loss": sum(tail) / len(tail),
-                "losses": self.losses}
+                "spike_ratio": ratio, "spike": ratio is not None and ratio > spikes.THRESHOLD, "losses": self.losses}
 
 
 def _score(cfg: CompareConfig, generator, tokenizer, groups) -> dict:
@@ -182,25 +191,58 @@ def _score(cfg: CompareConfig, generator, tokenizer, groups) -> dict:
             "samples": samples}
 
 
+def _score_sets(cfg: CompareConfig, generator, tokenizer, groups) -> dict:
+    """The scores on ``groups``, or with ``--eval-sets`` on each named set: the first set's are the row's
+    own (what the table shows), and every set's are under ``sets``."""
+    sets = held_out_sets(cfg)
+    if sets is None:
+        return _score(cfg, generator, tokenizer, groups)
+    results = {name: _score(cfg, generator, tokenizer, picked) for name, picked in sets.items()}
+    return {**next(iter(results.values())), "sets": results}
+
+
+def held_out_sets(cfg: CompareConfig) -> dict[str, list] | None:
+    """``--eval-sets``: each set's evaluation groups ``(first example, references)``; ``None`` without it."""
+    if not cfg.eval_sets:
+        return None
+    if not cfg.eval_data:
+        raise ValueError("--eval-sets needs --eval-data: the rows its filters pick from")
+    return {name: _pick(data.group_references(data.load_examples(cfg.eval_data, **cfg.source_fields(),
+                                                                 limit=cfg.eval_limit, keep=keep)), cfg)
+            for name, keep in where.sets(cfg.eval_sets, "eval_sets").items()}
+
+
+def _pick(groups: list, cfg: CompareConfig) -> list:
+    """The evaluation inputs scored: the first ``eval_prompts``, or ``eval_sample`` drawn at random with
+    seed 0 whatever ``--seed`` (every method and seed is scored on the same inputs), kept in file order."""
+    if not cfg.eval_sample or cfg.eval_sample >= len(groups):
+        return groups[:cfg.eval_sample or cfg.eval_prompts]
+    drawn = sorted(random.Random(0).sample(range(len(groups)), cfg.eval_sample))
+    return [groups[i] for i in drawn]
+
+
 def examples(cfg: CompareConfig) -> tuple[list, list]:
     """The training examples and the evaluation groups ``(first example, references)``."""
     from .. import demo
 
+    train_where, eval_where = where.parsed(cfg.train_where, "train_where"), where.parsed(cfg.eval_where, "eval_where")
     if cfg.data is None:
         train_examples, held_out = demo.train_and_held_out(cfg.seed)
+        train_examples = data.select(train_examples, train_where, "demo")
         train_examples = train_examples[:cfg.train_limit] if cfg.train_limit else train_examples
+        held_out = data.select(held_out, eval_where, "demo")
     else:
-        train_examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.train_limit)
+        train_examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.train_limit, keep=train_where)
         held_out = None
     if cfg.train_sample:
         if cfg.train_sample > len(train_examples):
             raise ValueError(f"--train-sample {cfg.train_sample}: only {len(train_examples)} training examples")
         train_examples = random.Random(cfg.seed).sample(train_examples, cfg.train_sample)
     if cfg.eval_data:
-        held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit)
+        held_out = data.load_examples(cfg.eval_data, **cfg.source_fields(), limit=cfg.eval_limit, keep=eval_where)
     if not held_out:
         raise ValueError("--eval-data is required with --data: the held-out examples to score")
-    return train_examples, data.group_references(held_out)[:cfg.eval_prompts]
+    return train_examples, _pick(data.group_references(held_out), cfg)
 
 
 class PeakMemory:

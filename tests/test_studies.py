@@ -1,0 +1,100 @@
+"""The study scripts (benchmarks.webnlg_study, benchmarks.recipe_study) end to end on a tiny model and a
+few steps: their plans, resumable rows and reports. The real studies are hours of CPU; these are smoke runs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import study, webnlg_study
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.slow  # about 10 s: two methods, two seeds, real WebNLG rows
+def test_webnlg_study_trains_on_seen_categories_and_scores_seen_and_unseen(model_dir, tmp_path, capsys):
+    out = tmp_path / "webnlg"
+    argv = ["--model", model_dir, "--out", str(out), "--results", str(tmp_path / "webnlg.json"), "--methods",
+            "prefix-flat,lora", "--seeds", "0,1", "--steps", "2", "--train-limit", "16", "--eval-prompts", "2",
+            "--metrics", "bleu,ter", "--max-new-tokens", "4", "--data-dir", str(DATA / "webnlg")]
+    assert webnlg_study.main(argv) == 0
+    rows = study.load_rows(out)
+    assert sorted(rows) == ["lora-s0", "lora-s1", "prefix-flat-s0", "prefix-flat-s1"]
+    row = rows["lora-s1"]
+    assert row["status"] == "ok" and row["seed"] == 1 and set(row["sets"]) == {"seen", "unseen"}
+    unseen = {json.loads(line)["prompt"]: json.loads(line)["category"]
+              for line in (DATA / "webnlg" / "dev.jsonl").read_text().splitlines()}
+    assert {unseen[s["prompt"]] for s in row["sets"]["unseen"]["samples"]} <= set(webnlg_study.UNSEEN)
+    assert not {unseen[s["prompt"]] for s in row["sets"]["seen"]["samples"]} & set(webnlg_study.UNSEEN)
+    text = (out / "study.md").read_text()
+    assert "| lora | 2 |" in text and "| 64.2 / 27.7 |" not in text and "- lora, unseen TER:" in text
+    saved = json.loads((tmp_path / "webnlg.json").read_text())
+    assert saved["unseen"] == list(webnlg_study.UNSEEN) and len(saved["rows"]) == 4 and "command" in saved
+    # resumable: a second run finds every row and trains nothing
+    (out / "runs" / "lora-s1.json").write_text(json.dumps({**row, "final_loss": 9.0}))
+    capsys.readouterr()
+    assert webnlg_study.main(argv) == 0
+    assert "lora-s1:" not in capsys.readouterr().out and study.load_rows(out)["lora-s1"]["final_loss"] == 9.0
+
+
+def test_webnlg_study_plan_and_report_beside_the_paper(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(methods="prefix,full", seeds="0,1,2", out=str(tmp_path), metrics="bleu,ter", results="")
+    assert [r["id"] for r in webnlg_study.runs(args)][:3] == ["prefix-s0", "full-s0", "prefix-s1"]
+    assert webnlg_study.sets() == "seen:category!=City,Food,Monument;unseen:category=City,Food,Monument"
+    (tmp_path / "runs").mkdir()
+    for i, (method, seed, ter) in enumerate([("prefix", 0, 40.0), ("full", 0, 50.0), ("prefix", 1, 42.0),
+                                             ("full", 1, 41.0)]):
+        sets = {part: {"metrics": {"bleu": 10.0 * (i + 1), "ter": ter}} for part in ("seen", "unseen")}
+        (tmp_path / "runs" / f"{method}-s{seed}.json").write_text(json.dumps(
+            {"id": f"{method}-s{seed}", "method": method, "seed": seed, "status": "ok", "final_loss": 1.0,
+             "sets": sets, "spike": method == "full" and seed == 1, "spike_ratio": 2.5}))
+    webnlg_study.REFERENCE, reference = "prefix", webnlg_study.REFERENCE
+    try:
+        text = webnlg_study.report(args)
+    finally:
+        webnlg_study.REFERENCE = reference
+    assert "| prefix | 2 | 1.000 ± 0.000 | 20.0 ± 14.1 | 41.0 ± 1.4 | 20.0 ± 14.1 | 41.0 ± 1.4 | 62.9 / 45.6 |" in text
+    assert "| full | 2 |" in text and "| 64.2 / 27.7 |" in text
+    assert "- full, unseen TER: +4.50 ± 7.78 (better in 1 of 2)" in text  # lower TER is better: seed 1 only
+    assert "full-s1 (2.50)" in text
+
+
+def test_recipe_study_plan_covers_the_grid():
+    import argparse
+
+    from benchmarks import recipe_study
+
+    args = argparse.Namespace(tasks="e2e,webnlg,sst2", arms=",".join(recipe_study.ARMS), budgets="120,600", seeds="0,1,2")
+    plan = recipe_study.runs(args)
+    assert len(plan) == 3 * 3 * (10 + 9)  # seeds x tasks x (10 arms at 120 steps, all but full at 600)
+    assert len({r["id"] for r in plan}) == len(plan)
+    full = [r for r in plan if r["method"] == "full"]
+    assert {r["changes"]["max_steps"] for r in full} == {120} and len(full) == 9
+    clipped = next(r for r in plan if r["id"] == "sst2-prefix-words-clip-600-s2")
+    assert clipped["method"] == "prefix-words" and clipped["changes"] == {"max_grad_norm": 1.0, "max_steps": 600,
+                                                                         "seed": 2, "warmup_steps": 10}
+    assert [r["changes"]["seed"] for r in plan[:57]] == [0] * 57  # whole seeds first
+    with pytest.raises(SystemExit, match="--arms: unknown dora"):
+        recipe_study.check(argparse.Namespace(tasks="e2e", arms="lora,dora"))
+
+
+@pytest.mark.slow  # about 15 s: two tasks, three arms, two budgets on a tiny model
+def test_recipe_study_runs_each_task_and_records_spike_ratios(model_dir, tmp_path):
+    from benchmarks import recipe_study
+
+    out = tmp_path / "recipe"
+    assert recipe_study.main(["--model", model_dir, "--out", str(out), "--results", str(tmp_path / "recipe.json"),
+                              "--tasks", "sst2,e2e", "--arms", "prefix-flat,prefix-words-clip,full", "--budgets", "7,3",
+                              "--seeds", "0", "--train-limit", "16", "--eval-prompts", "2",
+                              "--data-dir", str(DATA)]) == 0
+    rows = study.load_rows(out)
+    assert len(rows) == 2 * (3 + 2) and all(r["status"] == "ok" for r in rows.values())
+    assert "sst2-full-3-s0" not in rows and "sst2-full-7-s0" in rows  # full fine-tuning at the first budget only
+    assert set(rows["sst2-prefix-flat-7-s0"]["metrics"]) == {"accuracy"}
+    assert set(rows["e2e-prefix-flat-7-s0"]["metrics"]) == {"bleu", "rouge_l"}
+    assert rows["e2e-prefix-flat-7-s0"]["spike_ratio"] > 0 and rows["e2e-prefix-flat-3-s0"]["spike_ratio"] is None
+    text = (out / "study.md").read_text()
+    assert "sst2 (accuracy):" in text and "| prefix-words-clip |" in text
+    assert len(json.loads((tmp_path / "recipe.json").read_text())["rows"]) == 10
