@@ -136,6 +136,9 @@ def build_batcher(args: ServeConfig, on_step=None, loaded=None):
     if missing:
         raise ValueError(f"--prefix-dir {missing[0]!r}: not a folder")
     host = int(args.prefix_host_cache_mb * 2**20) if pm.device.type != "cpu" else 0
+    if args.prefix_host_cache_mb and not host:
+        logging.getLogger(__name__).warning("--prefix-host-cache-mb is not used: the model is on the CPU, "
+                                            "where evicted prefixes would stay in the same memory")
     store = PrefixStore(lambda folder: artifacts.load_key_values(folder, pm.shape), pm.device, args.prefix_dir,
                         budget_bytes=int(args.prefix_cache_mb * 2**20), host_budget_bytes=host)
     return Batcher(pm, tokenizer, base, Limits(max_batch=args.max_batch, max_queue=args.max_queue),
