@@ -302,3 +302,19 @@ def test_the_response_says_whether_the_prefix_was_loaded_for_it(library):
         assert 'prefixtune_prefix_cache_lookups_total{result="miss"} 2' in metrics
         assert 'prefixtune_prefix_load_seconds_count 2' in metrics
         assert 'prefixtune_prefix_cache_resident_bytes{tier="device"} ' + str(2 * nbytes()) in metrics
+
+
+def test_closing_while_prefixes_load_ends_their_requests_with_a_503(library):
+    gate = threading.Event()
+    pm = PrefixModel(tiny_model("llama"))
+    store = PrefixStore(lambda folder: gate.wait(30) and artifacts.load_key_values(folder, pm.shape), "cpu", [library])
+    batcher = Batcher(pm, CharTokenizer(), "base", store=store).start()
+    c = Collector(batcher)
+    queued = [batcher.submit([c.request(name, PROMPTS[0], name)]) for name in NAMES[:3]]  # 2 loading, 1 waiting
+    batcher.close()
+    gate.set()
+    for future in queued:
+        with pytest.raises(APIError) as err:
+            future.result(timeout=30)
+        assert err.value.status == 503
+    assert sorted(c.wait(3)) == sorted(NAMES[:3]) and all(c.last(n).error.status == 503 for n in NAMES[:3])

@@ -258,7 +258,7 @@ class Batcher:
 
     def _enqueue(self, requests: list[Request], holds: list[Future | None], queued: Future, cache: str | None) -> None:
         """Every prefix of ``requests`` is loaded (or failed): queue them all, or fail them all."""
-        failed = next((f.exception() for f in holds if f is not None and f.exception() is not None), None)
+        failed = next((_failure(f) for f in holds if f is not None and _failure(f) is not None), None)
         with self._cond:
             self._loading -= len(requests)
             if failed is None and self._closed:
@@ -281,7 +281,7 @@ class Batcher:
     def _let_go(self, holds: list[Future | None]) -> None:
         for hold in holds:
             if hold is not None:
-                hold.add_done_callback(lambda f: f.exception() is None and self.store.release(f.result()))
+                hold.add_done_callback(lambda f: _failure(f) is None and self.store.release(f.result()))
 
     def add_prefix(self, name: str, directory: str) -> Future:
         """Load the prefix saved in ``directory`` as ``name`` (replacing one of that name) on the
@@ -490,6 +490,11 @@ class Batcher:
     def _report(self, kind: str, rows: int, tokens: int, start: float) -> None:
         if self.on_step is not None:
             self.on_step(kind, rows, tokens, time.perf_counter() - start)
+
+
+def _failure(future: Future) -> BaseException | None:
+    """The error of a done future; a load cancelled because the server is closing is a 503."""
+    return errors.unavailable() if future.cancelled() else future.exception()
 
 
 def _settle(future: Future, action: Callable) -> None:
