@@ -15,8 +15,8 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def test_webnlg_study_trains_on_seen_categories_and_scores_seen_and_unseen(model_dir, tmp_path, capsys):
     out = tmp_path / "webnlg"
     argv = ["--model", model_dir, "--out", str(out), "--results", str(tmp_path / "webnlg.json"), "--methods",
-            "prefix-flat,lora", "--seeds", "0,1", "--steps", "2", "--train-limit", "16", "--eval-prompts", "2",
-            "--metrics", "bleu,ter", "--max-new-tokens", "4", "--data-dir", str(DATA / "webnlg")]
+            "prefix-flat,lora", "--seeds", "0,1", "--reference", "prefix-flat", "--steps", "2", "--train-limit", "16",
+            "--eval-prompts", "2", "--metrics", "bleu,ter", "--max-new-tokens", "4", "--data-dir", str(DATA / "webnlg")]
     assert webnlg_study.main(argv) == 0
     rows = study.load_rows(out)
     assert sorted(rows) == ["lora-s0", "lora-s1", "prefix-flat-s0", "prefix-flat-s1"]
