@@ -85,16 +85,21 @@ def test_two_replicas_answer_exactly_as_one_server(ray_server, folders):
 
 
 def test_requests_are_routed_to_replicas_that_hold_their_prefix(ray_server):
-    """Twelve requests, one after another, for a prefix no request used before: Ray Serve sends each
-    to the replica that loaded it, so it is loaded once (at random, both replicas would load it,
-    except with probability 2 / 2**12)."""
-    caches = []
-    for i in range(12):
+    """A fresh prefix's first request loads it on one replica; once Ray Serve has heard which (a
+    replica reports the prefixes it holds to the routers, which takes a moment), the next eleven
+    requests all go there (at random, all eleven would land on it with probability 1 / 2**11)."""
+    import time
+
+    def send(i):
         body = json.dumps({"model": "solo", "prompt": f"warm {i}", "max_tokens": 2}).encode()
         request = urllib.request.Request(ray_server.url + "/v1/completions", body,
                                          {"Content-Type": "application/json", "Authorization": "Bearer k"})
         with urllib.request.urlopen(request, timeout=120) as response:
-            caches.append(response.headers["X-Prefix-Cache"])
+            return response.headers["X-Prefix-Cache"]
+
+    caches = [send(0)]
+    time.sleep(10)
+    caches += [send(i) for i in range(1, 12)]
     assert caches == ["miss"] + ["hit"] * 11
     text = urllib.request.urlopen(ray_server.url + "/metrics").read().decode()
     routed = [line for line in text.splitlines() if line.startswith("prefixtune_routed_requests_total")]
