@@ -357,6 +357,13 @@ def test_command_line_refuses_bad_prefix_options(folders, capsys):
     assert main(["serve", "--model", str(folders / "model"), "--prefix", "no-equals-sign"]) == 2
     assert "NAME=DIR" in capsys.readouterr().err
     assert main(["serve", "--model", str(folders / "model"), "--prefix", f"x={folders / 'missing'}"]) == 2
+    capsys.readouterr()
+    for argv, named in ((["--prefix-dir", str(folders / "missing")], "--prefix-dir"),
+                        (["--api-key-file", str(folders / "missing")], "--api-key-file"),
+                        (["--replicas", "2"], "--ray")):
+        assert main(["serve", "--model", str(folders / "model"), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 # --------------------------------------------------- health, metrics, load

@@ -258,7 +258,7 @@ class Batcher:
 
     def _enqueue(self, requests: list[Request], holds: list[Future | None], queued: Future, cache: str | None) -> None:
         """Every prefix of ``requests`` is loaded (or failed): queue them all, or fail them all."""
-        failed = next((_failure(f) for f in holds if f is not None and _failure(f) is not None), None)
+        failed = next((e for e in (_failure(f) for f in holds if f is not None) if e is not None), None)
         with self._cond:
             self._loading -= len(requests)
             if failed is None and self._closed:

@@ -109,9 +109,10 @@ def build_app(args: ServeConfig, loaded=None):
     from .app import create_app
     from .metrics import Metrics
 
+    keys = inference_keys(args)  # a bad key file is told before the model loads
     metrics = Metrics()
     batcher = build_batcher(args, on_step=metrics.step, loaded=loaded)
-    return create_app(batcher, server_options(args, batcher.model.config), metrics)
+    return create_app(batcher, server_options(args, context_length(batcher.model.config), keys), metrics)
 
 
 def build_batcher(args: ServeConfig, on_step=None, loaded=None):
@@ -124,6 +125,9 @@ def build_batcher(args: ServeConfig, on_step=None, loaded=None):
     from .store import PrefixStore
 
     prefixes = parse_prefixes(args.prefix)
+    missing = [d for d in args.prefix_dir if not Path(d).is_dir()]
+    if missing:
+        raise ValueError(f"--prefix-dir {missing[0]!r}: not a folder")
     model, tokenizer = loaded or load_model(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation)
     model.to(pick_device(args.device))
     pm = PrefixModel(model, tokenizer=tokenizer)
@@ -132,9 +136,6 @@ def build_batcher(args: ServeConfig, on_step=None, loaded=None):
     base = args.served_model_name or model.config.name_or_path or "base"
     if base in prefixes:
         raise ValueError(f"prefix name {base!r} is the base model's name; pick another")
-    missing = [d for d in args.prefix_dir if not Path(d).is_dir()]
-    if missing:
-        raise ValueError(f"--prefix-dir {missing[0]!r}: not a folder")
     host = int(args.prefix_host_cache_mb * 2**20) if pm.device.type != "cpu" else 0
     if args.prefix_host_cache_mb and not host:
         logging.getLogger(__name__).warning("--prefix-host-cache-mb is not used: the model is on the CPU, "
@@ -145,16 +146,19 @@ def build_batcher(args: ServeConfig, on_step=None, loaded=None):
                    on_step=on_step, store=store)
 
 
-def server_options(args: ServeConfig, model_config):
-    """The HTTP layer's options: keys (from the options, the key file or the environment), limits."""
+def server_options(args: ServeConfig, context: int, keys: tuple[str, ...]):
+    """The HTTP layer's options: inference ``keys`` (:func:`inference_keys`), the admin key, limits."""
     from .app import ServerOptions
     from .protocol import ServeLimits
 
-    context = getattr(model_config, "max_position_embeddings", None) or 1 << 30
     limits = ServeLimits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, context_length=context)
-    return ServerOptions(api_keys=inference_keys(args), admin_key=args.admin_key or os.environ.get(
-        "PREFIXTUNE_ADMIN_KEY") or None, limits=limits, max_body_bytes=int(args.max_body_mb * 2**20),
-        body_seconds=args.body_timeout)
+    return ServerOptions(api_keys=keys, admin_key=args.admin_key or os.environ.get("PREFIXTUNE_ADMIN_KEY") or None,
+                         limits=limits, max_body_bytes=int(args.max_body_mb * 2**20), body_seconds=args.body_timeout)
+
+
+def context_length(model_config) -> int:
+    """The longest prompt + completion the model takes (no bound where its config names none)."""
+    return getattr(model_config, "max_position_embeddings", None) or 1 << 30
 
 
 def inference_keys(args: ServeConfig) -> tuple[str, ...]:

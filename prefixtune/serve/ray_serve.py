@@ -41,16 +41,17 @@ def build_front(cfg, handle=None):
     given) and build the front app over them."""
     from ..base_models import load_tokenizer
     from .app import create_app
-    from .cli import server_options
+    from .cli import inference_keys, server_options
     from .metrics import Metrics
 
+    keys = inference_keys(cfg)  # a bad key file is told before any replica starts
+    _, tokenizer = load_tokenizer(cfg.model)
     if handle is None:
         handle = deploy(cfg)
     info = handle.info.remote().result(timeout_s=600)
-    _, tokenizer = load_tokenizer(cfg.model)
     metrics = Metrics()
     backend = RayBackend(handle, tokenizer, info["base"], cfg, metrics)
-    options = server_options(cfg, _Context(info["context_length"]))
+    options = server_options(cfg, info["context_length"], keys)
     return create_app(backend, options, metrics)
 
 
@@ -85,9 +86,10 @@ def replica_class(prefixes_per_replica: int):
             self.id = f"{socket.gethostname()}:{os.getpid()}"
 
         def info(self) -> dict:
-            config = self.batcher.model.config
+            from .cli import context_length
+
             return {"base": self.batcher.base_name, "replica": self.id,
-                    "context_length": getattr(config, "max_position_embeddings", None) or 1 << 30}
+                    "context_length": context_length(self.batcher.model.config)}
 
         @serve.multiplexed(max_num_models_per_replica=prefixes_per_replica)
         async def prefix(self, name: str) -> str:
@@ -240,11 +242,6 @@ class _FrontStore:
     @property
     def stats(self) -> StoreStats:
         return StoreStats.total(list(self.replicas.values()))
-
-
-@dataclasses.dataclass
-class _Context:
-    max_position_embeddings: int
 
 
 def _per_replica() -> errors.APIError:
