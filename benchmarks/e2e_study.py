@@ -64,7 +64,8 @@ PAPER = {  # Li & Liang 2021, table 1, E2E, GPT-2 medium (full training set)
 
 def base_config(args) -> CompareConfig:
     return CompareConfig(
-        data=str(Path(args.data_dir) / "trainset.csv"), eval_data=str(Path(args.data_dir) / "devset.csv"),
+        data=str(study.data_root(args.data_dir) / "e2e" / "trainset.csv"),
+        eval_data=str(study.data_root(args.data_dir) / "e2e" / "devset.csv"),
         prompt_field="mr", completion_field="ref", prompt_template="Table: {prompt}\nText:", max_length=160,
         max_steps=args.steps, batch_size=8, warmup_steps=10, schedule="linear", max_grad_norm=0.0,
         eval_prompts=args.eval_prompts, eval_batch_size=args.eval_batch_size, metrics="bleu,rouge_l", max_new_tokens=64, num_beams=1,
@@ -337,7 +338,6 @@ def main() -> int:
     parser.add_argument("--phase", choices=("lr", "lowdata", "all", "report"), default="all")
     study.add_arguments(parser, out="runs/e2e-study")
     parser.add_argument("--images", default="docs/images")
-    parser.add_argument("--data-dir", default="../shared/data/e2e")
     parser.add_argument("--methods", default="prefix,prefix-words,prefix-flat,prefix-flat-words,lora,peft-prefix,"
                         "prompt,adapter,full,base",
                         help="methods of the learning-rate phase")

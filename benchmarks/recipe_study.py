@@ -1,78 +1,110 @@
-"""The recipe grid: which prefix recipe wins across tasks, budgets and seeds, and which ones spike.
+"""The recipe study: which prefix recipe should ``prefixtune train`` default to, judged on three tasks.
 
-Arms (:data:`ARMS`): the flat prefix and the MLP prefix, each from a random start and from real
-words (``--init-text``), each with and without gradient clipping at 1.0, at their ``prefixtune
-compare`` default rates; LoRA r=8; full fine-tuning at the first budget only. Tasks
-(:data:`TASKS`): E2E and WebNLG (generation, BLEU and ROUGE-L) and SST-2 (the label generated as
-text, accuracy). Budgets: 120 and 600 steps of batch 8. Seeds 0, 1, 2. Every run records its
-largest loss / running-median ratio (``prefixtune.spikes``), so the report says which recipes
-spike where.
+Stage 1 (screen, seed 0) runs :data:`STAGE1` on E2E, WebNLG and SST-2 at 120 steps of batch 8;
+stage 2 (confirm) runs the two best prefix arms and LoRA over seeds 0, 1 and 2 (and E2E at 600
+steps); the report gives, per task, each arm's mean ± sd over seeds, its final training loss,
+its largest loss / running-median ratio (``prefixtune.spikes``) and its paired difference to
+LoRA seed by seed.
 
-Every run is one ``prefixtune.compare.runner.run_method`` call; rows are resumable and can be
-shared among processes and machines (:mod:`benchmarks.study`). Run from the repository root::
+Tasks (:data:`TASKS`): E2E (the first 50 distinct dev inputs, BLEU and ROUGE-L), WebNLG
+(trained on 7 of its 10 categories, scored on 50 dev inputs of the 7 and of the 3 held out, as
+``benchmarks.webnlg_study``: BLEU, METEOR, TER) and SST-2 (the label generated as text,
+accuracy on 50 dev inputs drawn with seed 0). Arms (:data:`ARMS`): a compare method at a rate,
+with its clipping and warmup.
 
-    python -m benchmarks.recipe_study                                   # the whole grid, then the report
-    python -m benchmarks.recipe_study --tasks sst2 --budgets 120        # a part of it
-    python -m benchmarks.recipe_study --shard 1/4 --threads 1           # machine 1 of 4
+Rows that earlier studies measured under exactly the same setup (``benchmarks/results/
+e2e-study.json``, ``webnlg-study.json``) are taken over rather than run again (:func:`reuse`);
+they say so in ``reused_from``. Every other run is one ``prefixtune.compare.runner.run_method``
+call; rows are resumable and can be shared among processes and machines (:mod:`benchmarks.study`).
+Run from the repository root::
+
+    python -m benchmarks.recipe_study --workers 1 --threads 1           # stage 1, then the report
+    python -m benchmarks.recipe_study --arms mlp-1e-3,flat-3e-2,lora --seeds 0,1,2   # stage 2
+    python -m benchmarks.recipe_study --tasks e2e --arms flat-3e-2,lora --budgets 600 --seeds 0,1,2
     python -m benchmarks.recipe_study --phase report
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from benchmarks import common, study
+from benchmarks import common, study, webnlg_study
 from prefixtune.compare.config import CompareConfig
-from prefixtune.compare.methods import METHODS
-from prefixtune.compare.stats import format_mean_sd
+from prefixtune.compare.stats import format_mean_sd, paired
+from prefixtune.metrics import lower_is_better
 
 TASKS = {  # paths under --data-dir; the options of prefixtune compare that make each task
     "e2e": dict(data="e2e/trainset.csv", eval_data="e2e/devset.csv", prompt_field="mr", completion_field="ref",
                 prompt_template="Table: {prompt}\nText:", max_length=160, metrics="bleu,rouge_l", max_new_tokens=64,
                 init_text="table-to-text:"),
-    "webnlg": dict(data="webnlg/train.jsonl", eval_data="webnlg/dev.jsonl", prompt_template="Triples: {prompt}\nText:",
-                   max_length=256, metrics="bleu,rouge_l", max_new_tokens=96, init_text="table-to-text:"),
+    "webnlg": dict(data="webnlg/train.jsonl", eval_data="webnlg/dev.jsonl", prompt_template=webnlg_study.TEMPLATE,
+                   train_where=f"category!={','.join(webnlg_study.UNSEEN)}", eval_sets=webnlg_study.sets(),
+                   max_length=256, metrics="bleu,meteor,ter", max_new_tokens=96, init_text="table-to-text:"),
     "sst2": dict(data="sst2/train_full.tsv", eval_data="sst2/dev.tsv", text_field="sentence", label_field="label",
                  prompt_template="Review: {prompt}\nSentiment (0 negative, 1 positive):", max_length=128,
                  metrics="accuracy", max_new_tokens=2, init_text="sentiment classification:"),
 }
-ARMS = {  # name: (compare method, changes)
-    **{f"{method}{'-clip' if clip else ''}": (method, {"max_grad_norm": 1.0 if clip else 0.0})
-       for method in ("prefix-flat", "prefix-flat-words", "prefix", "prefix-words") for clip in (False, True)},
-    "lora": ("lora", {"max_grad_norm": 0.0}),
-    "full": ("full", {"max_grad_norm": 0.0}),
+EVAL_SAMPLE = {"e2e": None, "webnlg": True, "sst2": True}
+"""Whether a task scores ``--eval-prompts`` inputs drawn with seed 0 (``True``) or the first ones
+(``None``): E2E keeps the E2E study's first 50 MRs, so that its rows carry over."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One recipe: a ``prefixtune compare`` method at a peak rate, with its clipping and warmup."""
+
+    method: str
+    lr: float
+    max_grad_norm: float = 0.0
+    warmup: float = 10
+    """Warmup steps; a number below 1 is a share of the budget (0.1: 12 steps of 120)."""
+
+    def changes(self, budget: int) -> dict:
+        steps = round(self.warmup * budget) if self.warmup < 1 else min(int(self.warmup), budget // 4)
+        return {"max_grad_norm": self.max_grad_norm, "max_steps": budget, "warmup_steps": steps}
+
+
+ARMS = {
+    "mlp-3e-3-clip": Arm("prefix", 3e-3, max_grad_norm=1.0),  # prefixtune train's defaults
+    "mlp-1e-3": Arm("prefix", 1e-3),
+    "mlp-3e-3-clip-warm10pct": Arm("prefix", 3e-3, max_grad_norm=1.0, warmup=0.1),
+    "flat-1e-2": Arm("prefix-flat", 1e-2),
+    "flat-3e-2": Arm("prefix-flat", 3e-2),
+    "flat-words-3e-2": Arm("prefix-flat-words", 3e-2),
+    "lora": Arm("lora", 1e-2),
+    "full": Arm("full", 5e-5),
 }
-FULL_BUDGETS = 1
-"""Full fine-tuning runs at the first budget only (it is the slowest arm by far)."""
+STAGE1 = ("mlp-3e-3-clip", "mlp-1e-3", "mlp-3e-3-clip-warm10pct", "flat-1e-2", "flat-3e-2", "flat-words-3e-2", "lora")
+"""The screen's arms (the default of ``--arms``)."""
+REFERENCE = "lora"
+"""The arm every other is compared with, seed by seed."""
 
 
 def base_config(args, task: str) -> CompareConfig:
     spec = dict(TASKS[task])
     for key in ("data", "eval_data"):
-        spec[key] = str(Path(args.data_dir) / spec[key])
-    return CompareConfig(**spec, batch_size=8, warmup_steps=10, schedule="linear", train_limit=args.train_limit,
-                         eval_sample=args.eval_prompts, eval_batch_size=args.eval_batch_size, num_beams=1,
-                         model=args.model, device=args.device, threads=args.threads, isolate=False, quiet=True,
-                         output_dir=args.out)
+        spec[key] = str(study.data_root(args.data_dir) / spec[key])
+    sample = args.eval_prompts if EVAL_SAMPLE[task] else None
+    return CompareConfig(**spec, batch_size=8, schedule="linear", train_limit=args.train_limit,
+                         eval_prompts=args.eval_prompts, eval_sample=sample, eval_batch_size=args.eval_batch_size,
+                         num_beams=1, model=args.model, device=args.device, threads=args.threads, isolate=False,
+                         quiet=True, output_dir=args.out)
 
 
 def runs(args) -> list[dict]:
-    """Seed after seed, then budget, task and arm: a grid stopped part-way leaves whole seeds."""
-    budgets = [int(b) for b in args.budgets.split(",")]
+    """Seed after seed, then budget, task and arm: a study stopped part-way leaves whole seeds."""
     out = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        for budget in budgets:
+        for budget in (int(b) for b in args.budgets.split(",")):
             for task in args.tasks.split(","):
-                for arm in args.arms.split(","):
-                    if arm == "full" and budget not in budgets[:FULL_BUDGETS]:
-                        continue
-                    method, changes = ARMS[arm]
-                    out.append({"id": f"{task}-{arm}-{budget}-s{seed}", "method": method, "lr": METHODS[method].lr,
-                                "task": task, "changes": {**changes, "max_steps": budget, "seed": seed,
-                                                          "warmup_steps": min(10, budget // 4)}})
+                for name in args.arms.split(","):
+                    arm = ARMS[name]
+                    out.append({"id": f"{task}-{name}-{budget}-s{seed}", "method": arm.method, "lr": arm.lr,
+                                "task": task, "arm": name, "changes": {**arm.changes(budget), "seed": seed}})
     return out
 
 
@@ -84,51 +116,115 @@ def check(args) -> None:
             raise SystemExit(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
 
 
+# ----------------------------------------------------------------------- rows measured before
+EARLIER = {"e2e": "benchmarks/results/e2e-study.json", "webnlg": "benchmarks/results/webnlg-study.json"}
+"""Studies whose setup a task repeats exactly: 120 steps of batch 8, 10 warmup steps, no clipping, the
+same data, template, evaluation inputs and decoding."""
+
+
+def earlier_row(task: str, run: dict) -> dict | None:
+    """The row an earlier study measured for ``run``, in this study's row format, or ``None``."""
+    changes = run["changes"]
+    if task not in EARLIER or changes != {"max_grad_norm": 0.0, "max_steps": 120, "warmup_steps": 10,
+                                          "seed": changes["seed"]}:
+        return None
+    path = common.ROOT / EARLIER[task]
+    if task == "e2e":
+        suffix = "" if changes["seed"] == 0 else f"-s{changes['seed']}"
+        wanted = f"lr-{run['method']}-{run['lr']:g}{suffix}"
+        found = [r for r in json.loads(path.read_text())["runs"] if r["id"] == wanted and r["status"] == "ok"]
+        if not found or found[0]["options"].get("prefix_length", 10) != 10:
+            return None
+        row = {k: v for k, v in found[0].items() if k not in ("bleu", "rouge_l", "options", "phase")}
+        row["metrics"] = {"bleu": found[0]["bleu"], "rouge_l": found[0]["rouge_l"]}
+    else:
+        found = [r for r in json.loads(path.read_text())["rows"]
+                 if r["method"] == run["method"] and r["lr"] == run["lr"] and r["changes"] == {"seed": changes["seed"]}]
+        if not found:
+            return None
+        row = dict(found[0])
+    return {**row, "id": run["id"], "changes": changes, "reused_from": f"{EARLIER[task]}#{found[0]['id']}"}
+
+
+def reuse(args, plan: list[dict]) -> None:
+    """Write the rows earlier studies already measured for runs of ``plan`` that have none yet."""
+    folder = Path(args.out) / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for run in plan:
+        target = folder / f"{run['id']}.json"
+        row = None if target.exists() or args.train_limit else earlier_row(run["task"], run)
+        if row is not None:
+            target.write_text(json.dumps(row, indent=1))
+            print(f"{run['id']}: taken from {row['reused_from']}", flush=True)
+
+
 # ---------------------------------------------------------------------------------- report
+def columns(task: str) -> list[tuple[str, str | None, str]]:
+    """``(label, set, metric)`` of a task's report: each metric of each evaluation set."""
+    metrics = TASKS[task]["metrics"].split(",")
+    sets = ("seen", "unseen") if TASKS[task].get("eval_sets") else (None,)
+    return [(f"{s} {m.upper()}" if s else m.upper().replace("_", "-"), s, m) for s in sets for m in metrics]
+
+
+def score(row: dict, part: str | None, metric: str) -> float:
+    return (row["sets"][part] if part else row)["metrics"][metric]
+
+
 def report(args) -> str:
     rows = [r for r in study.load_rows(Path(args.out)).values() if r.get("status") == "ok"]
-    lines = ["### The recipe grid (mean ± sd over seeds; the spike column: largest loss / running median, and "
-             "how many runs exceeded 2)", ""]
+    lines = ["### The recipe study", "",
+             "Mean ± sd over seeds; spike: the largest loss / running median after warmup, and in how many runs it "
+             f"exceeded 2 (- where the row did not record it); Δ: the arm minus `{REFERENCE}` on the task's first "
+             "column, seed by seed (mean ± sd; better in how many seeds).", ""]
     for task in args.tasks.split(","):
-        metric = TASKS[task]["metrics"].split(",")[0]
-        budgets = sorted({r["changes"]["max_steps"] for r in rows if r["id"].startswith(f"{task}-")})
-        if not budgets:
-            continue
-        lines += [f"{task} ({metric}):", "", "| arm | " + " | ".join(f"{b} steps | loss | spike" for b in budgets) + " |",
-                  "|---|" + "---|---|---|" * len(budgets)]
-        for arm in args.arms.split(","):
-            cells = []
-            for budget in budgets:
-                mine = [r for r in rows if r["id"].startswith(f"{task}-{arm}-{budget}-s")]
-                ratios = [r["spike_ratio"] for r in mine if r.get("spike_ratio") is not None]
-                spike = f"{max(ratios):.2f} ({sum(bool(r.get('spike')) for r in mine)})" if ratios else "-"
-                cells += [format_mean_sd([r["metrics"][metric] for r in mine]),
-                          format_mean_sd([r["final_loss"] for r in mine], 3), spike]
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-        lines.append("")
+        for budget in sorted({r["changes"]["max_steps"] for r in rows if r["id"].startswith(f"{task}-")}):
+            lines += table(rows, task, budget, args.arms.split(","))
     text = "\n".join(lines) + "\n"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "study.md").write_text(text)
     if args.results:
         results = {"benchmark": "recipe_study", **common.header(__file__, None), "tasks": TASKS,
-                   "arms": {k: list(v) for k, v in ARMS.items()},
-                   "rows": [{k: v for k, v in r.items() if k != "losses"} for r in rows]}
+                   "arms": {k: dataclasses.asdict(v) for k, v in ARMS.items()},
+                   "rows": [{k: v for k, v in r.items() if k not in ("losses", "samples")} for r in rows]}
         Path(args.results).write_text(json.dumps(results, indent=1) + "\n")
     return text
+
+
+def table(rows: list[dict], task: str, budget: int, arms: list[str]) -> list[str]:
+    cols = columns(task)
+    mine = {arm: [r for r in rows if r["id"].startswith(f"{task}-{arm}-{budget}-s")] for arm in arms}
+    lines = [f"{task}, {budget} steps:", "", "| arm | seeds | " + " | ".join(c[0] for c in cols)
+             + f" | train loss | spike | Δ {cols[0][0]} |", "|---|---|" + "---|" * (len(cols) + 3)]
+    label, part, metric = cols[0]
+    reference = {r["changes"]["seed"]: score(r, part, metric) for r in mine.get(REFERENCE, [])}
+    for arm, got in mine.items():
+        if not got:
+            continue
+        ratios = [r["spike_ratio"] for r in got if r.get("spike_ratio") is not None]
+        spike = f"{max(ratios):.2f} ({sum(bool(r.get('spike')) for r in got)})" if ratios else "-"
+        d = paired({r["changes"]["seed"]: score(r, part, metric) for r in got}, reference)
+        better = d["n"] - d["above"] if lower_is_better(metric) else d["above"]
+        delta = f"{format_mean_sd(d['diffs'], 2, sign=True)} ({better}/{d['n']})" if d["n"] and arm != REFERENCE else "-"
+        cells = [format_mean_sd([score(r, s, m) for r in got]) for _, s, m in cols]
+        lines.append(f"| {arm} | {len(got)} | " + " | ".join(cells)
+                     + f" | {format_mean_sd([r['final_loss'] for r in got], 3)} | {spike} | {delta} |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     study.add_arguments(parser, out="runs/recipe-study", results="benchmarks/results/recipe-study.json")
-    parser.add_argument("--data-dir", default="../shared/data")
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--budgets", default="120,600", help="optimizer steps of batch 8 (full fine-tuning: the first)")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--train-limit", type=int, default=None, help="first N training rows (a smoke run)")
-    parser.add_argument("--eval-prompts", type=int, default=50, help="dev inputs scored, drawn with seed 0")
+    parser.add_argument("--arms", default=",".join(STAGE1), help=f"of {', '.join(ARMS)} (default: stage 1's)")
+    parser.add_argument("--budgets", default="120", help="optimizer steps of batch 8")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--train-limit", type=int, default=None, help="first N training rows (a smoke run; "
+                        "earlier studies' rows are then not taken over)")
+    parser.add_argument("--eval-prompts", type=int, default=50, help="dev inputs scored (per set on WebNLG)")
     args = parser.parse_args(argv)
     check(args)
+    if args.phase == "run" and not args.worker:
+        reuse(args, runs(args))
     config_of = lambda run: base_config(args, run["task"])  # noqa: E731 - each task has its own data and metric
     return study.run_study(args, "benchmarks.recipe_study", lambda: runs(args), config_of, lambda: report(args))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prefixtune.compare.config import CompareConfig
+
+DATA_VARIABLE = "PREFIXTUNE_DATA"
 
 
 def load_rows(out: Path) -> dict:
@@ -101,15 +104,27 @@ def run_study(args, module: str, runs: Callable[[], list[dict]], config_of: Call
     return 0
 
 
+def data_root(text: str | None) -> Path:
+    """``--data-dir``, else ``$PREFIXTUNE_DATA``: the folder holding ``e2e/``, ``webnlg/`` and ``sst2/``
+    as ``prefixtune data prepare`` lays them out (docs/data.md)."""
+    text = text or os.environ.get(DATA_VARIABLE)
+    if not text:
+        raise SystemExit(f"--data-dir: no data folder; give --data-dir or set {DATA_VARIABLE} (docs/data.md says how "
+                         "to make one)")
+    return Path(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser, out: str, results: str | None = None) -> None:
-    """The options every study has: where rows go, the machine, the sharing of runs (and, for the studies
-    that write one, the results file and the phase)."""
+    """The options every study has: where rows go, the data, the machine, the sharing of runs (and, for the
+    studies that write one, the results file and the phase)."""
     if results is not None:
         parser.add_argument("--phase", choices=("run", "report"), default="run",
                             help="run: every missing run, then the report; report: the report alone")
         parser.add_argument("--results", default=results,
                             help="the rows with the command and machine, written by the report ('' for none)")
     parser.add_argument("--out", default=out, help="folder of the rows (OUT/runs/ID.json) and checkpoints")
+    parser.add_argument("--data-dir", default=None, help=f"the data folder (e2e/, webnlg/, sst2/; default: "
+                        f"${DATA_VARIABLE})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default=None, help="base model (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")

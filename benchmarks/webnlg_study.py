@@ -53,7 +53,8 @@ def sets() -> str:
 
 def base_config(args) -> CompareConfig:
     return CompareConfig(
-        data=str(Path(args.data_dir) / "train.jsonl"), eval_data=str(Path(args.data_dir) / "dev.jsonl"),
+        data=str(study.data_root(args.data_dir) / "webnlg" / "train.jsonl"),
+        eval_data=str(study.data_root(args.data_dir) / "webnlg" / "dev.jsonl"),
         train_where=f"category!={','.join(UNSEEN)}", eval_sets=sets(), train_limit=args.train_limit,
         prompt_template=TEMPLATE, max_length=256, max_steps=args.steps, batch_size=8, warmup_steps=min(10, args.steps // 4),
         schedule="linear", max_grad_norm=0.0, eval_sample=args.eval_prompts, eval_batch_size=args.eval_batch_size,
@@ -124,7 +125,6 @@ def spikes(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     study.add_arguments(parser, out="runs/webnlg-study", results="benchmarks/results/webnlg-study.json")
-    parser.add_argument("--data-dir", default="../shared/data/webnlg")
     parser.add_argument("--methods", default=",".join(METHODS_RUN))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--reference", default=REFERENCE, help="the method the others are compared with, seed by seed")

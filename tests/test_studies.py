@@ -16,7 +16,7 @@ def test_webnlg_study_trains_on_seen_categories_and_scores_seen_and_unseen(model
     out = tmp_path / "webnlg"
     argv = ["--model", model_dir, "--out", str(out), "--results", str(tmp_path / "webnlg.json"), "--methods",
             "prefix-flat,lora", "--seeds", "0,1", "--reference", "prefix-flat", "--steps", "2", "--train-limit", "16",
-            "--eval-prompts", "2", "--metrics", "bleu,ter", "--max-new-tokens", "4", "--data-dir", str(DATA / "webnlg")]
+            "--eval-prompts", "2", "--metrics", "bleu,ter", "--max-new-tokens", "4", "--data-dir", str(DATA)]
     assert webnlg_study.main(argv) == 0
     rows = study.load_rows(out)
     assert sorted(rows) == ["lora-s0", "lora-s1", "prefix-flat-s0", "prefix-flat-s1"]
@@ -65,33 +65,47 @@ def test_recipe_study_plan_covers_the_grid():
 
     args = argparse.Namespace(tasks="e2e,webnlg,sst2", arms=",".join(recipe_study.ARMS), budgets="120,600", seeds="0,1,2")
     plan = recipe_study.runs(args)
-    assert len(plan) == 3 * 3 * (10 + 9)  # seeds x tasks x (10 arms at 120 steps, all but full at 600)
+    assert len(plan) == 3 * 2 * 3 * len(recipe_study.ARMS)  # seeds x budgets x tasks x arms
     assert len({r["id"] for r in plan}) == len(plan)
-    full = [r for r in plan if r["method"] == "full"]
-    assert {r["changes"]["max_steps"] for r in full} == {120} and len(full) == 9
-    clipped = next(r for r in plan if r["id"] == "sst2-prefix-words-clip-600-s2")
-    assert clipped["method"] == "prefix-words" and clipped["changes"] == {"max_grad_norm": 1.0, "max_steps": 600,
-                                                                         "seed": 2, "warmup_steps": 10}
-    assert [r["changes"]["seed"] for r in plan[:57]] == [0] * 57  # whole seeds first
+    warm = next(r for r in plan if r["id"] == "sst2-mlp-3e-3-clip-warm10pct-600-s2")
+    assert warm["method"] == "prefix" and warm["lr"] == 3e-3
+    assert warm["changes"] == {"max_grad_norm": 1.0, "max_steps": 600, "seed": 2, "warmup_steps": 60}
+    assert next(r for r in plan if r["id"] == "e2e-lora-120-s0")["changes"]["warmup_steps"] == 10
+    assert [r["changes"]["seed"] for r in plan[:48]] == [0] * 48  # whole seeds first
     with pytest.raises(SystemExit, match="--arms: unknown dora"):
         recipe_study.check(argparse.Namespace(tasks="e2e", arms="lora,dora"))
 
 
-@pytest.mark.slow  # about 15 s: two tasks, three arms, two budgets on a tiny model
+def test_recipe_study_takes_over_rows_measured_under_the_same_setup(tmp_path):
+    import argparse
+
+    from benchmarks import recipe_study
+
+    args = argparse.Namespace(tasks="e2e,webnlg", arms="mlp-1e-3,mlp-3e-3-clip,lora", budgets="120,600", seeds="1",
+                              out=str(tmp_path), train_limit=None)
+    recipe_study.reuse(args, recipe_study.runs(args))
+    rows = study.load_rows(tmp_path)
+    assert sorted(rows) == ["e2e-lora-120-s1", "webnlg-lora-120-s1", "webnlg-mlp-1e-3-120-s1"]  # e2e ran mlp-1e-3 on seed 0 only
+    assert rows["e2e-lora-120-s1"]["reused_from"] == "benchmarks/results/e2e-study.json#lr-lora-0.01-s1"
+    assert set(rows["e2e-lora-120-s1"]["metrics"]) == {"bleu", "rouge_l"} and rows["e2e-lora-120-s1"]["seed"] == 1
+    assert rows["webnlg-mlp-1e-3-120-s1"]["reused_from"] == "benchmarks/results/webnlg-study.json#prefix-s1"
+
+
+@pytest.mark.slow  # about 20 s: two tasks, three arms, two budgets on a tiny model
 def test_recipe_study_runs_each_task_and_records_spike_ratios(model_dir, tmp_path):
     from benchmarks import recipe_study
 
     out = tmp_path / "recipe"
     assert recipe_study.main(["--model", model_dir, "--out", str(out), "--results", str(tmp_path / "recipe.json"),
-                              "--tasks", "sst2,e2e", "--arms", "prefix-flat,prefix-words-clip,full", "--budgets", "7,3",
+                              "--tasks", "sst2,e2e", "--arms", "flat-3e-2,mlp-3e-3-clip,lora", "--budgets", "7,3",
                               "--seeds", "0", "--train-limit", "16", "--eval-prompts", "2",
                               "--data-dir", str(DATA)]) == 0
     rows = study.load_rows(out)
-    assert len(rows) == 2 * (3 + 2) and all(r["status"] == "ok" for r in rows.values())
-    assert "sst2-full-3-s0" not in rows and "sst2-full-7-s0" in rows  # full fine-tuning at the first budget only
-    assert set(rows["sst2-prefix-flat-7-s0"]["metrics"]) == {"accuracy"}
-    assert set(rows["e2e-prefix-flat-7-s0"]["metrics"]) == {"bleu", "rouge_l"}
-    assert rows["e2e-prefix-flat-7-s0"]["spike_ratio"] > 0 and rows["e2e-prefix-flat-3-s0"]["spike_ratio"] is None
+    assert len(rows) == 2 * 3 * 2 and all(r["status"] == "ok" for r in rows.values())
+    assert not any("reused_from" in r for r in rows.values())  # a smoke run (--train-limit) measures everything
+    assert set(rows["sst2-flat-3e-2-7-s0"]["metrics"]) == {"accuracy"}
+    assert set(rows["e2e-flat-3e-2-7-s0"]["metrics"]) == {"bleu", "rouge_l"}
+    assert rows["e2e-flat-3e-2-7-s0"]["spike_ratio"] > 0 and rows["e2e-flat-3e-2-3-s0"]["spike_ratio"] is None
     text = (out / "study.md").read_text()
-    assert "sst2 (accuracy):" in text and "| prefix-words-clip |" in text
-    assert len(json.loads((tmp_path / "recipe.json").read_text())["rows"]) == 10
+    assert "sst2, 7 steps:" in text and "| mlp-3e-3-clip | 1 |" in text and "| lora | 1 |" in text
+    assert len(json.loads((tmp_path / "recipe.json").read_text())["rows"]) == 12
