@@ -160,7 +160,7 @@ class Prefixtune(Arm):
     def __init__(self, name: str, model: nn.Module, how: Prefixed, config: PrefixConfig):
         wrapped = PrefixModel.wrap(model, config, attention=POLICIES[how.policy]).train()
         if how.checkpointing:
-            wrapped.gradient_checkpointing_enable()
+            wrapped.activation_checkpointing_enable()
         super().__init__(name, wrapped)
         self.how = how
 

@@ -14,7 +14,7 @@ from prefixtune import PrefixConfig, PrefixModel, data, evaluate
 from prefixtune.base_models import load_model
 from prefixtune.config import EvalConfig
 from prefixtune.metrics import compute_metrics
-from prefixtune.trainers import use_prefix_checkpoints
+from prefixtune.hf_trainer import use_prefix_checkpoints
 
 E2E = "../shared/data/e2e"
 TEMPLATE = "Table: {prompt}\nText:"

@@ -1,6 +1,6 @@
 """Architecture facts, as data.
 
-Each supported ``model_type`` maps to a :class:`Layout`: where its transformer blocks
+Each supported ``model_type`` maps to a :class:`Family`: where its transformer blocks
 live, which attribute of a block is the self-attention, and how the base model numbers
 tokens when it is given no ``position_ids``. Head counts and sizes come from the model's
 config through the names transformers standardises (``num_key_value_heads``,
@@ -43,7 +43,7 @@ class AttentionGroup:
 
 
 @dataclass(frozen=True)
-class Layout:
+class Family:
     """Where the pieces of one model family live.
 
     Args:
@@ -73,19 +73,19 @@ class Layout:
         return any(group.name == "cross" for group in self.groups)
 
 
-def _decoder(layers: str = "layers", attention: str = "self_attn", positions: str = "arange") -> Layout:
-    return Layout(groups=(AttentionGroup("decoder", layers, attention, causal=True),), positions=positions)
+def _decoder(layers: str = "layers", attention: str = "self_attn", positions: str = "arange") -> Family:
+    return Family(groups=(AttentionGroup("decoder", layers, attention, causal=True),), positions=positions)
 
 
-def _encoder(layers: str, attention: str, heads: tuple[str, ...]) -> Layout:
-    return Layout(groups=(AttentionGroup("encoder", layers, attention, causal=False),), positions="internal",
+def _encoder(layers: str, attention: str, heads: tuple[str, ...]) -> Family:
+    return Family(groups=(AttentionGroup("encoder", layers, attention, causal=False),), positions="internal",
                   heads=heads)
 
 
-def _seq2seq(blocks: tuple[str, str], attention: tuple[str, str, str], head_dim: str | None = None) -> Layout:
+def _seq2seq(blocks: tuple[str, str], attention: tuple[str, str, str], head_dim: str | None = None) -> Family:
     encoder_blocks, decoder_blocks = blocks
     encoder_self, decoder_self, cross = attention
-    return Layout(
+    return Family(
         groups=(
             AttentionGroup("encoder", encoder_blocks, encoder_self, causal=False),
             AttentionGroup("decoder", decoder_blocks, decoder_self, causal=True),
@@ -100,7 +100,7 @@ _T5 = _seq2seq(("encoder.block", "decoder.block"),
 _BART = _seq2seq(("encoder.layers", "decoder.layers"), ("self_attn", "self_attn", "encoder_attn"))
 _BERT = _encoder("encoder.layer", "attention.self", heads=("classifier",))
 
-LAYOUTS: dict[str, Layout] = {
+FAMILIES: dict[str, Family] = {
     "gpt2": _decoder(layers="h", attention="attn"),
     "llama": _decoder(),
     "mistral": _decoder(),
@@ -134,7 +134,7 @@ class ModelShape:
     """The facts a prefix must agree with to be loaded onto a model.
 
     ``num_layers`` counts the prefix's sites (every attention module of every group);
-    ``groups`` says how many of them each group has, in layout order. For a decoder-only
+    ``groups`` says how many of them each group has, in family order. For a decoder-only
     model the two agree: one site per layer.
     """
 
@@ -161,8 +161,8 @@ class ModelShape:
         ]
 
 
-def layout_for(model: nn.Module) -> Layout:
-    """The layout of ``model``'s family, or a clear error naming what is missing."""
+def family_of(model: nn.Module) -> Family:
+    """The architecture facts of ``model``'s family, or a clear error naming what is missing."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type is None:
         raise TypeError(
@@ -171,23 +171,23 @@ def layout_for(model: nn.Module) -> Layout:
         )
     if model_type in UNSUPPORTED:
         raise NotImplementedError(f"model_type {model_type!r} cannot take a prefix: {UNSUPPORTED[model_type]}")
-    if model_type not in LAYOUTS:
+    if model_type not in FAMILIES:
         raise NotImplementedError(
-            f"prefixtune has no layout for model_type {model_type!r}. Supported: "
-            f"{', '.join(sorted(LAYOUTS))}. A new family needs one entry in prefixtune/arch.py "
+            f"prefixtune has no architecture entry for model_type {model_type!r}. Supported: "
+            f"{', '.join(sorted(FAMILIES))}. A new family needs one entry in prefixtune/arch.py "
             "(where its blocks and attentions live) and a parity test."
         )
-    return LAYOUTS[model_type]
+    return FAMILIES[model_type]
 
 
-def model_shape(model: nn.Module, layout: Layout | None = None) -> ModelShape:
+def model_shape(model: nn.Module, family: Family | None = None) -> ModelShape:
     """Sites, key/value heads and head size of ``model``."""
-    layout = layout or layout_for(model)
+    family = family or family_of(model)
     config = model.config.get_text_config()
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, layout.head_dim or "head_dim", None) or config.hidden_size // heads
-    groups = {group.name: len(_blocks(model, group)) for group in layout.groups}
+    head_dim = getattr(config, family.head_dim or "head_dim", None) or config.hidden_size // heads
+    groups = {group.name: len(_blocks(model, group)) for group in family.groups}
     return ModelShape(
         model_type=model.config.model_type,
         num_layers=sum(groups.values()),
@@ -198,9 +198,9 @@ def model_shape(model: nn.Module, layout: Layout | None = None) -> ModelShape:
     )
 
 
-def attention_modules(model: nn.Module, layout: Layout) -> list[tuple[AttentionGroup, nn.Module]]:
+def attention_modules(model: nn.Module, family: Family) -> list[tuple[AttentionGroup, nn.Module]]:
     """Every site's attention module with its group: group after group, layer after layer."""
-    return [(group, block.get_submodule(group.attention)) for group in layout.groups for block in _blocks(model, group)]
+    return [(group, block.get_submodule(group.attention)) for group in family.groups for block in _blocks(model, group)]
 
 
 def _blocks(model: nn.Module, group: AttentionGroup) -> nn.ModuleList:
@@ -215,9 +215,9 @@ def _blocks(model: nn.Module, group: AttentionGroup) -> nn.ModuleList:
         ) from err
 
 
-def task_heads(model: nn.Module, layout: Layout) -> dict[str, nn.Module]:
-    """The task head modules ``model`` has (see ``Layout.heads``), by attribute name."""
-    return {name: getattr(model, name) for name in layout.heads if isinstance(getattr(model, name, None), nn.Module)}
+def task_heads(model: nn.Module, family: Family) -> dict[str, nn.Module]:
+    """The task head modules ``model`` has (see ``Family.heads``), by attribute name."""
+    return {name: getattr(model, name) for name in family.heads if isinstance(getattr(model, name, None), nn.Module)}
 
 
 def resolve_sites(layers: tuple[int, ...] | None, targets: tuple[str, ...], shape: ModelShape) -> tuple[int, ...]:

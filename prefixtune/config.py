@@ -23,7 +23,7 @@ EVAL_WHERE = ("evaluate only on the rows whose FIELD matches: 'FIELD=V1,V2' keep
               "drops them, e.g. 'category=City,Food,Monument' (values as text, exact; --eval-limit counts kept rows)")
 
 
-def _opt(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, **extra):
+def option_field(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, **extra):
     """A dataclass field whose help text becomes the command line's ``--help`` line. ``option``
     in ``extra`` renames it on the command line and in YAML (``dropout`` is ``prefix_dropout``
     there); ``choices`` and ``unescape`` shape its parsing (:mod:`prefixtune.options`)."""
@@ -69,20 +69,20 @@ class PrefixConfig:
             only "encoder". ``layers`` applies within each target.
     """
 
-    prefix_length: int = _opt(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)", ge=1)
-    reparameterize: bool = _opt(True, "produce the prefix through the paper's MLP (--no-reparameterize: train it directly)")
-    reparam_hidden_size: int = _opt(512, "width of the reparameterization MLP (the paper's mid_dim)", ge=1)
-    dropout: float = _opt(0.0, "dropout on the prefix key/values while training", option="prefix_dropout", ge=0, lt=1)
-    init: str | None = _opt(None, "random, or text: start from the model's activations for --init-text (default: text "
+    prefix_length: int = option_field(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)", ge=1)
+    reparameterize: bool = option_field(True, "produce the prefix through the paper's MLP (--no-reparameterize: train it directly)")
+    reparam_hidden_size: int = option_field(512, "width of the reparameterization MLP (the paper's mid_dim)", ge=1)
+    dropout: float = option_field(0.0, "dropout on the prefix key/values while training", option="prefix_dropout", ge=0, lt=1)
+    init: str | None = option_field(None, "random, or text: start from the model's activations for --init-text (default: text "
                             "when --init-text is given)", choices=INITS)
-    init_text: str | None = _opt(None, "initialize the prefix from the model's activations for this text (the paper's "
+    init_text: str | None = option_field(None, "initialize the prefix from the model's activations for this text (the paper's "
                                  "'real words')")
-    init_std: float = _opt(0.02, "standard deviation of a flat prefix's random initialization", ge=0)
-    init_fit_steps: int = _opt(400, "Adam steps that fit the MLP to the --init-text activations", ge=0)
-    layers: tuple[int, ...] | None = _opt(None, "comma-separated layer indices that get a prefix (default: all)",
+    init_std: float = option_field(0.02, "standard deviation of a flat prefix's random initialization", ge=0)
+    init_fit_steps: int = option_field(400, "Adam steps that fit the MLP to the --init-text activations", ge=0)
+    layers: tuple[int, ...] | None = option_field(None, "comma-separated layer indices that get a prefix (default: all)",
                                           min_length=1)
-    shift_positions: bool = _opt(True, "give the real tokens positions L_p, L_p+1, ... as PEFT and the paper's code do")
-    targets: tuple[str, ...] = _opt(TARGETS, "comma-separated attentions that get a prefix: encoder, decoder, cross "
+    shift_positions: bool = option_field(True, "give the real tokens positions L_p, L_p+1, ... as PEFT and the paper's code do")
+    targets: tuple[str, ...] = option_field(TARGETS, "comma-separated attentions that get a prefix: encoder, decoder, cross "
                                     "(those the model has)", choices=TARGETS, min_length=1)
 
     def __post_init__(self) -> None:
@@ -127,32 +127,38 @@ class Checked:
 
 
 @dataclass
-class DataOptions(Checked):
-    """Where examples come from and how they become tokens (shared by train, eval and generate)."""
+class TaskOption(Checked):
+    """What the model does with the examples: train, eval and generate take either task (compare: ``lm``)."""
 
-    model: str | None = _opt(None, "Hub id or local folder of the base model (default: the bundled SmolLM2-135M-Instruct)")
-    task: str = _opt("lm", "lm: complete prompts with a causal LM (the default) | classification: an encoder (BERT, "
+    task: str = option_field("lm", "lm: complete prompts with a causal LM (the default) | classification: an encoder (BERT, "
                      "RoBERTa, DistilBERT; default the bundled MiniLM) whose task head trains with the prefix, on "
                      "--text-field/--label-field data, scored by accuracy", choices=("lm", "classification"))
-    prompt_field: str = _opt("prompt", "field/column holding the input text")
-    completion_field: str = _opt("completion", "field/column holding the target text")
-    text_field: str | None = _opt(None, "classification: field holding the text (use with --label-field)")
-    label_field: str | None = _opt(None, "classification: field holding the label, trained as the completion")
-    prompt_template: str | None = _opt(None, "format string for the prompt, e.g. 'Table: {prompt}\\nText:' (\\n and \\t "
+
+
+@dataclass
+class DataOptions(Checked):
+    """Where examples come from and how they become tokens (shared by train, eval, generate and compare)."""
+
+    model: str | None = option_field(None, "Hub id or local folder of the base model (default: the bundled SmolLM2-135M-Instruct)")
+    prompt_field: str = option_field("prompt", "field/column holding the input text")
+    completion_field: str = option_field("completion", "field/column holding the target text")
+    text_field: str | None = option_field(None, "classification: field holding the text (use with --label-field)")
+    label_field: str | None = option_field(None, "classification: field holding the label, trained as the completion")
+    prompt_template: str | None = option_field(None, "format string for the prompt, e.g. 'Table: {prompt}\\nText:' (\\n and \\t "
                                        "typed on the command line become a line break and a tab); any field name works",
                                        unescape=True)
-    chat_template: bool = _opt(False, "wrap prompts in the model's chat template (chat 'messages' data always is)")
-    max_length: int = _opt(256, "maximum tokens of prompt + completion", ge=1)
-    overflow: str = _opt("truncate", "longer examples: 'truncate' (cut the prompt's start, counted in the log) or 'fail'",
+    chat_template: bool = option_field(False, "wrap prompts in the model's chat template (chat 'messages' data always is)")
+    max_length: int = option_field(256, "maximum tokens of prompt + completion", ge=1)
+    overflow: str = option_field("truncate", "longer examples: 'truncate' (cut the prompt's start, counted in the log) or 'fail'",
                          choices=("truncate", "fail"))
-    first_line: bool = _opt(True, "keep only the first line of generated text (one-sentence tasks such as E2E)")
-    batch_size: int = _opt(8, "examples per step (train: the global batch, however accumulation and processes split it)",
+    first_line: bool = option_field(True, "keep only the first line of generated text (one-sentence tasks such as E2E)")
+    batch_size: int = option_field(8, "examples per step (train: the global batch, however accumulation and processes split it)",
                            ge=1)
-    max_new_tokens: int = _opt(64, "generation length limit", ge=1)
-    num_beams: int = _opt(1, "beam size for generation (1 = greedy)", ge=1)
-    device: str = _opt("auto", "cpu, cuda, cuda:1, ... or auto")
-    split: str = _opt("train", "split to read when --data is a Hugging Face datasets name")
-    attn_implementation: str = _opt("sdpa", "attention kernel of the base model: sdpa or eager (Gemma 2 needs eager)",
+    max_new_tokens: int = option_field(64, "generation length limit", ge=1)
+    num_beams: int = option_field(1, "beam size for generation (1 = greedy)", ge=1)
+    device: str = option_field("auto", "cpu, cuda, cuda:1, ... or auto")
+    split: str = option_field("train", "split to read where the examples come from a Hugging Face datasets name instead of a file")
+    attn_implementation: str = option_field("sdpa", "attention kernel of the base model: sdpa or eager (Gemma 2 needs eager)",
                                     choices=("sdpa", "eager"))
 
     def source_fields(self) -> dict:
@@ -164,46 +170,46 @@ class DataOptions(Checked):
 @dataclass
 class StepOptions(Checked):
     """How each optimizer step runs: shared by ``prefixtune train`` and ``prefixtune compare``,
-    which train through the same step function (``prefixtune.train.train_step``)."""
+    which train through the same step function (``prefixtune.train.Stepper``)."""
 
-    weight_decay: float = _opt(0.0, "AdamW weight decay", ge=0)
-    schedule: str = _opt("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
-    warmup_steps: int = _opt(10, "steps of linear warmup from 0 to the peak learning rate", ge=0)
-    max_grad_norm: float = _opt(1.0, "clip the gradient of what trains to this norm (0 = no clipping)", ge=0)
-    precision: str = _opt("fp32", "fp32, or bf16/fp16 autocast where the device supports it",
+    weight_decay: float = option_field(0.0, "AdamW weight decay", ge=0)
+    schedule: str = option_field("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
+    warmup_steps: int = option_field(10, "steps of linear warmup from 0 to the peak learning rate", ge=0)
+    max_grad_norm: float = option_field(1.0, "clip the gradient of what trains to this norm (0 = no clipping)", ge=0)
+    precision: str = option_field("fp32", "fp32, or bf16/fp16 autocast where the device supports it",
                           choices=("fp32", "bf16", "fp16"))
-    seed: int = _opt(0, "seed for initialization, data order, dropout and sampled subsets")
+    seed: int = option_field(0, "seed for initialization, data order, dropout and sampled subsets")
 
 
 @dataclass
-class TrainConfig(StepOptions, DataOptions):
+class TrainConfig(StepOptions, DataOptions, TaskOption):
     """Everything ``prefixtune train`` does; written next to the results and replayable with ``--config``."""
 
-    data: str | None = _opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet file or datasets name (default: the built-in demo task)")
-    eval_data: str | None = _opt(None, "held-out data for evaluation during and after training")
-    output_dir: str = _opt("runs/prefix", "where the prefix, checkpoints, metrics.jsonl, curves.png and config.yaml go")
-    train_limit: int | None = _opt(None, "use only the first N training examples (the paper's low-data setting)", ge=1)
-    eval_limit: int | None = _opt(None, "use only the first N evaluation examples", ge=1)
-    train_where: str | None = _opt(None, TRAIN_WHERE)
-    eval_where: str | None = _opt(None, EVAL_WHERE)
-    prefix_config: PrefixConfig = _opt(help="the prefix (each of its fields is an option)", factory=PrefixConfig)
-    lr: float = _opt(3e-3, "peak AdamW learning rate", ge=0)
-    epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)", gt=0)
-    max_steps: int | None = _opt(None, "optimizer steps to run (overrides --epochs)", ge=1)
-    micro_batch_size: int | None = _opt(None, "examples per forward pass (default: the whole batch); accumulates "
+    data: str | None = option_field(None, "training data: .jsonl/.json/.csv/.tsv/.parquet file or datasets name (default: the built-in demo task)")
+    eval_data: str | None = option_field(None, "held-out data for evaluation during and after training")
+    output_dir: str = option_field("runs/prefix", "where the prefix, checkpoints, metrics.jsonl, curves.png and config.yaml go")
+    train_limit: int | None = option_field(None, "use only the first N training examples (the paper's low-data setting)", ge=1)
+    eval_limit: int | None = option_field(None, "use only the first N evaluation examples", ge=1)
+    train_where: str | None = option_field(None, TRAIN_WHERE)
+    eval_where: str | None = option_field(None, EVAL_WHERE)
+    prefix_config: PrefixConfig = option_field(help="the prefix (each of its fields is an option)", factory=PrefixConfig)
+    lr: float = option_field(3e-3, "peak AdamW learning rate", ge=0)
+    epochs: float = option_field(1.0, "passes over the training data (ignored when --max-steps is set)", gt=0)
+    max_steps: int | None = option_field(None, "optimizer steps to run (overrides --epochs)", ge=1)
+    micro_batch_size: int | None = option_field(None, "examples per forward pass (default: the whole batch); accumulates "
                                         "gradients", ge=1)
-    gradient_checkpointing: bool = _opt(False, "recompute the frozen layers in backward to save memory")
-    eval_every: int | None = _opt(None, "evaluate every N steps (0 = only at the end; default: every 20 steps on "
+    gradient_checkpointing: bool = option_field(False, "recompute the frozen layers in backward to save memory")
+    eval_every: int | None = option_field(None, "evaluate every N steps (0 = only at the end; default: every 20 steps on "
                                   "the built-in demo, else only at the end)", ge=0)
-    save_every: int = _opt(50, "write a resumable checkpoint every N steps (0 = never)", ge=0)
-    metric: str = _opt("loss", "metric that picks the best prefix and drives early stopping: loss, or a generation "
+    save_every: int = option_field(50, "write a resumable checkpoint every N steps (0 = never)", ge=0)
+    metric: str = option_field("loss", "metric that picks the best prefix and drives early stopping: loss, or a generation "
                        "metric such as bleu (the lowest loss, perplexity or ter wins, the highest of any other)")
-    metrics: str = _opt("bleu,rouge_l", "comma-separated generation metrics computed at evaluation")
-    patience: int = _opt(0, "stop after N evaluations without improvement of --metric (0 = never)", ge=0)
-    eval_generate_limit: int | None = _opt(None, "distinct eval prompts decoded for the generation metrics of an "
+    metrics: str = option_field("bleu,rouge_l", "comma-separated generation metrics computed at evaluation")
+    patience: int = option_field(0, "stop after N evaluations without improvement of --metric (0 = never)", ge=0)
+    eval_generate_limit: int | None = option_field(None, "distinct eval prompts decoded for the generation metrics of an "
                                            "evaluation during training (default: 8 on the built-in demo, else 50; "
                                            "the final evaluation decodes them all)", ge=1)
-    resume: bool = _opt(False, "continue from OUTPUT_DIR/checkpoint after a crash or Ctrl-C")
+    resume: bool = option_field(False, "continue from OUTPUT_DIR/checkpoint after a crash or Ctrl-C")
 
     def evaluations_every(self) -> int:
         """Steps between evaluations during training: ``eval_every``, or by default every
@@ -238,18 +244,18 @@ class TrainConfig(StepOptions, DataOptions):
 
 
 @dataclass
-class EvalConfig(DataOptions):
+class EvalConfig(DataOptions, TaskOption):
     """What ``prefixtune eval`` does."""
 
-    prefix: str | None = _opt(None, "folder of a saved prefix (a training run's --output-dir); omit to score the base model")
-    data: str | None = _opt(None, "evaluation data (same formats as train)")
-    metrics: str = _opt("bleu,rouge_l", "comma-separated: bleu, nist, meteor, rouge_l, cider, ter (lower is better), accuracy, "
+    prefix: str | None = option_field(None, "folder of a saved prefix (a training run's --output-dir); omit to score the base model")
+    data: str | None = option_field(None, "evaluation data (same formats as train)")
+    metrics: str = option_field("bleu,rouge_l", "comma-separated: bleu, nist, meteor, rouge_l, cider, ter (lower is better), accuracy, "
                         "exact_match (loss and perplexity always)")
-    limit: int | None = _opt(None, "score only the first N examples", ge=1)
-    eval_where: str | None = _opt(None, EVAL_WHERE.replace("--eval-limit", "--limit"))
-    group_by: str | None = _opt(None, "also score the rows of each value of this field of the data (e.g. category): "
+    limit: int | None = option_field(None, "score only the first N examples", ge=1)
+    eval_where: str | None = option_field(None, EVAL_WHERE.replace("--eval-limit", "--limit"))
+    group_by: str | None = option_field(None, "also score the rows of each value of this field of the data (e.g. category): "
                                 "a row per value, each with the corpus metrics of its own inputs, under the overall row")
-    output: str | None = _opt(None, "write the metrics (and the generations) as JSON here")
+    output: str | None = option_field(None, "write the metrics (and the generations) as JSON here")
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (:func:`options.check`)."""
@@ -259,14 +265,14 @@ class EvalConfig(DataOptions):
 
 
 @dataclass
-class GenerateConfig(DataOptions):
+class GenerateConfig(DataOptions, TaskOption):
     """What ``prefixtune generate`` does."""
 
-    prefix: str | None = _opt(None, "folder of a saved prefix; omit to generate with the base model")
-    prompt: str | None = _opt(None, "one prompt to complete")
-    input: str | None = _opt(None, "file of prompts (same formats as train; completions not needed)")
-    output: str | None = _opt(None, "write {prompt, generation} JSON lines here instead of printing")
-    do_sample: bool = _opt(False, "sample instead of greedy/beam decoding")
-    temperature: float = _opt(1.0, "sampling temperature (with --do-sample)", gt=0)
-    top_p: float = _opt(1.0, "nucleus sampling mass (with --do-sample)", gt=0, le=1)
-    seed: int = _opt(0, "seed for sampling")
+    prefix: str | None = option_field(None, "folder of a saved prefix; omit to generate with the base model")
+    prompt: str | None = option_field(None, "one prompt to complete")
+    input: str | None = option_field(None, "file of prompts (same formats as train; completions not needed)")
+    output: str | None = option_field(None, "write {prompt, generation} JSON lines here instead of printing")
+    do_sample: bool = option_field(False, "sample instead of greedy/beam decoding")
+    temperature: float = option_field(1.0, "sampling temperature (with --do-sample)", gt=0)
+    top_p: float = option_field(1.0, "nucleus sampling mass (with --do-sample)", gt=0, le=1)
+    seed: int = option_field(0, "seed for sampling")

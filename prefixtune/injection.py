@@ -22,7 +22,7 @@ from .peft.wrappers import unwrap_adapters
 from .prefixes import PrefixBatch
 
 
-def install(model: nn.Module, layout: arch.Layout) -> str:
+def install(model: nn.Module, family: arch.Family) -> str:
     """Freeze ``model``, switch it to the prefix-aware kernel and tag its sites; returns the
     name of the kernel it had, which :func:`uninstall` restores."""
     base = model.config._attn_implementation.removeprefix("prefixtune_")  # a model wrapped before keeps its kernel
@@ -34,36 +34,36 @@ def install(model: nn.Module, layout: arch.Layout) -> str:
             f"{type(model).__name__} would not switch its attention to {name!r}: it does not "
             "call attention through transformers' AttentionInterface"
         )
-    for index, (group, module) in enumerate(arch.attention_modules(model, layout)):
+    for index, (group, module) in enumerate(arch.attention_modules(model, family)):
         setattr(module, SITE_ATTR, Site(index, group.causal))
     return base
 
 
-def uninstall(model: nn.Module, layout: arch.Layout, base: str) -> None:
+def uninstall(model: nn.Module, family: arch.Family, base: str) -> None:
     """Restore kernel ``base`` and remove the tags (the weights stay frozen)."""
     model.set_attn_implementation(base)
-    for _, module in arch.attention_modules(model, layout):
+    for _, module in arch.attention_modules(model, family):
         if hasattr(module, SITE_ATTR):
             delattr(module, SITE_ATTR)
 
 
-def call_kwargs(batch: PrefixBatch, kwargs: dict, layout: arch.Layout, device) -> dict:
+def call_kwargs(batch: PrefixBatch, kwargs: dict, family: arch.Family, device) -> dict:
     """``kwargs`` of a base-model call, plus the prefix and the shifted positions."""
     batch = batch.expand_rows(rows(kwargs))
-    if layout.positions == "internal":  # the model numbers positions itself; nothing to shift
+    if family.positions == "internal":  # the model numbers positions itself; nothing to shift
         return {**kwargs, KWARG: batch}
     tokens = kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
     positions = kwargs.get("position_ids")
     if positions is None:
-        positions = base_positions(tokens.shape[1], kwargs, layout, device)
+        positions = base_positions(tokens.shape[1], kwargs, family, device)
     shift = batch.shift if batch.shift is not None else batch.offsets[:, None].to(positions.device)
     return {**kwargs, KWARG: batch, "position_ids": positions + shift}
 
 
-def base_positions(length: int, kwargs: dict, layout: arch.Layout, device) -> torch.Tensor:
-    """The positions the base model would give these tokens itself (see ``arch.Layout.positions``)."""
+def base_positions(length: int, kwargs: dict, family: arch.Family, device) -> torch.Tensor:
+    """The positions the base model would give these tokens itself (see ``arch.Family.positions``)."""
     mask = kwargs.get("attention_mask")
-    if layout.positions == "mask" and mask is not None and mask.dim() == 2:
+    if family.positions == "mask" and mask is not None and mask.dim() == 2:
         mask = mask.long()
         return (mask.cumsum(-1) * mask - 1)[:, -length:]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -80,16 +80,16 @@ def rows(kwargs: dict) -> int:
 
 
 @contextlib.contextmanager
-def generation_hooks(model: nn.Module, layout: arch.Layout, batch: PrefixBatch, device):
+def generation_hooks(model: nn.Module, family: arch.Family, batch: PrefixBatch, device):
     """Hand ``batch`` to every forward that ``model.generate`` runs, through forward pre-hooks.
 
     The hooks sit on the transformers model inside PEFT's wrappers (PEFT's ``generate`` calls it,
     not its own ``forward``), and on an encoder-decoder's encoder, which ``generate`` runs once,
     directly."""
     def hook(module, hook_args, hook_kwargs):
-        return hook_args, call_kwargs(batch, hook_kwargs, layout, device)
+        return hook_args, call_kwargs(batch, hook_kwargs, family, device)
 
-    modules = [unwrap_adapters(model)] + ([model.get_encoder()] if layout.encoder_decoder else [])
+    modules = [unwrap_adapters(model)] + ([model.get_encoder()] if family.encoder_decoder else [])
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in modules]
     try:
         yield

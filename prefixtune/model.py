@@ -9,6 +9,8 @@ training loss without the full logits).
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +30,7 @@ class PrefixModel(nn.Module):
     """A frozen model plus named prefixes. Build it with :meth:`wrap` or :meth:`from_pretrained`.
 
     Args:
-        model: A transformers model of a family listed in ``prefixtune.arch.LAYOUTS`` (a causal
+        model: A transformers model of a family listed in ``prefixtune.arch.FAMILIES`` (a causal
             LM, an encoder-decoder, or an encoder with a task head), or a PEFT LoRA model of one.
         tokenizer: Needed only for ``init="text"``.
         attention: How prefixed attention reaches its kernel: ``"auto"`` (measured per call) or
@@ -37,15 +39,15 @@ class PrefixModel(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer=None, attention: str | AttentionPolicy = "auto"):
         super().__init__()
-        self.layout = arch.layout_for(model)
-        self.shape = arch.model_shape(model, self.layout)
+        self.family = arch.family_of(model)
+        self.shape = arch.model_shape(model, self.family)
         self.model = model
         self.tokenizer = tokenizer
         self.attention = AttentionPolicy.of(attention)
-        self.heads = arch.task_heads(model, self.layout)  # trained and saved with the prefix
+        self.heads = arch.task_heads(model, self.family)  # trained and saved with the prefix
         self.adapter_params = lora.adapter_parameters(model)  # prefix + LoRA: PEFT's trainable weights
         self.prefixes = PrefixRegistry()
-        self._base_attention = injection.install(model, self.layout)  # freezes the model
+        self._base_attention = injection.install(model, self.family)  # freezes the model
         for param in self.trainable_parameters():  # the task head and PEFT's weights train again
             param.requires_grad_(True)
 
@@ -68,7 +70,7 @@ class PrefixModel(nn.Module):
 
     def unwrap(self) -> nn.Module:
         """Give the base model back as it was (its attention kernel restored, untagged)."""
-        injection.uninstall(self.model, self.layout, self._base_attention)
+        injection.uninstall(self.model, self.family, self._base_attention)
         return self.model
 
     def __getattr__(self, name: str):
@@ -114,10 +116,31 @@ class PrefixModel(nn.Module):
 
     def trainable_parameters(self, name: str | None = None) -> list[nn.Parameter]:
         """What trains: prefix ``name`` (or every prefix), the task head when the model has one
-        (``arch.Layout.heads``), and on a PEFT LoRA model the weights PEFT marked trainable. What
+        (``arch.Family.heads``), and on a PEFT LoRA model the weights PEFT marked trainable. What
         :meth:`save_prefix` writes is the same list."""
         modules = [self.prefixes[self.prefixes.known(name)]] if name else list(self.prefixes.values())
         return [p for module in [*modules, *self.heads.values()] for p in module.parameters()] + self.adapter_params
+
+    def state_dict(self, *args, **kwargs):
+        """The module's state dict; for a transformers ``Trainer`` writing a checkpoint, what trains only.
+
+        A ``Trainer`` not set up with ``prefixtune.hf_trainer.use_prefix_checkpoints`` saves any model that is
+        not a ``PreTrainedModel`` as its whole ``state_dict()``: the frozen base in every checkpoint (538 MB
+        for the bundled model). Asked from there, this gives the trainable tensors alone, which that
+        trainer's resume and best-model loading read back (they load non-strictly), and says once which
+        line makes its checkpoints prefix folders that the rest of prefixtune reads."""
+        full = super().state_dict(*args, **kwargs)
+        if args or kwargs or not _asked_by_trainer_save():
+            return full
+        if not getattr(self, "_told_of_trainer", False):
+            self._told_of_trainer = True
+            logging.getLogger("prefixtune").warning(
+                "prefixtune: this Trainer saves the PrefixModel's trainable tensors only (not the frozen base); "
+                "call prefixtune.hf_trainer.use_prefix_checkpoints(trainer) to save prefix folders that "
+                "PrefixModel.from_pretrained and prefixtune eval/generate/serve read")
+        trains = {id(p) for p in self.trainable_parameters()}
+        names = {name for name, p in self.named_parameters() if id(p) in trains}
+        return type(full)((k, v) for k, v in full.items() if k in names)
 
     def prefix_key_values(self, name: str = ACTIVE) -> tuple:
         """Per model site, ``(k, v)`` each ``[kv_heads, L_p, head_dim]``; ``None`` for sites without it."""
@@ -176,7 +199,7 @@ class PrefixModel(nn.Module):
     def _with_prefix(self, module: nn.Module, prefix: PrefixArg, kwargs: dict):
         """``module(**kwargs)`` with ``prefix`` in every attention call, refusing outputs it never reached."""
         batch = self.prefix_batch(prefix, injection.rows(kwargs))
-        out = module(**(kwargs if batch is None else injection.call_kwargs(batch, kwargs, self.layout, self.device)))
+        out = module(**(kwargs if batch is None else injection.call_kwargs(batch, kwargs, self.family, self.device)))
         injection.check_applied(batch)
         return out
 
@@ -193,7 +216,7 @@ class PrefixModel(nn.Module):
         if cache is not None:
             kwargs["cache"] = cache
             batch.in_cache = batch.prefixed_layers
-        with injection.generation_hooks(self.model, self.layout, batch, self.device):
+        with injection.generation_hooks(self.model, self.family, batch, self.device):
             out = self.model.generate(*args, **kwargs)
         injection.check_applied(batch)
         return out
@@ -218,3 +241,16 @@ class PrefixModel(nn.Module):
         """Load a prefix saved by :meth:`save_prefix` as ``name`` (replacing one of that name)."""
         encoder = artifacts.load_prefix(directory, self.model, self.shape, self.heads)
         self.prefixes.add(name, encoder.to(self.device), replace_existing=True)
+
+
+def _asked_by_trainer_save(depth: int = 4) -> bool:
+    """Whether the caller a few frames up is ``transformers.Trainer._save`` (it asks for ``state_dict()``)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "_save" and code.co_filename.replace("\\", "/").endswith("transformers/trainer.py"):
+            return True
+        frame = frame.f_back
+    return False

@@ -130,7 +130,7 @@ class PrefixRegistry(nn.ModuleDict):
         a :class:`PrefixBatch` (one laid out already, e.g. by ``prefixtune.serve``) is used as it is."""
         if isinstance(prefix, PrefixBatch):
             return prefix
-        return layout([None if n is None else self[n] for n in self._row_names(prefix, rows)], num_sites, device)
+        return batch_for_rows([None if n is None else self[n] for n in self._row_names(prefix, rows)], num_sites, device)
 
     def _row_names(self, prefix: PrefixArg, rows: int) -> list[str | None]:
         if prefix is None or isinstance(prefix, str):
@@ -141,7 +141,7 @@ class PrefixRegistry(nn.ModuleDict):
         return [None if n is None else self.resolve(n) for n in names]
 
 
-def layout(row_encoders: Sequence[PrefixEncoder | None], num_sites: int, device) -> PrefixBatch | None:
+def batch_for_rows(row_encoders: Sequence[PrefixEncoder | None], num_sites: int, device) -> PrefixBatch | None:
     """The :class:`PrefixBatch` of a call whose row ``i`` carries ``row_encoders[i]`` (``None``: no
     prefix); each distinct encoder runs once. Registries and servers (which keep their prefixes
     elsewhere) lay out their calls here."""

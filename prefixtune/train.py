@@ -1,11 +1,11 @@
 """Training: one step function and one loop, shared by ``prefixtune train`` and ``prefixtune compare``.
 
-:func:`train_step` is one AdamW step over a global batch: micro-batches whose losses are
+:meth:`Stepper.step` is one AdamW step over a global batch: micro-batches whose losses are
 normalised by the token count of the whole global batch (so the update does not depend on how
 the batch is split), optional autocast, the gradient reduced across processes, clipped, and
-checked for NaN/inf. :func:`run_steps` runs the steps of a run in the data order of
+checked for NaN/inf. :meth:`Stepper.run` runs the steps of a run in the data order of
 :class:`prefixtune.data.BatchOrder` and tells a :class:`Hooks` object before and after each
-one: ``prefixtune train`` (:func:`train`) evaluates, keeps the best prefix, logs and writes
+one: ``prefixtune train`` (:class:`TrainingRun`) evaluates, keeps the best prefix, logs and writes
 atomic checkpoints there; ``compare`` measures time, tokens and memory.
 
 Under ``accelerate launch`` or ``torchrun`` the same loop trains data-parallel: each process
@@ -49,39 +49,64 @@ LossFn = Callable[[dict, torch.Tensor], torch.Tensor]
 labelled tokens (or rows) in the whole global batch."""
 
 
-def train_step(loss_of: LossFn, params: list, rows: list[dict], pad_id: int, optimizer, scheduler,
-               options: StepOptions, device: torch.device, *, micro_batch_size: int | None = None,
-               dist=distributed.LOCAL) -> tuple[float, int]:
-    """One optimizer step over the global batch ``rows``; returns its (loss, input tokens).
+@dataclasses.dataclass
+class Stepper:
+    """What every optimizer step of a run shares: the loss, what trains, the optimizer and its schedule,
+    and where and how the step runs (:meth:`step` is one step, :meth:`run` the steps of a run)."""
 
-    This process's micro-batches of it (all of it, alone) each add their summed token loss over
-    the label count of the whole global batch, so that the summed gradient is the global batch's
-    mean-token-loss gradient however the batch is split into micro-batches and processes.
+    loss_of: LossFn
+    params: list
+    pad_id: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    options: StepOptions
+    device: torch.device
+    micro_batch_size: int | None = None
+    dist: object = distributed.LOCAL
+    """This process's place among the processes (:mod:`prefixtune.distributed`; ``LOCAL`` alone)."""
 
-    Raises:
-        Diverged: the loss or the gradient norm is not finite (checked after the reduction across
-            processes, so every process stops together); the gradients are cleared, nothing updated.
-    """
-    batches = [(data.collate(part, pad_id), weight) for part, weight in dist.plan(rows, micro_batch_size)]
-    items = sum(_loss_items(b["labels"]) for b, weight in batches if weight)
-    items = dist.sum(torch.tensor(items, device=device)).clamp_min(1)
-    total, tokens = torch.zeros((), device=device), 0
-    for batch, weight in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(options.precision, device):
-            loss = loss_of(batch, items)
-        (loss if weight else loss * 0.0).backward()  # weight 0: a padding pass, for FSDP's collectives
-        if weight:
-            total += loss.detach().float()
-            tokens += int(batch["attention_mask"].sum())
-    total, tokens = dist.reduce_gradients(params, total, torch.tensor(float(tokens), device=device))
-    _check_finite(total, "loss", optimizer)
-    _check_finite(torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm or float("inf")), "gradient norm",
-                  optimizer)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total.item(), int(tokens)
+    def step(self, rows: list[dict]) -> tuple[float, int]:
+        """One optimizer step over the global batch ``rows``; returns its (loss, input tokens).
+
+        This process's micro-batches of it (all of it, alone) each add their summed token loss over
+        the label count of the whole global batch, so that the summed gradient is the global batch's
+        mean-token-loss gradient however the batch is split into micro-batches and processes.
+
+        Raises:
+            Diverged: the loss or the gradient norm is not finite (checked after the reduction across
+                processes, so every process stops together); the gradients are cleared, nothing updated.
+        """
+        device, dist = self.device, self.dist
+        batches = [(data.collate(part, self.pad_id), weight) for part, weight in dist.plan(rows, self.micro_batch_size)]
+        items = sum(_loss_items(b["labels"]) for b, weight in batches if weight)
+        items = dist.sum(torch.tensor(items, device=device)).clamp_min(1)
+        total, tokens = torch.zeros((), device=device), 0
+        for batch, weight in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(self.options.precision, device):
+                loss = self.loss_of(batch, items)
+            (loss if weight else loss * 0.0).backward()  # weight 0: a padding pass, for FSDP's collectives
+            if weight:
+                total += loss.detach().float()
+                tokens += int(batch["attention_mask"].sum())
+        total, tokens = dist.reduce_gradients(self.params, total, torch.tensor(float(tokens), device=device))
+        _check_finite(total, "loss", self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm or float("inf"))
+        _check_finite(norm, "gradient norm", self.optimizer)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total.item(), int(tokens)
+
+    def run(self, order: data.BatchOrder, start: int, total: int, hooks: "Hooks") -> None:
+        """Steps ``start`` to ``total`` of a run, each :meth:`step` over the rows ``order`` gives it."""
+        for step in range(start, total):
+            if hooks.stop():
+                return
+            hooks.before_step(step)
+            begin = time.perf_counter()
+            loss, tokens = self.step(order[step])
+            hooks.after_step(step + 1, loss, tokens, time.perf_counter() - begin)
 
 
 def _check_finite(value: torch.Tensor, what: str, optimizer) -> None:
@@ -98,7 +123,7 @@ def optimizer_for(params: list, lr: float, options: StepOptions, total: int):
 
 
 class Hooks:
-    """What a run does around its steps (:func:`run_steps` calls these); each does nothing here."""
+    """What a run does around its steps (:meth:`Stepper.run` calls these); each does nothing here."""
 
     def stop(self) -> bool:
         """Whether to stop before the next step (early stopping)."""
@@ -111,18 +136,18 @@ class Hooks:
         """Called after step ``step`` (counted from 1: the steps done) with its loss, input tokens and time."""
 
 
-def run_steps(loss_of: LossFn, params: list, order: data.BatchOrder, pad_id: int, optimizer, scheduler,
-              options: StepOptions, device: torch.device, *, start: int, total: int, hooks: Hooks,
-              micro_batch_size: int | None = None, dist=distributed.LOCAL) -> None:
-    """Steps ``start`` to ``total`` of a run, each :func:`train_step` over the rows ``order`` gives it."""
-    for step in range(start, total):
-        if hooks.stop():
-            return
-        hooks.before_step(step)
-        begin = time.perf_counter()
-        loss, tokens = train_step(loss_of, params, order[step], pad_id, optimizer, scheduler, options, device,
-                                  micro_batch_size=micro_batch_size, dist=dist)
-        hooks.after_step(step + 1, loss, tokens, time.perf_counter() - begin)
+@dataclasses.dataclass
+class TrainState:
+    """Where a run stands: what a checkpoint saves and a resumed run starts from."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    best: float | None = None
+    """The best evaluation of ``--metric`` so far."""
+    best_step: int | None = None
+    """The step of that evaluation (its prefix is the one in the output folder)."""
+    bad_evals: int = 0
+    """Evaluations in a row that did not improve on ``best`` (early stopping counts them)."""
 
 
 def language_model_loss(model, pm: PrefixModel, batch: dict, items: torch.Tensor, full_logits: bool = False):
@@ -160,68 +185,89 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     if resume_from:
         pm.load_prefix(resume_from)
     if cfg.gradient_checkpointing:
-        pm.gradient_checkpointing_enable()
+        pm.activation_checkpointing_enable()
     total = total_steps(cfg, len(rows))
     optimizer, scheduler = optimizer_for(pm.trainable_parameters(), cfg.lr, cfg, total)
     runner = dist.prepare(pm, optimizer)  # what forward passes call: `pm`, or the FSDP-sharded model around it;
     # under DeepSpeed ZeRO-3 `pm` itself, its base partitioned
-    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0}
+    state = TrainState()
     if resume_from:
-        state = checkpoint.load_state(resume_from)
+        state = TrainState(**checkpoint.load_state(resume_from))
         checkpoint.restore(resume_from, optimizer, scheduler, rng=not isinstance(dist, distributed.Processes))
-        log.info("resumed from %s at step %d of %d", resume_from, state["step"], total)
-    dist.seed(cfg.seed, state["step"])
+        log.info("resumed from %s at step %d of %d", resume_from, state.step, total)
+    dist.seed(cfg.seed, state.step)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _forget_after(out / "metrics.jsonl", state["step"])  # a fresh run starts a fresh log
+        _forget_after(out / "metrics.jsonl", state.step)  # a fresh run starts a fresh log
         options.dump(dataclasses.replace(cfg, resume=False), out / "config.yaml")  # replaying it starts afresh
-    run = _Run(cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total, dist, runner,
-               callbacks)
+    run = TrainingRun(RunContext(cfg, pm, runner, tokenizer, out, dist), (optimizer, scheduler), (rows, eval_examples),
+                      state, total, callbacks)
     run.train()
     result = run.finish()
     dist.close()
     return result
 
 
-class _Run(Hooks):
-    """One ``prefixtune train`` run's state and what it does around each step (the :class:`Hooks`).
+@dataclasses.dataclass
+class RunContext:
+    """What a ``prefixtune train`` run works with: its options, the model, where it writes, and its place
+    among the processes."""
 
-    ``pm`` is the PrefixModel (its prefix is what trains and is saved); ``runner`` is what
-    forward passes call (``pm`` itself, or the FSDP-sharded model around it); ``dist`` is this
-    process's place among the processes (:mod:`prefixtune.distributed`; ``LOCAL`` alone).
+    cfg: TrainConfig
+    pm: PrefixModel
+    """The PrefixModel: its prefix is what trains and is saved."""
+    runner: object
+    """What forward passes call: ``pm`` itself, or the FSDP-sharded model around it."""
+    tokenizer: object
+    out: Path
+    dist: object = distributed.LOCAL
+    """This process's place among the processes (:mod:`prefixtune.distributed`; ``LOCAL`` alone)."""
+
+
+class TrainingRun(Hooks):
+    """One ``prefixtune train`` run and what it does around each step (the :class:`Hooks`).
+
+    Args:
+        context: The options, model and output folder.
+        schedule: The optimizer and its learning-rate schedule.
+        examples: The tokenized training rows and the held-out examples.
+        state: Where the run stands (a fresh one, or the checkpoint's).
+        total: The run's optimizer steps.
+        callbacks: Each is called with ``(step, loss)`` after every step.
     """
 
-    def __init__(self, cfg, pm, tokenizer, optimizer, scheduler, rows, eval_examples, out, state, total,
-                 dist=distributed.LOCAL, runner=None, callbacks=()):
-        self.cfg, self.pm, self.tokenizer, self.dist, self.runner = cfg, pm, tokenizer, dist, runner or pm
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.rows, self.eval_examples, self.out, self.state, self.total = rows, eval_examples, out, state, total
+    def __init__(self, context: RunContext, schedule: tuple, examples: tuple[list, list], state: TrainState,
+                 total: int, callbacks=()):
+        self.cfg, self.pm, self.runner, self.tokenizer = context.cfg, context.pm, context.runner, context.tokenizer
+        self.out, self.dist = context.out, context.dist
+        self.optimizer, self.scheduler = schedule
+        (self.rows, self.eval_examples), self.state, self.total = examples, state, total
+        self.stepper = Stepper(self._loss, self.pm.trainable_parameters(), self.tokenizer.pad_token_id, self.optimizer,
+                               self.scheduler, self.cfg, self.pm.device, self.cfg.micro_batch_size, self.dist)
         self.callbacks = list(callbacks)
-        self.labels = class_names(pm.model) if cfg.task == "classification" else None  # classes, by id
+        cfg = self.cfg
+        self.labels = class_names(self.pm.model) if cfg.task == "classification" else None  # classes, by id
         # a classifier is scored on token rows with class ids; a language model on the examples themselves
-        self.eval_rows = _tokenize(eval_examples, tokenizer, cfg, self.labels) if self.labels else None
-        self.order = data.BatchOrder(rows, cfg.batch_size, cfg.seed)
-        self.metrics_file = out / "metrics.jsonl"
+        self.eval_rows = _tokenize(self.eval_examples, self.tokenizer, cfg, self.labels) if self.labels else None
+        self.order = data.BatchOrder(self.rows, cfg.batch_size, cfg.seed)
+        self.metrics_file = self.out / "metrics.jsonl"
         self._before: list | None = None  # what trains, as it was before the step in progress
         self._last_good: list | None = None  # what trains, as it was before the last step that succeeded
-        self.tensorboard = _tensorboard(out) if self.dist.is_main else None
+        self.tensorboard = _tensorboard(self.out) if self.dist.is_main else None
         self.spikes = spikes.SpikeWatch(cfg.warmup_steps)  # a resumed run starts its window afresh
         self.bar = None
 
     def train(self) -> None:
-        self.bar = progress.bar(self.total, "train", unit="step", initial=self.state["step"],
-                                enabled=self.dist.is_main)
+        self.bar = progress.bar(self.total, "train", unit="step", initial=self.state.step, enabled=self.dist.is_main)
         try:
-            run_steps(self._loss, self.pm.trainable_parameters(), self.order, self.tokenizer.pad_token_id,
-                      self.optimizer, self.scheduler, self.cfg, self.pm.device, start=self.state["step"],
-                      total=self.total, hooks=self, micro_batch_size=self.cfg.micro_batch_size, dist=self.dist)
+            self.stepper.run(self.order, self.state.step, self.total, self)
         except Diverged as err:
             self._keep_last_good()
-            raise TrainingError(f"{err} at step {self.state['step'] + 1}; training stopped. The last good prefix "
+            raise TrainingError(f"{err} at step {self.state.step + 1}; training stopped. The last good prefix "
                                 f"is in {self.out} (try a lower --lr, --max-grad-norm, or --precision fp32)") from None
         except KeyboardInterrupt:
             self._checkpoint()
-            log.warning("interrupted: checkpoint at step %d in %s; continue with --resume", self.state["step"],
+            log.warning("interrupted: checkpoint at step %d in %s; continue with --resume", self.state.step,
                         self.out / "checkpoint")
             raise
         finally:
@@ -231,7 +277,7 @@ class _Run(Hooks):
     # ------------------------------------------------------------------ hooks
     def stop(self) -> bool:
         patience = self.cfg.patience
-        if patience and self.state["bad_evals"] >= patience:
+        if patience and self.state.bad_evals >= patience:
             log.warning("early stopping: %s did not improve for %d evaluations", self.cfg.metric, patience)
             return True
         return False
@@ -241,7 +287,7 @@ class _Run(Hooks):
         self._before = [p.detach().clone() for p in self.pm.trainable_parameters()]
 
     def after_step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
-        self.state["step"], self._last_good = step, self._before
+        self.state.step, self._last_good = step, self._before
         lr, rate = self.scheduler.get_last_lr()[0], tokens / seconds
         self._record({"step": step, "loss": loss, "lr": lr, "tokens_per_s": rate,
                       "epoch": (step - 1) // self.order.per_epoch})
@@ -281,7 +327,7 @@ class _Run(Hooks):
     def _keep_last_good(self) -> None:
         """After a divergence: what trains goes back to before the update that led there, and is saved
         (unless an evaluation already saved the best prefix)."""
-        if self.state["best_step"] is not None:
+        if self.state.best_step is not None:
             return
         if self._last_good is not None:
             with torch.no_grad():
@@ -312,21 +358,21 @@ class _Run(Hooks):
         result.pop("generations", None)
         result = self.dist.broadcast(result)  # every process then takes the same best/patience decisions
         value = result[metric]
-        best = self.state["best"]
+        best = self.state.best
         better = best is None or (value < best if lower_is_better(metric) else value > best)
         if better:
-            self.state.update(best=value, best_step=self.state["step"], bad_evals=0)
+            self.state.best, self.state.best_step, self.state.bad_evals = value, self.state.step, 0
             if self.dist.is_main:
                 self.pm.save_prefix(self.out)
         else:
-            self.state["bad_evals"] += 1
-        self._record({"step": self.state["step"], "eval": result})
+            self.state.bad_evals += 1
+        self._record({"step": self.state.step, "eval": result})
         if self.dist.is_main:
-            progress.note(f"step {self.state['step']}: eval {metric} {value:.4f}" + (" (best)" if better else ""))
+            progress.note(f"step {self.state.step}: eval {metric} {value:.4f}" + (" (best)" if better else ""))
 
     def _checkpoint(self) -> None:
         if self.dist.is_main:  # every process holds the same prefix and optimizer state
-            checkpoint.save(self.out / "checkpoint", self.pm, self.optimizer, self.scheduler, self.state,
+            checkpoint.save(self.out / "checkpoint", self.pm, self.optimizer, self.scheduler, dataclasses.asdict(self.state),
                             processes=self.dist.world_size)
 
     def _record(self, row: dict) -> None:
@@ -366,7 +412,7 @@ class _Run(Hooks):
         if not self.dist.is_main:
             return {"prefix": str(self.out), "scores": scores}
         (self.out / "eval.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
-        print(f"\n{len(self.eval_examples)} held-out examples; best prefix from step {self.state['best_step']}")
+        print(f"\n{len(self.eval_examples)} held-out examples; best prefix from step {self.state.best_step}")
         print(evaluate.table(scores, metrics))
         samples = [scores[k]["generations"][0]["generation"] for k in scores] if self.labels is None and metrics else []
         for label, text in zip(scores, samples):
@@ -454,7 +500,7 @@ def causal_batch(pm: PrefixModel, batch: dict) -> dict:
 
     Under causal attention a real token sees only the tokens before it, never the padding after
     it, and the padding's own outputs carry no label; its positions (``0..n-1``) are the same
-    with or without the mask. The loss and the gradients are the same (``tests/test_training.py``),
+    with or without the mask. The loss and the gradients are the same (``tests/test_gradients.py``),
     but a call without a mask reaches the mask-free attention kernels: on a GPU, a mask keeps
     SDPA off flash attention and makes transformers copy the keys and values for every query
     head. Kept where the mask matters: an encoder (bidirectional), a task head, a mixture of

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from tiny import ENCODERS, tiny_encoder, tokens
+from tiny import assert_same, ENCODERS, tiny_encoder, tokens
 
 from prefixtune import PrefixConfig, PrefixModel
 
@@ -56,8 +56,8 @@ def test_rows_without_a_prefix_are_the_base_model(name):
         assert torch.equal(pm(**inputs, prefix=None).logits, base)
         mixed = pm(**inputs, prefix=["default", None, "default"]).logits
         prefixed = pm(**inputs).logits
-    torch.testing.assert_close(mixed[1], base[1], atol=1e-6, rtol=0)
-    torch.testing.assert_close(mixed[[0, 2]], prefixed[[0, 2]], atol=1e-6, rtol=0)
+    assert_same(mixed[1], base[1])
+    assert_same(mixed[[0, 2]], prefixed[[0, 2]])
     assert not torch.allclose(prefixed, base, atol=1e-4)
 
 
@@ -69,7 +69,7 @@ def test_padding_keys_stay_hidden_with_a_prefix(name):
     changed = {**inputs, "input_ids": inputs["input_ids"].clone()}
     changed["input_ids"][0, 5:] = 7
     with torch.no_grad():
-        torch.testing.assert_close(pm(**changed).logits[0], pm(**inputs).logits[0], atol=1e-6, rtol=0)
+        assert_same(pm(**changed).logits[0], pm(**inputs).logits[0])
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -83,7 +83,7 @@ def test_save_then_load_restores_prefix_and_head(name, tmp_path):
     pm.save_prefix(tmp_path)
     loaded = PrefixModel.from_pretrained(tiny_encoder(name), tmp_path)  # the head as first built
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**_inputs()).logits, before, atol=1e-6, rtol=0)
+        assert_same(loaded(**_inputs()).logits, before)
 
 
 def test_a_head_for_other_labels_or_no_head_is_refused(tmp_path):

@@ -10,7 +10,7 @@ from prefixtune import PrefixConfig, PrefixModel
 
 def test_unsupported_architecture_names_what_is_missing():
     bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=50, hidden_size=32, n_layer=2, n_head=4))
-    with pytest.raises(NotImplementedError, match=r"no layout for model_type 'bloom'.*prefixtune/arch.py"):
+    with pytest.raises(NotImplementedError, match=r"no architecture entry for model_type 'bloom'.*prefixtune/arch.py"):
         PrefixModel.wrap(bloom)
 
 

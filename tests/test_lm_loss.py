@@ -47,7 +47,7 @@ def test_loss_and_prefix_gradients_equal_the_models_own(arch, items):
 def test_equal_under_gradient_checkpointing():
     pm = _wrapped("llama")
     full, full_grad = _loss_and_grads(pm, True)
-    pm.gradient_checkpointing_enable()
+    pm.activation_checkpointing_enable()
     chunked, chunked_grad = _loss_and_grads(pm, False)
     torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(chunked_grad, full_grad, rtol=1e-4, atol=1e-7)

@@ -77,7 +77,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
                 if ".lora_B." in name:
                     p.normal_(std=0.1)
         if checkpointing:
-            pm.gradient_checkpointing_enable()
+            pm.activation_checkpointing_enable()
         pm.train()
         loss = pm(x, labels=x).loss
         loss.backward()
@@ -219,8 +219,8 @@ def test_qlora_4bit_base_trains_prefix_and_lora_with_checkpointing_and_reloads(t
     folder = _four_bit_folder(tmp_path / "base")
     model = _load_4bit(folder, device, dtype)
     pm = _lora_prefix(model=model)
-    pm.gradient_checkpointing_enable()
-    assert pm.model.get_base_model().is_gradient_checkpointing
+    pm.activation_checkpointing_enable()
+    assert pm.model.get_base_model().is_activation_checkpointing
     q_proj = model.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(q_proj, bnb.nn.Linear4bit)
     frozen = q_proj.weight.detach().clone()

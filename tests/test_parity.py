@@ -3,12 +3,11 @@ model's own key/values for tokens ``p`` makes it behave exactly as on ``p + x``.
 
 import pytest
 import torch
-from tiny import ARCHS, EAGER_ONLY, tiny_model, tokens
+from tiny import assert_same, ARCHS, EAGER_ONLY, tiny_model, tokens
 
 from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.attention import AttentionPolicy
 
-ATOL = 1e-5
 L_P = 4
 
 
@@ -34,7 +33,7 @@ def test_prefix_of_own_key_values_equals_reading_the_tokens(arch):
     pm = _wrap_with_own_kv(model, p)
     with torch.no_grad():
         got = pm(input_ids=x).logits
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert_same(got, expected)
 
 
 ROUTES = {
@@ -56,7 +55,7 @@ def test_parity_holds_on_each_kernel_route(arch, route):
     batch = pm.prefix_batch("default", 3)
     with torch.no_grad():
         got = pm(input_ids=x, prefix=batch).logits
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert_same(got, expected)
     plain_kernel = arch not in EAGER_ONLY  # Gemma 2's soft-capping lives in its own eager kernel
     assert set(batch.routes.values()) == {route if plain_kernel else "stock"}
 
@@ -97,7 +96,7 @@ def test_parity_holds_with_right_padding(arch, attn):
     with torch.no_grad():
         got = pm(input_ids=x, attention_mask=mask).logits
     keep = mask.bool()
-    torch.testing.assert_close(got[keep], expected[keep], atol=ATOL, rtol=0)
+    assert_same(got[keep], expected[keep])
 
 
 @pytest.mark.parametrize("route", ["pad", "grouped"])
@@ -118,7 +117,7 @@ def test_prefix_gradients_are_the_same_on_every_route(route, padded):
         loss = pm(input_ids=x, attention_mask=mask, labels=x, return_logits=False).loss
         loss.backward()
         got[name] = loss.detach(), torch.cat([p.grad.flatten() for p in pm.trainable_parameters()])
-    torch.testing.assert_close(got[route][0], got["stock"][0], atol=1e-6, rtol=0)
+    assert_same(got[route][0], got["stock"][0])
     torch.testing.assert_close(got[route][1], got["stock"][1], atol=1e-6, rtol=1e-5)
 
 
@@ -150,7 +149,7 @@ def test_padded_calls_keep_grouped_heads_on_the_cpu_unless_mask_is_chosen(mode, 
     batch = pm.prefix_batch("default", 3)
     with torch.no_grad():
         got = pm(input_ids=x, attention_mask=mask, prefix=batch).logits
-    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=ATOL, rtol=0)
+    assert_same(got[mask.bool()], expected[mask.bool()])
     assert set(batch.routes.values()) == {route}
 
 
@@ -171,8 +170,8 @@ def test_parity_holds_with_left_padding_and_mask_positions(arch):
     pm = _wrap_with_own_kv(model, p)
     with torch.no_grad():
         got = pm(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-    torch.testing.assert_close(got[0], expected[0], atol=ATOL, rtol=0)
-    torch.testing.assert_close(got[1, 3:], expected[1], atol=ATOL, rtol=0)
+    assert_same(got[0], expected[0])
+    assert_same(got[1, 3:], expected[1])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -190,9 +189,9 @@ def test_mixed_prefix_batch_equals_one_prefix_runs_row_by_row(arch):
         for row, name in enumerate(names):
             alone = pm(input_ids=x[row:row + 1], attention_mask=mask[row:row + 1], prefix=name).logits
             keep = mask[row].bool()
-            torch.testing.assert_close(mixed[row][keep], alone[0][keep], atol=ATOL, rtol=0)
+            assert_same(mixed[row][keep], alone[0][keep])
         base = model(input_ids=x[1:2]).logits
-    torch.testing.assert_close(mixed[1], base[0], atol=ATOL, rtol=0)
+    assert_same(mixed[1], base[0])
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
@@ -209,8 +208,7 @@ def test_mixed_prefixes_of_one_length_need_no_mask_and_equal_one_prefix_runs(arc
     with torch.no_grad():
         mixed = pm(input_ids=x, prefix=names).logits
         for row, name in enumerate(names):
-            torch.testing.assert_close(mixed[row], pm(input_ids=x[row:row + 1], prefix=name).logits[0],
-                                       atol=ATOL, rtol=0)
+            assert_same(mixed[row], pm(input_ids=x[row:row + 1], prefix=name).logits[0])
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -236,7 +234,7 @@ def test_shift_positions_false_keeps_the_real_tokens_at_zero():
         shifted = pm(input_ids=x, prefix="shifted").logits
         # the shifted prefix given positions -L_p.. lands on 0..: the same computation
         moved = pm(input_ids=x, prefix="shifted", position_ids=torch.arange(6)[None] - L_P).logits
-    torch.testing.assert_close(unshifted, moved, atol=ATOL, rtol=0)
+    assert_same(unshifted, moved)
     assert not torch.allclose(unshifted, shifted, atol=1e-3)
 
 
@@ -258,4 +256,4 @@ def test_rows_that_share_a_shift_keep_one_row_of_positions():
         one_row = pm(input_ids=x, prefix="a").logits
         per_row = pm(input_ids=x, prefix="a", position_ids=torch.arange(5).expand(3, 5)).logits  # caller's [B, T]
     assert seen == [(1, 5), (1, 5), (3, 5), (3, 5), (1, 5), (3, 5)]
-    torch.testing.assert_close(one_row, per_row, atol=ATOL, rtol=0)
+    assert_same(one_row, per_row)

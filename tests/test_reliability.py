@@ -1,7 +1,7 @@
 """Nothing a user types hurts a run or a server: every bad option value, file and prefix is refused in
 one line before anything is written, and each defect a probe of the command line found stays fixed.
 (The server's protocol is fuzzed in tests/test_serve_fuzz.py; launch modes and kills are in
-tests/test_distributed.py and tests/test_train.py.)"""
+tests/test_distributed.py and tests/test_train_command.py.)"""
 
 import json
 import os

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import SEQ2SEQ, tiny_seq2seq, tokens
+from tiny import assert_same, SEQ2SEQ, tiny_seq2seq, tokens
 
 from prefixtune import PrefixConfig, PrefixModel, arch
 from prefixtune.attention import KWARG
@@ -47,7 +47,7 @@ def test_every_group_receives_gradients_and_nothing_else_does(name):
 def _attention_calls(pm: PrefixModel, group: str, inputs: dict) -> list:
     """Run ``pm`` and record each call of ``group``'s attention modules: (module, args, kwargs, output)."""
     calls, handles = [], []
-    for g, module in arch.attention_modules(pm.model, pm.layout):
+    for g, module in arch.attention_modules(pm.model, pm.family):
         if g.name == group:
             hook = lambda m, a, k, out: calls.append((m, a, {key: v for key, v in k.items() if key != KWARG}, out))
             handles.append(module.register_forward_hook(hook, with_kwargs=True))
@@ -85,8 +85,8 @@ def test_rows_without_a_prefix_are_the_base_model(name):
         assert torch.equal(pm(**inputs, prefix=None).logits, base)
         mixed = pm(**inputs, prefix=[None, "default", None]).logits
         prefixed = pm(**inputs).logits
-    torch.testing.assert_close(mixed[[0, 2]], base[[0, 2]], atol=1e-6, rtol=0)
-    torch.testing.assert_close(mixed[1], prefixed[1], atol=1e-6, rtol=0)
+    assert_same(mixed[[0, 2]], base[[0, 2]])
+    assert_same(mixed[1], prefixed[1])
     assert not torch.allclose(prefixed, base, atol=1e-3)
 
 
@@ -100,7 +100,7 @@ def test_mixed_prefixes_equal_one_prefix_runs_row_by_row(name):
         mixed = pm(**inputs, prefix=names).logits
         for row, prefix in enumerate(names):
             alone = pm(**{k: v[row:row + 1] for k, v in inputs.items()}, prefix=prefix).logits
-            torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-5, rtol=0)
+            assert_same(mixed[row:row + 1], alone)
 
 
 def test_t5_relative_position_bias_skips_the_prefix_in_both_kernels():
@@ -110,7 +110,7 @@ def test_t5_relative_position_bias_skips_the_prefix_in_both_kernels():
         pm = PrefixModel.wrap(tiny_seq2seq("t5", attn=attn), PrefixConfig(**FLAT))
         with torch.no_grad():
             logits[attn] = pm(**inputs).logits
-    torch.testing.assert_close(logits["sdpa"], logits["eager"], atol=1e-5, rtol=0)
+    assert_same(logits["sdpa"], logits["eager"])
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -138,7 +138,7 @@ def test_save_then_load_gives_identical_outputs(name, tmp_path):
     loaded = PrefixModel.from_pretrained(tiny_seq2seq(name), tmp_path)
     assert loaded.prefixes["default"].layers == pm.prefixes["default"].layers
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**inputs).logits, before, atol=1e-6, rtol=0)
+        assert_same(loaded(**inputs).logits, before)
 
 
 def test_a_prefix_for_another_layout_is_refused(tmp_path):
@@ -154,7 +154,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name):
         pm = _wrapped(name)
         pm.train()
         if checkpointing:
-            pm.gradient_checkpointing_enable()
+            pm.activation_checkpointing_enable()
         inputs = _inputs()
         loss = pm(**inputs, labels=inputs["decoder_input_ids"]).loss
         loss.backward()

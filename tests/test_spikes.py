@@ -34,15 +34,15 @@ def test_the_median_looks_back_over_the_window_only():
 
 
 def test_train_warns_at_a_spike_and_goes_on(model_dir, data_files, tmp_path, monkeypatch, capsys):
-    real = training.train_step
+    real = training.Stepper.step
     calls = []
 
-    def step_with_a_spike(*args, **kwargs):  # the real step; its loss reported x10 at step 8
-        loss, tokens = real(*args, **kwargs)
+    def step_with_a_spike(self, rows):  # the real step; its loss reported x10 at step 8
+        loss, tokens = real(self, rows)
         calls.append(loss)
         return (loss * 10 if len(calls) == 8 else loss), tokens
 
-    monkeypatch.setattr(training, "train_step", step_with_a_spike)
+    monkeypatch.setattr(training.Stepper, "step", step_with_a_spike)
     cfg = options.from_flat(TrainConfig, dict(model=model_dir, data=str(data_files / "train.jsonl"),
                                               output_dir=str(tmp_path / "run"), prefix_length=3, reparam_hidden_size=16,
                                               batch_size=4, max_steps=10, warmup_steps=2, lr=1e-3, save_every=0))

@@ -8,6 +8,19 @@ import queue
 import torch
 import transformers as tf
 
+ULPS = 64
+"""How many units of the dtype's precision two computations of the same value may differ by, relative
+to the values' size: kernels sum in different orders (a prefix concatenated, padding masked), and a
+transformers release may change that order."""
+
+
+def assert_same(actual: torch.Tensor, expected: torch.Tensor, ulps: int = ULPS) -> None:
+    """``actual`` equals ``expected`` up to rounding in their dtype (:data:`ULPS` of its epsilon, scaled
+    by the largest magnitude of ``expected``): the tolerance follows the precision, not a fixed number."""
+    scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, atol=ulps * torch.finfo(expected.dtype).eps * scale, rtol=0)
+
+
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
 ROPE = dict(COMMON, intermediate_size=64, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..base_models import load_model
+from ..options import split_list
 from ..train import language_model_loss
 from .config import CompareConfig
 
@@ -53,8 +54,9 @@ class Method:
     """Why the method cannot run here, or ``None``."""
 
 
-class Plain:
-    """``evaluate.generate_texts`` wants a PrefixModel-like object; this serves any model."""
+class PrefixlessGenerator:
+    """Any model as ``evaluate.generate_texts`` calls a PrefixModel: ``generate(..., prefix=...)``, the prefix ignored
+    (the methods other than prefix tuning have none)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -99,7 +101,7 @@ def _peft(make_config: Callable[[CompareConfig], object], notes: Callable[[Compa
 
         tuned = peft.get_peft_model(model, make_config(cfg))
         trainable = [p for p in tuned.parameters() if p.requires_grad]
-        return Tuned(tuned, _transformers_loss(tuned), Plain(tuned), trainable, lambda d: tuned.save_pretrained(d),
+        return Tuned(tuned, _transformers_loss(tuned), PrefixlessGenerator(tuned), trainable, lambda d: tuned.save_pretrained(d),
                      notes(cfg))
     return build
 
@@ -130,7 +132,7 @@ def _lora_config(cfg):
     import peft
 
     return peft.LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                           target_modules=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()])
+                           target_modules=split_list(cfg.lora_targets))
 
 
 def _qlora(model, tokenizer, cfg: CompareConfig) -> Tuned:
@@ -139,7 +141,7 @@ def _qlora(model, tokenizer, cfg: CompareConfig) -> Tuned:
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tuned = peft.get_peft_model(model, _lora_config(cfg))
     trainable = [p for p in tuned.parameters() if p.requires_grad]
-    return Tuned(tuned, _transformers_loss(tuned), Plain(tuned), trainable, lambda d: tuned.save_pretrained(d),
+    return Tuned(tuned, _transformers_loss(tuned), PrefixlessGenerator(tuned), trainable, lambda d: tuned.save_pretrained(d),
                  ["base weights in 4-bit NF4 (bitsandbytes), LoRA in fp32, bf16 compute"])
 
 
@@ -154,14 +156,14 @@ def _adapter(model, tokenizer, cfg: CompareConfig) -> Tuned:
         directory.mkdir(parents=True, exist_ok=True)
         save_file(adapter_state(model), str(directory / "adapters.safetensors"))
 
-    return Tuned(model, _transformers_loss(model), Plain(model), trainable, save,
+    return Tuned(model, _transformers_loss(model), PrefixlessGenerator(model), trainable, save,
                  ["compare's own small Houlsby implementation (the adapters library needs transformers 4)"])
 
 
 def _full(model, tokenizer, cfg: CompareConfig) -> Tuned:
     model.requires_grad_(True)
     trainable = [p for p in model.parameters()]
-    return Tuned(model, _transformers_loss(model), Plain(model), trainable, lambda d: model.save_pretrained(d))
+    return Tuned(model, _transformers_loss(model), PrefixlessGenerator(model), trainable, lambda d: model.save_pretrained(d))
 
 
 # ------------------------------------------------------------------------ QLoRA loading
@@ -214,7 +216,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def parse_methods(text: str) -> list[Method]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = split_list(text)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -237,7 +239,7 @@ def learning_rates(text: str | None, methods: list[Method]) -> dict[str, float]:
         value = None
     if value is not None:
         return {m.name: (0.0 if m.build is None else value) for m in methods}
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    for part in split_list(text):
         name, sep, number = part.partition("=")
         if not sep or name.strip() not in METHODS:
             raise ValueError(f"--lr: expected NUMBER or METHOD=NUMBER pairs, got {part!r}")

@@ -38,9 +38,9 @@ from ..evaluate import generate_texts
 from ..metrics import check_available
 from ..options import split_list
 from ..runtime import first_line, pick_device
-from ..train import Diverged, Hooks, optimizer_for, run_steps
+from ..train import Diverged, Hooks, Stepper, optimizer_for
 from .config import CompareConfig
-from .methods import METHODS, Method, Plain, learning_rates, parse_methods
+from .methods import METHODS, Method, PrefixlessGenerator, learning_rates, parse_methods
 
 BIG_CHECKPOINT = 100 * 2**20
 
@@ -109,7 +109,7 @@ def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dic
     row["total_params"] = total_params
     if method.build is None:  # the untuned base model
         row.update(trainable_params=0, trainable_pct=0.0, checkpoint_bytes=0)
-        return {**row, **_score_sets(cfg, Plain(model), tokenizer, groups)}
+        return {**row, **_score_sets(cfg, PrefixlessGenerator(model), tokenizer, groups)}
 
     tuned = method.build(model, tokenizer, cfg)
     row["notes"] += tuned.notes
@@ -143,8 +143,8 @@ def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, 
     with PeakMemory(device) as memory, progress.bar(cfg.max_steps, f"{name}: train", unit="step") as bar:
         measured = _Measured(cfg.max_steps, cfg.quiet, bar, cfg.warmup_steps)
         try:
-            run_steps(tuned.loss, tuned.trainable, data.BatchOrder(rows, cfg.batch_size, cfg.seed), pad_id, optimizer,
-                      scheduler, cfg, device, start=0, total=cfg.max_steps, hooks=measured)
+            stepper = Stepper(tuned.loss, tuned.trainable, pad_id, optimizer, scheduler, cfg, device)
+            stepper.run(data.BatchOrder(rows, cfg.batch_size, cfg.seed), 0, cfg.max_steps, measured)
         except Diverged as err:
             return {"status": "failed", "reason": f"{err} at step {len(measured.losses) + 1}",
                     "losses": measured.losses}

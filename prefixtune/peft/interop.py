@@ -18,7 +18,7 @@ tokens get positions ``L_p, L_p + 1, ...``: prefixtune's ``shift_positions=True`
 What PEFT's format cannot hold, and is refused with a message naming it: a prefix on a
 subset of layers, ``shift_positions=False``, prefixes of an encoder or of cross-attention
 (encoder-decoder and encoder models), a task head trained with the prefix, and model
-families prefixtune has no layout for.
+families prefixtune has no family for.
 
 The reparameterization MLP is always exported folded (materialized): PEFT's own files
 hold only ``prompt_embeddings`` (the MLP's output) even for ``prefix_projection=True``,
@@ -52,7 +52,7 @@ class NotExpressible(ValueError):
     """The prefix uses something PEFT's prefix-tuning format cannot hold (or the reverse)."""
 
 
-# ------------------------------------------------------------------ layout
+# ------------------------------------------------------------------ family
 def to_peft_embeddings(key_values: torch.Tensor) -> torch.Tensor:
     """``[num_layers, 2, kv_heads, L_p, head_dim]`` -> PEFT's ``[L_p, num_layers * 2 * kv_heads * head_dim]``."""
     length = key_values.shape[3]
@@ -117,10 +117,10 @@ def _export_problems(where, meta: dict, tensors: dict, config: PrefixConfig, sha
     if set(shape.groups) != {"decoder"}:
         groups = ", ".join(g for g in arch.GROUPS if g in shape.groups)
         yield (f"it is for a model with {groups} attention ({shape.model_type}); PEFT's prefix tuning is exported "
-               "for decoder-only models only, where its cache layout is one self-attention prefix per layer "
+               "for decoder-only models only, where its cache family is one self-attention prefix per layer "
                "(encoder and cross-attention prefixes cannot be expressed)")
-    elif shape.model_type not in arch.LAYOUTS:
-        yield f"prefixtune has no layout for model_type {shape.model_type!r}"
+    elif shape.model_type not in arch.FAMILIES:
+        yield f"prefixtune has no family for model_type {shape.model_type!r}"
     if list(meta["layers"]) != list(range(shape.num_layers)):
         yield (f"it covers layers {list(meta['layers'])} of {shape.num_layers}; PEFT puts a prefix in every layer "
                "and cannot leave some out (a zero prefix would still take attention weight)")
@@ -172,7 +172,7 @@ def import_peft(peft_dir: str | os.PathLike, out_dir: str | os.PathLike, base_mo
     base = base_model or peft_config.get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{source / PEFT_CONFIG} names no base_model_name_or_path: give the base model "
-                         "(--base-model), whose config fixes the prefix's layout")
+                         "(--base-model), whose config fixes the prefix's family")
     shape = _shape_of(base)
     embeddings = _read_peft_weights(source)
     length = int(peft_config["num_virtual_tokens"])
@@ -201,7 +201,7 @@ def _read_peft_config(source: Path) -> dict:
         raise NotExpressible(
             f"{path}: task_type {config.get('task_type')!r} with {config.get('num_transformer_submodules')} "
             "transformer submodules: only decoder-only (CAUSAL_LM) prefixes are imported; PEFT's encoder-decoder "
-            "layout does not map onto prefixtune's separate encoder, decoder and cross-attention prefixes"
+            "family does not map onto prefixtune's separate encoder, decoder and cross-attention prefixes"
         )
     return config
 
@@ -251,11 +251,11 @@ def _shape_of(base: str) -> arch.ModelShape:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model.config.name_or_path = base_models.BUNDLED_NAME if bundled else str(base)
-    layout = arch.layout_for(model)
-    if layout.encoder_decoder or {group.name for group in layout.groups} != {"decoder"}:
+    family = arch.family_of(model)
+    if family.encoder_decoder or {group.name for group in family.groups} != {"decoder"}:
         raise NotExpressible(f"{base}: a {config.model_type} model; PEFT prefixes are imported for decoder-only "
                              "models only")
-    return arch.model_shape(model, layout)
+    return arch.model_shape(model, family)
 
 
 def _check_importable(source: Path, config: dict, embeddings: torch.Tensor, shape: arch.ModelShape, length: int):

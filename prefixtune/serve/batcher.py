@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import artifacts
-from ..prefixes import layout
+from ..prefixes import batch_for_rows
 from . import errors
 from .kvcache import BatchCache
 from .store import Entry, PrefixStore
@@ -413,7 +413,7 @@ class Batcher:
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         encoders = [None if r.prefix is None else r.prefix.encoder for r in requests]
-        batch = self.model.prefix_batch(layout(encoders, self.model.shape.num_layers, device), len(requests))
+        batch = self.model.prefix_batch(batch_for_rows(encoders, self.model.shape.num_layers, device), len(requests))
         cache, prefix = BatchCache.open(batch, self.model.shape.num_layers)  # the prefixes go in once, here
         extra = {"logits_to_keep": 1} if self._keep_logits else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,

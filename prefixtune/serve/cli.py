@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Checked, _opt
+from ..config import Checked, option_field
 
 SUMMARY = "serve a base model and many prefixes over an OpenAI-compatible HTTP API"
 DESCRIPTION = (
@@ -32,41 +32,41 @@ DESCRIPTION = (
 class ServeConfig(Checked):
     """What ``prefixtune serve`` serves, and its limits (checked like every other command's options)."""
 
-    model: str | None = _opt(None, "base model: Hub id or folder (default: the bundled model)")
-    prefix: tuple[str, ...] = _opt((), "serve the prefix saved in DIR as model NAME (repeatable)", repeat=True,
+    model: str | None = option_field(None, "base model: Hub id or folder (default: the bundled model)")
+    prefix: tuple[str, ...] = option_field((), "serve the prefix saved in DIR as model NAME (repeatable)", repeat=True,
                                    metavar="NAME=DIR")
-    host: str = _opt("127.0.0.1", "address to bind (default 127.0.0.1: this machine only)")
-    port: int = _opt(8000, "port to listen on", ge=0, le=65535)
-    prefix_dir: tuple[str, ...] = _opt((), "serve every prefix folder under DIR by its folder name, loaded on its "
+    host: str = option_field("127.0.0.1", "address to bind (default 127.0.0.1: this machine only)")
+    port: int = option_field(8000, "port to listen on", ge=0, le=65535)
+    prefix_dir: tuple[str, ...] = option_field((), "serve every prefix folder under DIR by its folder name, loaded on its "
                                        "first request (repeatable; the first DIR that has a name wins); admin "
                                        "loads may read only inside these", repeat=True, metavar="DIR")
-    prefix_cache_mb: float = _opt(1024.0, "most MiB of prefix key/values held on the model's device; prefixes no "
+    prefix_cache_mb: float = option_field(1024.0, "most MiB of prefix key/values held on the model's device; prefixes no "
                                   "request holds are evicted least recently used first", gt=0)
-    prefix_host_cache_mb: float = _opt(0.0, "with a GPU: MiB of host memory that keeps evicted prefixes ready to "
+    prefix_host_cache_mb: float = option_field(0.0, "with a GPU: MiB of host memory that keeps evicted prefixes ready to "
                                        "copy back (0: none)", ge=0)
-    api_key: tuple[str, ...] = _opt((), "an inference key: /v1 routes need 'Authorization: Bearer KEY' with one of "
+    api_key: tuple[str, ...] = option_field((), "an inference key: /v1 routes need 'Authorization: Bearer KEY' with one of "
                                     "them (repeatable; default: $PREFIXTUNE_API_KEY if set)", repeat=True,
                                     metavar="KEY")
-    api_key_file: str | None = _opt(None, "a file of inference keys, one per line (# starts a comment)")
-    admin_key: str | None = _opt(None, "the key for prefix management (POST/DELETE /v1/prefixes/NAME); an "
+    api_key_file: str | None = option_field(None, "a file of inference keys, one per line (# starts a comment)")
+    admin_key: str | None = option_field(None, "the key for prefix management (POST/DELETE /v1/prefixes/NAME); an "
                                  "inference key there gets 403 (default: $PREFIXTUNE_ADMIN_KEY if set; none: "
                                  "management is off)")
-    served_model_name: str | None = _opt(None, "name of the base model in the API (default: the model's name_or_path)")
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:1, mps")
-    dtype: str | None = _opt(None, "weights dtype, e.g. float32, bfloat16 (default: the model's)")
-    attn_implementation: str = _opt("sdpa", "attention kernel of the base model", choices=("sdpa", "eager"))
-    max_batch: int = _opt(32, "most requests decoded together", ge=1)
-    max_queue: int = _opt(256, "most requests waiting; more get 429", ge=1)
-    max_tokens: int = _opt(512, "largest max_tokens a request may ask", ge=1)
-    max_prompt_tokens: int = _opt(2048, "longest prompt accepted (413 above)", ge=1)
-    max_body_mb: float = _opt(1.0, "largest request body in MiB (413 above)", gt=0)
-    body_timeout: float = _opt(30.0, "seconds a client may take to send its request body (408 after)", gt=0)
-    log_level: str = _opt("info", "server log level", choices=("critical", "error", "warning", "info", "debug"))
-    ray: bool = _opt(False, "serve from --replicas replicas on Ray Serve (pip install 'prefixtune[ray]'), each with "
+    served_model_name: str | None = option_field(None, "name of the base model in the API (default: the model's name_or_path)")
+    device: str = option_field("auto", "auto, cpu, cuda, cuda:1, mps")
+    dtype: str | None = option_field(None, "weights dtype, e.g. float32, bfloat16 (default: the model's)")
+    attn_implementation: str = option_field("sdpa", "attention kernel of the base model", choices=("sdpa", "eager"))
+    max_batch: int = option_field(32, "most requests decoded together", ge=1)
+    max_queue: int = option_field(256, "most requests waiting; more get 429", ge=1)
+    max_tokens: int = option_field(512, "largest max_tokens a request may ask", ge=1)
+    max_prompt_tokens: int = option_field(2048, "longest prompt accepted (413 above)", ge=1)
+    max_body_mb: float = option_field(1.0, "largest request body in MiB (413 above)", gt=0)
+    body_timeout: float = option_field(30.0, "seconds a client may take to send its request body (408 after)", gt=0)
+    log_level: str = option_field("info", "server log level", choices=("critical", "error", "warning", "info", "debug"))
+    ray: bool = option_field(False, "serve from --replicas replicas on Ray Serve (pip install 'prefixtune[ray]'), each with "
                      "the model, a batcher and its own prefix store; requests are routed by prefix name")
-    replicas: int = _opt(1, "with --ray: replicas, each holding one copy of the base model", ge=1)
-    ray_address: str | None = _opt(None, "with --ray: the Ray cluster to join (default: start a local one)")
-    ray_prefixes_per_replica: int = _opt(64, "with --ray: prefixes a replica advertises as held, for routing "
+    replicas: int = option_field(1, "with --ray: replicas, each holding one copy of the base model", ge=1)
+    ray_address: str | None = option_field(None, "with --ray: the Ray cluster to join (default: start a local one)")
+    ray_prefixes_per_replica: int = option_field(64, "with --ray: prefixes a replica advertises as held, for routing "
                                          "(Ray Serve's max_num_models_per_replica)", ge=1)
 
     def problems(self):

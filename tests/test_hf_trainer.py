@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from prefixtune import PrefixConfig, PrefixModel, data
 from prefixtune.base_models import load_model
 from prefixtune.cli import main
-from prefixtune.trainers import use_prefix_checkpoints
+from prefixtune.hf_trainer import use_prefix_checkpoints
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,7 +31,7 @@ def _args(out, **changes):
     return transformers.TrainingArguments(**values)
 
 
-def _trainer(model_dir, data_files, out, **changes):
+def _trainer(model_dir, data_files, out, prefix_checkpoints=True, **changes):
     model, tokenizer = load_model(model_dir)
     torch.manual_seed(0)
     pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=3, reparam_hidden_size=16), tokenizer=tokenizer)
@@ -39,7 +39,7 @@ def _trainer(model_dir, data_files, out, **changes):
     trainer = transformers.Trainer(model=pm, args=_args(out, **changes), train_dataset=rows, eval_dataset=rows[:4],
                                    data_collator=lambda batch: data.collate(batch, tokenizer.pad_token_id),
                                    processing_class=tokenizer)
-    return use_prefix_checkpoints(trainer), pm
+    return (use_prefix_checkpoints(trainer) if prefix_checkpoints else trainer), pm
 
 
 def _prefix(folder):
@@ -79,6 +79,26 @@ def test_trainer_checkpoints_hold_the_prefix_resume_exactly_and_load_anywhere(mo
     assert torch.equal(_kv(loaded), _kv(pm))
     assert main(["generate", "--model", model_dir, "--prefix", str(checkpoints[-1]), "--prompt", "colour[red] ->",
                  "--max-new-tokens", "3"]) == 0
+
+
+def test_a_trainer_without_the_line_saves_what_trains_says_so_once_and_resumes(model_dir, data_files, tmp_path,
+                                                                               caplog):
+    """``Trainer(model=prefix_model)`` as a user first writes it, without ``use_prefix_checkpoints``."""
+    with caplog.at_level("WARNING", logger="prefixtune"):
+        trainer, pm = _trainer(model_dir, data_files, tmp_path / "plain", prefix_checkpoints=False)
+        trainer.train()
+    told = [r for r in caplog.records if "use_prefix_checkpoints(trainer)" in r.getMessage()]
+    assert len(told) == 1, [r.getMessage() for r in caplog.records]
+    first = tmp_path / "plain" / "checkpoint-2"
+    saved = load_file(str(first / "model.safetensors"))
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable and all(k.startswith("prefixes.") for k in saved), sorted(saved)
+    assert (first / "model.safetensors").stat().st_size < 1 << 20
+    assert len(pm.state_dict()) > len(saved)  # anyone else still gets the whole module
+
+    resumed, resumed_pm = _trainer(model_dir, data_files, tmp_path / "plain", prefix_checkpoints=False)
+    resumed.train(resume_from_checkpoint=str(first))  # from step 2 to 6 again
+    torch.testing.assert_close(_kv(resumed_pm), _kv(pm), atol=1e-6, rtol=1e-5)
 
 
 def test_load_best_model_at_end_restores_the_best_prefix(model_dir, data_files, tmp_path):

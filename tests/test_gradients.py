@@ -35,7 +35,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(arch):
     pm.train()
     x = tokens(2, 8)
     loss, grads = _loss_and_grads(pm, x)
-    pm.gradient_checkpointing_enable()
+    pm.activation_checkpointing_enable()
     assert model.is_activation_checkpointing
     loss_ckpt, grads_ckpt = _loss_and_grads(pm, x)
     torch.testing.assert_close(loss_ckpt, loss, atol=1e-6, rtol=0)

@@ -6,7 +6,7 @@ too (538 MB a checkpoint for the bundled 135M model), in a file ``PrefixModel.fr
 cannot read. One line after building the trainer changes that::
 
     trainer = Trainer(model=pm, args=args, train_dataset=...)   # or trl.SFTTrainer(...)
-    prefixtune.trainers.use_prefix_checkpoints(trainer)
+    prefixtune.hf_trainer.use_prefix_checkpoints(trainer)
 
 Every checkpoint (``checkpoint-N/``) and ``trainer.save_model(dir)`` then holds the prefix as
 ``prefix_config.json`` + ``prefix.safetensors`` (with its MLP, so training continues), the task
