@@ -28,6 +28,7 @@ from .arch import ModelShape
 from .base_models import class_names
 from .config import PrefixConfig
 from .encoder import PrefixEncoder
+from .memory import MemoryPrefix
 from .peft import lora
 from .peft.wrappers import is_peft_model
 
@@ -40,7 +41,7 @@ def save_prefix(directory: str | os.PathLike, encoder: PrefixEncoder, model: nn.
                 heads: dict[str, nn.Module], keep_reparam: bool = False) -> Path:
     """Write ``encoder`` (a prefix of ``model``, whose geometry is ``shape``) with the task ``heads``
     and, on a PEFT model, its adapter. ``keep_reparam`` stores the MLP too, so training can resume."""
-    tensors = {"key_values": encoder.raw_key_values()}
+    tensors = {_TENSOR[encoder.kind]: _folded(encoder)}
     keep = keep_reparam and encoder.reparameterized
     if keep:
         tensors.update({f"reparam.{k}": v for k, v in encoder.state_dict().items()})
@@ -65,7 +66,7 @@ def load_prefix(directory: str | os.PathLike, model: nn.Module, shape: ModelShap
     if not meta.get("reparameterization_saved"):
         config = config.replace(reparameterize=False)
     _check_finite(tensors, directory)
-    encoder = PrefixEncoder(config, sites, shape.num_kv_heads, shape.head_dim)
+    encoder = new_prefix(config, sites, shape)
     _load_encoder(encoder, tensors, directory)
     _load_heads(heads, tensors, directory)
     if lora.has_saved_adapter(directory):  # prefix + LoRA: the LoRA weights trained with this prefix
@@ -73,9 +74,9 @@ def load_prefix(directory: str | os.PathLike, model: nn.Module, shape: ModelShap
     return encoder
 
 
-def load_key_values(directory: str | os.PathLike, shape: ModelShape) -> PrefixEncoder:
-    """The folded key/values saved in ``directory``, as a flat encoder, and nothing else: what a
-    server that swaps prefixes per request needs. Only that tensor is read (not the MLP), and a
+def load_key_values(directory: str | os.PathLike, shape: ModelShape) -> PrefixEncoder | MemoryPrefix:
+    """The folded key/values (or the memory) saved in ``directory``, as a flat prefix, and nothing else:
+    what a server that swaps prefixes per request needs. Only that tensor is read (not the MLP), and a
     prefix that trained with its own task head or LoRA weights is refused: loading those would
     change the shared model under every other prefix's requests."""
     meta = read_meta(directory)
@@ -87,13 +88,28 @@ def load_key_values(directory: str | os.PathLike, shape: ModelShape) -> PrefixEn
             if any(n.startswith("head.") for n in names) or lora.has_saved_adapter(directory):
                 raise ValueError(f"{directory}: this prefix carries its own task head or LoRA weights, which would "
                                  "change the model for every other prefix; serve it on a server of its own")
-            tensors = {"key_values": f.get_tensor("key_values")} if "key_values" in names else {}
+            wanted = _TENSOR[config.kind]
+            tensors = {wanted: f.get_tensor(wanted)} if wanted in names else {}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: unreadable safetensors file ({err})") from err
     _check_finite(tensors, directory)
-    encoder = PrefixEncoder(config.replace(reparameterize=False), sites, shape.num_kv_heads, shape.head_dim)
+    encoder = new_prefix(config.replace(reparameterize=False), sites, shape)
     _load_encoder(encoder, tensors, directory)
     return encoder
+
+
+_TENSOR = {"kv": "key_values", "memory": "memory"}
+"""The tensor that holds each kind of prefix, folded: what inference reads."""
+
+
+def new_prefix(config: PrefixConfig, sites: tuple[int, ...], shape: ModelShape) -> PrefixEncoder | MemoryPrefix:
+    """An untrained prefix of ``config``'s kind at ``sites`` of a model of geometry ``shape``."""
+    kind = MemoryPrefix if config.kind == "memory" else PrefixEncoder
+    return kind(config, sites, shape.num_kv_heads, shape.head_dim)
+
+
+def _folded(prefix) -> torch.Tensor:
+    return prefix.raw_memory() if prefix.kind == "memory" else prefix.raw_key_values()
 
 
 def _checked(meta: dict, shape: ModelShape, directory) -> tuple[PrefixConfig, tuple[int, ...]]:
@@ -150,7 +166,7 @@ def _load_encoder(encoder: PrefixEncoder, tensors: dict, directory) -> None:
     if encoder.reparameterized:
         state = {k.removeprefix("reparam."): v for k, v in tensors.items() if k.startswith("reparam.")}
     else:
-        state = {"key_values": tensors.get("key_values")}
+        state = {_TENSOR[encoder.kind]: tensors.get(_TENSOR[encoder.kind])}
     expected = encoder.state_dict()
     bad = [k for k in expected if k not in state or state[k] is None or state[k].shape != expected[k].shape]
     if bad:

@@ -149,8 +149,10 @@ def prefix_cache(model, batch, kwargs: dict) -> DynamicCache | None:
         return None
     if kwargs.get("use_cache", config.use_cache) is False or config.cache_implementation is not None:
         return None
+    prefixed = batch.kv_layers  # a memory prefix puts nothing in the cache
+    if not prefixed:
+        return None
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
-    prefixed = batch.prefixed_layers
     if len(cache.layers) != len(batch.key_values) or any(type(cache.layers[i]) is not DynamicLayer for i in prefixed):
         return None
     for i in prefixed:

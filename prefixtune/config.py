@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from . import options, where
 
 INITS = ("random", "text")
+KINDS = ("kv", "memory")
 DEMO_EVAL_EVERY, DEMO_EVAL_PROMPTS = 20, 8
 """How often, and on how many prompts, ``prefixtune train`` evaluates its built-in demo by default."""
 TARGETS = ("encoder", "decoder", "cross")  # the attentions a prefix can enter (prefixtune.arch.GROUPS)
@@ -35,6 +36,11 @@ class PrefixConfig:
     """How to build one trainable prefix (Li & Liang 2021, arXiv:2101.00190).
 
     Args:
+        kind: ``"kv"``: key/value positions in front of each attention's own (the paper's
+            prefix). ``"memory"``: a term ``φ(q)ᵀ M`` added to each head's output, outside the
+            softmax, so that the input's length does not dilute it (PrefixMemory-Tuning, Wang et
+            al. 2026; :mod:`prefixtune.memory`). A memory starts at zero and trains directly:
+            ``prefix_length``, the MLP options, ``init`` and ``shift_positions`` are for ``"kv"``.
         prefix_length: ``L_p``, the number of key/value positions put in front of every
             prefixed attention layer. The paper uses 5-10 for table-to-text and 200 for
             summarization.
@@ -69,6 +75,9 @@ class PrefixConfig:
             only "encoder". ``layers`` applies within each target.
     """
 
+    kind: str = option_field("kv", "kv: key/value positions in front of each attention's own | memory: a term added to "
+                             "each head's output outside the softmax, which a long input does not dilute (starts at "
+                             "zero; the length, MLP and init options are for kv)", option="prefix_kind", choices=KINDS)
     prefix_length: int = option_field(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)", ge=1)
     reparameterize: bool = option_field(True, "produce the prefix through the paper's MLP (--no-reparameterize: train it directly)")
     reparam_hidden_size: int = option_field(512, "width of the reparameterization MLP (the paper's mid_dim)", ge=1)
@@ -94,6 +103,8 @@ class PrefixConfig:
         """``(option, message)`` for each rule between fields that is broken (:func:`options.check`)."""
         if self.init == "text" and not self.init_text:
             yield "init_text", "init='text' needs init_text, the text whose activations seed the prefix"
+        if self.kind == "memory" and self.init == "text":
+            yield "init", "a memory prefix starts at zero (the base model exactly); --init-text seeds a kv prefix"
         if self.init == "random" and self.init_text:
             yield "init", f"init='random' would ignore init_text {self.init_text!r}: set init='text', or drop init_text"
 

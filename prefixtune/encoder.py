@@ -31,6 +31,8 @@ class PrefixEncoder(nn.Module):
         head_dim: Size of one head.
     """
 
+    kind = "kv"
+
     def __init__(self, config: PrefixConfig, layers: tuple[int, ...], num_kv_heads: int, head_dim: int):
         super().__init__()
         self.config = config

@@ -98,7 +98,7 @@ class PrefixModel(nn.Module):
         """Add a new trainable prefix ``name`` (initialized as ``config.init`` says)."""
         config = config or PrefixConfig()
         sites = arch.resolve_sites(config.layers, config.targets, self.shape)
-        encoder = PrefixEncoder(config, sites, self.shape.num_kv_heads, self.shape.head_dim).to(self.device)
+        encoder = artifacts.new_prefix(config, sites, self.shape).to(self.device)
         if config.init == "text":
             ids = text_tokens(self.tokenizer, config.init_text, config.prefix_length)
             encoder.init_fit_error = encoder.fit(stack_sites(self.key_values_for_tokens(ids), sites))
@@ -144,7 +144,11 @@ class PrefixModel(nn.Module):
 
     def prefix_key_values(self, name: str = ACTIVE) -> tuple:
         """Per model site, ``(k, v)`` each ``[kv_heads, L_p, head_dim]``; ``None`` for sites without it."""
-        return self.prefixes[self.prefixes.resolve(name)].site_key_values(self.shape.num_layers)
+        prefix = self.prefixes[self.prefixes.resolve(name)]
+        if prefix.kind != "kv":
+            raise ValueError(f"prefix {self.prefixes.resolve(name)!r} is a {prefix.kind} prefix: it has no key/values "
+                             "(its memory is prefixes[name].raw_memory())")
+        return prefix.site_key_values(self.shape.num_layers)
 
     def set_prefix_key_values(self, key_values: Sequence, name: str = "default") -> None:
         """Install fixed key/values (layout of :meth:`prefix_key_values`) as a flat prefix ``name``."""
@@ -215,7 +219,7 @@ class PrefixModel(nn.Module):
         cache = prefix_cache(unwrap_adapters(self.model), batch, kwargs) if self.decoder_only else None
         if cache is not None:
             kwargs["cache"] = cache
-            batch.in_cache = batch.prefixed_layers
+            batch.in_cache = batch.kv_layers
         with injection.generation_hooks(self.model, self.family, batch, self.device):
             out = self.model.generate(*args, **kwargs)
         injection.check_applied(batch)

@@ -1,10 +1,13 @@
 """The named prefixes of one model, and how a call's prefixes are laid out per batch row.
 
-A :class:`PrefixRegistry` holds any number of :class:`~prefixtune.encoder.PrefixEncoder`
-modules by name, one of them active. For each forward call it turns ``prefix=`` (one name
-for every row, or one name or ``None`` per row) into a :class:`PrefixBatch`: per model site,
-the key/values of every row, ``[B, kv_heads, L, head_dim]``, which the attention
-(:mod:`prefixtune.attention`) puts in front of that site's own keys and values.
+A :class:`PrefixRegistry` holds any number of prefixes by name, one of them active, of either
+kind: a :class:`~prefixtune.encoder.PrefixEncoder` (``kv``: key/values in front of the input's)
+or a :class:`~prefixtune.memory.MemoryPrefix` (``memory``: a term on each head's output). For
+each forward call it turns ``prefix=`` (one name for every row, or one name or ``None`` per row)
+into a :class:`PrefixBatch`: per model site, the key/values of every row, ``[B, kv_heads, L,
+head_dim]``, which the attention (:mod:`prefixtune.attention`) puts in front of that site's own
+keys and values, and the memory of every row, ``[B, kv_heads, head_dim, head_dim]``, whose term
+it adds to the output. A row carries one kind, or none; one batch may mix all three.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ class PrefixBatch:
         in_cache: Sites whose keys/values arrive with the prefix already in front
             (:mod:`prefixtune.cache`).
         routes: Filled by the attention: the kernel route each prefixed site took in this call.
+        memory: Per model site, ``[B | 1, kv_heads, head_dim, head_dim]`` (one row: every row's),
+            zeros for rows without a memory, or ``None`` where no row has one; empty when no row has a
+            memory anywhere (:mod:`prefixtune.memory`).
     """
 
     key_values: list[tuple[torch.Tensor, torch.Tensor] | None]
@@ -47,15 +53,25 @@ class PrefixBatch:
     policy: object = None
     in_cache: frozenset[int] = frozenset()
     routes: dict[int, str] = field(default_factory=dict)
+    memory: list[torch.Tensor | None] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
         return self.offsets.shape[0]
 
+    def memory_at(self, site: int) -> torch.Tensor | None:
+        """The rows' memories at ``site`` (``None``: no row has one there)."""
+        return self.memory[site] if self.memory else None
+
+    @property
+    def kv_layers(self) -> frozenset[int]:
+        """The sites that get key/values in front of their own in this call."""
+        return frozenset(i for i, kv in enumerate(self.key_values) if kv is not None)
+
     @property
     def prefixed_layers(self) -> frozenset[int]:
-        """The sites that carry a prefix in this call."""
-        return frozenset(i for i, kv in enumerate(self.key_values) if kv is not None)
+        """The sites that carry a prefix of either kind in this call."""
+        return self.kv_layers | frozenset(i for i, m in enumerate(self.memory) if m is not None)
 
     def expand_rows(self, batch_size: int) -> "PrefixBatch":
         """Repeat each row ``batch_size // B`` times, as beam search and ``num_return_sequences`` do
@@ -67,13 +83,15 @@ class PrefixBatch:
             return None if t is None else repeat_rows(t, batch_size)
 
         return replace(self, key_values=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.key_values],
-                       valid=[rep(v) for v in self.valid], offsets=rep(self.offsets))
+                       valid=[rep(v) for v in self.valid], offsets=rep(self.offsets),
+                       memory=[None if m is None or m.shape[0] == 1 else rep(m) for m in self.memory])
 
     def cast(self, dtype: torch.dtype) -> "PrefixBatch":
         """The same prefix in ``dtype``: done once per ``generate`` call, so that a bf16/fp16 model
         does not convert the float32 prefix again in every layer at every decoding step."""
         return replace(self, key_values=[None if kv is None else (kv[0].to(dtype), kv[1].to(dtype))
-                                         for kv in self.key_values])
+                                         for kv in self.key_values],
+                       memory=[None if m is None else m.to(dtype) for m in self.memory])
 
 
 def repeat_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -141,21 +159,56 @@ class PrefixRegistry(nn.ModuleDict):
         return [None if n is None else self.resolve(n) for n in names]
 
 
-def batch_for_rows(row_encoders: Sequence[PrefixEncoder | None], num_sites: int, device) -> PrefixBatch | None:
+def batch_for_rows(row_encoders: Sequence[nn.Module | None], num_sites: int, device) -> PrefixBatch | None:
     """The :class:`PrefixBatch` of a call whose row ``i`` carries ``row_encoders[i]`` (``None``: no
-    prefix); each distinct encoder runs once. Registries and servers (which keep their prefixes
+    prefix); each distinct prefix runs once. Registries and servers (which keep their prefixes
     elsewhere) lay out their calls here."""
-    unique = list({id(e): e for e in row_encoders if e is not None}.values())
-    if not unique:
+    if all(e is None for e in row_encoders):
         return None
-    made = [encoder() for encoder in unique]  # each [n_sites, 2, kv_heads, L_p, head_dim]
+    kv_rows = [e if e is not None and e.kind == "kv" else None for e in row_encoders]
+    memory_rows = [e if e is not None and e.kind == "memory" else None for e in row_encoders]
+    batch = _kv_batch(kv_rows, num_sites, device)
+    batch.memory = _memory(memory_rows, num_sites, device)
+    return batch
+
+
+def _kv_batch(row_encoders: list, num_sites: int, device) -> PrefixBatch:
+    """The key/value part of a call (rows of another kind count as rows without a prefix here)."""
+    unique = list({id(e): e for e in row_encoders if e is not None}.values())
     rows = len(row_encoders)
+    if not unique:
+        return PrefixBatch(key_values=[None] * num_sites, valid=[None] * num_sites,
+                           offsets=torch.zeros(rows, dtype=torch.long, device=device), shift=0)
+    made = [encoder() for encoder in unique]  # each [n_sites, 2, kv_heads, L_p, head_dim]
     if len(unique) == 1 and None not in row_encoders:  # one prefix for every row: what training sends
         shift = _shift(unique[0])
         return PrefixBatch(key_values=_uniform(unique[0], made[0], rows, num_sites), valid=[None] * num_sites,
                            offsets=torch.full((rows,), shift, device=device), shift=shift)
     index = {id(e): i for i, e in enumerate(unique)}
     return _mixed(unique, made, [len(unique) if e is None else index[id(e)] for e in row_encoders], num_sites, device)
+
+
+def _memory(row_memories: list, num_sites: int, device) -> list[torch.Tensor | None]:
+    """Per site, every row's memory: ``[1, ...]`` when one memory serves every row, else ``[B, ...]``
+    with zeros for the rows without one (their term is then exactly zero); empty without any memory."""
+    unique = list({id(m): m for m in row_memories if m is not None}.values())
+    if not unique:
+        return []
+    made = [prefix() for prefix in unique]  # each [n_sites, kv_heads, head_dim, head_dim]
+    out: list = [None] * num_sites
+    if len(unique) == 1 and None not in row_memories:
+        for slot, site in enumerate(unique[0].layers):
+            out[site] = made[0][slot].unsqueeze(0)
+        return out
+    index = {id(m): i for i, m in enumerate(unique)}
+    row_index = torch.tensor([len(unique) if m is None else index[id(m)] for m in row_memories], device=device)
+    like = made[0][0]
+    for site in sorted({s for m in unique for s in m.layers}):
+        per_prefix = [kv[m.layers.index(site)] if site in m.layers else torch.zeros_like(like)
+                      for m, kv in zip(unique, made)]
+        stacked = torch.stack(per_prefix + [torch.zeros_like(like)])  # [U + 1, kv_heads, head_dim, head_dim]
+        out[site] = stacked.index_select(0, row_index)
+    return out
 
 
 def _shift(encoder: PrefixEncoder) -> int:

@@ -17,7 +17,7 @@ from prefixtune.compare.config import QUICK, CompareConfig
 from prefixtune.compare.methods import METHODS, learning_rates, parse_methods
 from prefixtune.compare.report import markdown, text_table
 
-TRAINED = ("prefix", "prefix-words", "prefix-flat", "peft-prefix", "prompt", "lora", "adapter", "full")
+TRAINED = ("prefix", "prefix-words", "prefix-flat", "prefix-memory", "peft-prefix", "prompt", "lora", "adapter", "full")
 
 
 def tiny_config(model_dir, tmp_path, **changes) -> CompareConfig:
@@ -40,6 +40,8 @@ def test_every_method_trains_and_is_measured(model_dir, tmp_path):
     kv_out = shape.num_key_value_heads * (shape.hidden_size // shape.num_attention_heads)
     assert rows["lora"]["trainable_params"] == 2 * (8 * 32 + 32 * 8 + 8 * 32 + kv_out * 8)
     assert rows["prompt"]["trainable_params"] == 10 * 32  # 10 virtual tokens of width 32
+    head_dim = shape.hidden_size // shape.num_attention_heads  # a memory per layer and key/value head
+    assert rows["prefix-memory"]["trainable_params"] == 2 * shape.num_key_value_heads * head_dim * head_dim
     for name in TRAINED:
         row = rows[name]
         assert 0 < row["trainable_params"] <= total

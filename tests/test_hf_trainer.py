@@ -31,10 +31,10 @@ def _args(out, **changes):
     return transformers.TrainingArguments(**values)
 
 
-def _trainer(model_dir, data_files, out, prefix_checkpoints=True, **changes):
+def _trainer(model_dir, data_files, out, prefix_checkpoints=True, config=None, **changes):
     model, tokenizer = load_model(model_dir)
     torch.manual_seed(0)
-    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=3, reparam_hidden_size=16), tokenizer=tokenizer)
+    pm = PrefixModel.wrap(model, config or PrefixConfig(prefix_length=3, reparam_hidden_size=16), tokenizer=tokenizer)
     rows = _rows(tokenizer, data_files)
     trainer = transformers.Trainer(model=pm, args=_args(out, **changes), train_dataset=rows, eval_dataset=rows[:4],
                                    data_collator=lambda batch: data.collate(batch, tokenizer.pad_token_id),
@@ -99,6 +99,25 @@ def test_a_trainer_without_the_line_saves_what_trains_says_so_once_and_resumes(m
     resumed, resumed_pm = _trainer(model_dir, data_files, tmp_path / "plain", prefix_checkpoints=False)
     resumed.train(resume_from_checkpoint=str(first))  # from step 2 to 6 again
     torch.testing.assert_close(_kv(resumed_pm), _kv(pm), atol=1e-6, rtol=1e-5)
+
+
+def test_a_memory_prefix_through_trainer_checkpoints_gives_the_same_logits(model_dir, data_files, tmp_path):
+    trainer, pm = _trainer(model_dir, data_files, tmp_path / "mem", config=PrefixConfig(kind="memory"),
+                           max_steps=2)
+    trainer.train()
+    checkpoint = tmp_path / "mem" / "checkpoint-2"
+    assert "memory" in load_file(str(checkpoint / "prefix.safetensors"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model, _ = load_model(model_dir)
+    loaded = PrefixModel.from_pretrained(model, checkpoint)
+    pm.eval()
+    with torch.no_grad():
+        assert pm.prefixes["default"].memory.abs().sum() > 0
+        assert torch.equal(loaded(input_ids=ids).logits, pm(input_ids=ids).logits)
+    resumed, resumed_pm = _trainer(model_dir, data_files, tmp_path / "mem", config=PrefixConfig(kind="memory"),
+                                   max_steps=2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert torch.equal(resumed_pm.prefixes["default"].memory, pm.prefixes["default"].memory)
 
 
 def test_load_best_model_at_end_restores_the_best_prefix(model_dir, data_files, tmp_path):

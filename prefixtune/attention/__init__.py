@@ -1,4 +1,5 @@
-"""The attention call with a prefix: ``K~ = [P_K; K]``, ``V~ = [P_V; V]``, and how it reaches a kernel.
+"""The attention call with a prefix: ``K~ = [P_K; K]``, ``V~ = [P_V; V]``, and how it reaches a kernel;
+and, for a memory prefix, the term ``φ(q)ᵀ M`` added to each head's output (:mod:`prefixtune.memory`).
 
 One function per base kernel (``sdpa``, ``eager``) is registered in transformers'
 ``AttentionInterface`` under the name ``prefixtune_<kernel>`` (:func:`implementation_name`).
@@ -41,7 +42,8 @@ from ..arch import ATTENTION_IMPLEMENTATIONS
 from ..prefixes import PrefixBatch
 from .kernels import autocast, grouped_sdpa, padded_query_causal, stock_kernel
 from .masks import extend_mask
-from .policy import DEFAULT_POLICY, GROUPED, PAD, AttentionPolicy
+from ..memory import memory_term
+from .policy import DEFAULT_POLICY, GROUPED, PAD, STOCK, AttentionPolicy
 
 __all__ = ["KWARG", "SITE_ATTR", "AttentionPolicy", "Site", "extend_mask", "implementation_name"]
 
@@ -76,39 +78,53 @@ def implementation_name(base: str) -> str:
 def _make_attention(base: str):
     def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         prefix: PrefixBatch | None = kwargs.pop(KWARG, None)
-        kernel = stock_kernel(base, module)
         site: Site | None = getattr(module, SITE_ATTR, None)
-        if prefix is None or site is None or prefix.key_values[site.index] is None:
-            return kernel(module, query, key, value, attention_mask, **kwargs)
-        prefix_k, prefix_v = prefix.key_values[site.index]  # [B, kv_heads, L, head_dim]
-        _check_shapes(site.index, prefix_k, key)
-        length, valid = prefix_k.shape[2], prefix.valid[site.index]
-        in_cache = site.index in prefix.in_cache  # generate: the cache already starts with the prefix
-        own_key = key[:, :, length:] if in_cache else key
-        if kwargs.get("position_bias") is not None:  # T5's relative position bias: prefix columns get none
-            kwargs["position_bias"] = torch.nn.functional.pad(kwargs["position_bias"], (length, 0))
-        policy = prefix.policy or DEFAULT_POLICY
-        extra = own_key.shape[2] + length - query.shape[2]
-        route = policy.route(base, query.device.type, query.shape[2], extra, causal=site.causal,
-                             masked=attention_mask is not None or valid is not None,
-                             grouped_heads=query.shape[1] != key.shape[1],
-                             plain=kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
-        if not in_cache:  # to the layer's own device too: with a device_map the layers may sit on different devices
-            key = torch.cat([prefix_k.to(key.device, key.dtype), key], dim=2)
-            value = torch.cat([prefix_v.to(value.device, value.dtype), value], dim=2)
-        prefix.routes[site.index] = route
-        if route == PAD:
-            return padded_query_causal(query, key, value, **kwargs)
-        if route == GROUPED and attention_mask is None and valid is None:
-            query, key, value = autocast(query, key, value)  # a bias object skips autocast's casts in SDPA
-            return grouped_sdpa(query, key, value, causal_lower_right(query.shape[2], key.shape[2]), **kwargs)
-        attention_mask = extend_mask(attention_mask, valid, length, query, own_key, site.causal)
-        if route == GROUPED:
-            return grouped_sdpa(query, key, value, attention_mask, **kwargs)
-        return kernel(module, query, key, value, attention_mask, **kwargs)
+        if prefix is None or site is None:
+            return stock_kernel(base, module)(module, query, key, value, attention_mask, **kwargs)
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        output, weights = _with_key_values(base, module, prefix, site, query, key, value, attention_mask, kwargs)
+        memory = prefix.memory_at(site.index)
+        if memory is None:
+            return output, weights
+        prefix.routes.setdefault(site.index, STOCK)
+        return output + memory_term(query, memory, scaling), weights  # outside the softmax: o + φ(q)ᵀ M
 
     prefix_attention.__name__ = f"prefixtune_{base}_attention"
     return prefix_attention
+
+
+def _with_key_values(base: str, module, prefix: PrefixBatch, site: Site, query, key, value, attention_mask, kwargs):
+    """The attention of one site with the call's key/value prefix in front of its own keys and values
+    (the stock kernel where this site has none), through the route the policy picks."""
+    kernel = stock_kernel(base, module)
+    if prefix.key_values[site.index] is None:
+        return kernel(module, query, key, value, attention_mask, **kwargs)
+    prefix_k, prefix_v = prefix.key_values[site.index]  # [B, kv_heads, L, head_dim]
+    _check_shapes(site.index, prefix_k, key)
+    length, valid = prefix_k.shape[2], prefix.valid[site.index]
+    in_cache = site.index in prefix.in_cache  # generate: the cache already starts with the prefix
+    own_key = key[:, :, length:] if in_cache else key
+    if kwargs.get("position_bias") is not None:  # T5's relative position bias: prefix columns get none
+        kwargs["position_bias"] = torch.nn.functional.pad(kwargs["position_bias"], (length, 0))
+    policy = prefix.policy or DEFAULT_POLICY
+    extra = own_key.shape[2] + length - query.shape[2]
+    route = policy.route(base, query.device.type, query.shape[2], extra, causal=site.causal,
+                         masked=attention_mask is not None or valid is not None,
+                         grouped_heads=query.shape[1] != key.shape[1],
+                         plain=kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
+    if not in_cache:  # to the layer's own device too: with a device_map the layers may sit on different devices
+        key = torch.cat([prefix_k.to(key.device, key.dtype), key], dim=2)
+        value = torch.cat([prefix_v.to(value.device, value.dtype), value], dim=2)
+    prefix.routes[site.index] = route
+    if route == PAD:
+        return padded_query_causal(query, key, value, **kwargs)
+    if route == GROUPED and attention_mask is None and valid is None:
+        query, key, value = autocast(query, key, value)  # a bias object skips autocast's casts in SDPA
+        return grouped_sdpa(query, key, value, causal_lower_right(query.shape[2], key.shape[2]), **kwargs)
+    attention_mask = extend_mask(attention_mask, valid, length, query, own_key, site.causal)
+    if route == GROUPED:
+        return grouped_sdpa(query, key, value, attention_mask, **kwargs)
+    return kernel(module, query, key, value, attention_mask, **kwargs)
 
 
 def _check_shapes(site: int, prefix_k: torch.Tensor, key: torch.Tensor) -> None:

@@ -74,12 +74,12 @@ class PrefixlessGenerator:
 
 
 # ------------------------------------------------------------------------------ builders
-def _prefix(init: str, reparameterize: bool = True) -> Callable:
+def _prefix(init: str, reparameterize: bool = True, kind: str = "kv") -> Callable:
     def build(model, tokenizer, cfg: CompareConfig) -> Tuned:
         from ..config import PrefixConfig
         from ..model import PrefixModel
 
-        config = PrefixConfig(prefix_length=cfg.prefix_length, reparameterize=reparameterize,
+        config = PrefixConfig(kind=kind, prefix_length=cfg.prefix_length, reparameterize=reparameterize,
                               reparam_hidden_size=cfg.reparam_hidden_size, init=init,
                               init_text=cfg.init_text if init == "text" else None)
         pm = PrefixModel.wrap(model, config, tokenizer=tokenizer)
@@ -202,6 +202,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("prefix-flat-words", "prefix tuning, flat, init from words (prefixtune)", 1e-2,
            _prefix("text", reparameterize=False),
            "prefixtune's prefix trained directly, starting from the activations of --init-text"),
+    # 3e-3: the memory moves each head's output by about the rate per step (prefixtune.memory); the recipe
+    # study sweeps 1e-3 to 1e-2 (docs/studies/recipe.md)
+    Method("prefix-memory", "memory prefix (prefixtune)", 3e-3, _prefix("random", reparameterize=False, kind="memory"),
+           "prefixtune's memory prefix: a term on each head's output outside the softmax (PrefixMemory-Tuning), "
+           "starting at zero"),
     Method("peft-prefix", "prefix tuning (PEFT)", 1e-3, _peft(_peft_prefix_config, _peft_prefix_notes),
            "PEFT PrefixTuningConfig with prefix_projection (the paper's MLP)", needs=("peft",)),
     Method("prompt", "prompt tuning (PEFT)", 1e-2, _peft(_prompt_config),

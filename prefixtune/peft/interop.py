@@ -111,6 +111,10 @@ def _check_exportable(where, meta: dict, tensors: dict, config: PrefixConfig, sh
 
 def _export_problems(where, meta: dict, tensors: dict, config: PrefixConfig, shape: arch.ModelShape):
     """Each thing about this prefix that PEFT's prefix-tuning adapter cannot hold, in words."""
+    if config.kind != "kv":
+        yield (f"it is a {config.kind} prefix (a term on each head's output, outside the softmax); PEFT's "
+               "prefix-tuning format holds key/value positions only")
+        return
     extra_meta = sorted(set(meta) - _PREFIX_META)
     if extra_meta:
         yield f"it records {extra_meta}, which PEFT's prefix-tuning format has no place for"
@@ -120,7 +124,7 @@ def _export_problems(where, meta: dict, tensors: dict, config: PrefixConfig, sha
                "for decoder-only models only, where its cache family is one self-attention prefix per layer "
                "(encoder and cross-attention prefixes cannot be expressed)")
     elif shape.model_type not in arch.FAMILIES:
-        yield f"prefixtune has no family for model_type {shape.model_type!r}"
+        yield f"prefixtune has no architecture entry for model_type {shape.model_type!r}"
     if list(meta["layers"]) != list(range(shape.num_layers)):
         yield (f"it covers layers {list(meta['layers'])} of {shape.num_layers}; PEFT puts a prefix in every layer "
                "and cannot leave some out (a zero prefix would still take attention weight)")

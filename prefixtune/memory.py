@@ -1,0 +1,82 @@
+"""The memory prefix: a prefix that sits outside the attention's softmax.
+
+A key/value prefix shares one softmax with the input: ``softmax([q·P_K ; q·K])``. A long input
+then dilutes what the prefix adds to each head's output, and a long prefix crowds out the input.
+PrefixMemory-Tuning (Wang, Chen, Li, Liang, Lee, Kawaguchi and Hu, ICLR 2026, arXiv:2506.13674,
+first titled "Prefix-Tuning+") writes the prefix's share of a head's output in linear-attention
+form, ``φ(q)ᵀ Σ_j φ(p_k,j) p_v,jᵀ = φ(q)ᵀ M``, and adds it to the head's output instead of
+normalizing it with the input: ``o = softmax(q·K) V + φ(q)ᵀ M``. ``M`` is what trains.
+
+Here, per prefixed attention module and per key/value head (the heads a key/value prefix has,
+shared by the query heads of a group as its keys are), ``M`` is ``[head_dim, head_dim]``; it
+starts at zero, so training starts from exactly the base model. The feature map is the positive
+one of linear attention (Katharopoulos et al. 2020), ``elu(x) + 1``, applied to the query at the
+attention's own scale and divided by the head size: ``φ(q) = (elu(q · scaling) + 1) / head_dim``.
+The division by the feature size (never by the sequence length) makes a step of the rate move
+the output by about that much whatever the head size, so one rate serves every model.
+
+The term depends on the current query alone, so decoding with a key/value cache is exact, and a
+memory prefix puts nothing in the cache and shifts no position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import PrefixConfig
+
+
+class MemoryPrefix(nn.Module):
+    """The memories of one named memory prefix.
+
+    Args:
+        config: The prefix's configuration (``kind="memory"``; its dropout applies to the memory).
+        layers: Model sites that get a memory (already resolved).
+        num_kv_heads: Key/value heads per site: one memory each.
+        head_dim: Size of one head.
+    """
+
+    kind = "memory"
+
+    def __init__(self, config: PrefixConfig, layers: tuple[int, ...], num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.config = config
+        self.layers = layers
+        self.shape = (len(layers), num_kv_heads, head_dim, head_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.memory = nn.Parameter(torch.zeros(self.shape))
+
+    reparameterized = False
+
+    def forward(self) -> torch.Tensor:
+        """The memories, ``[n_sites, kv_heads, head_dim, head_dim]``, dropout applied."""
+        return self.dropout(self.memory)
+
+    def raw_memory(self) -> torch.Tensor:
+        """The memories without dropout."""
+        return self.memory
+
+    def materialize(self) -> None:
+        """Nothing to fold: the memory is trained directly."""
+
+
+def features(query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``φ(q) = (elu(q · scaling) + 1) / head_dim``: positive, about ``1 / head_dim`` each, ``[B, heads, T, head_dim]``."""
+    return (nn.functional.elu(query * scaling) + 1) / query.shape[-1]
+
+
+def memory_term(query: torch.Tensor, memory: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``φ(q)ᵀ M`` for every query head, in the attention output's layout ``[B, T, heads, head_dim]``.
+
+    Args:
+        query: ``[B, heads, T, head_dim]``, as the attention function receives it.
+        memory: ``[B | 1, kv_heads, head_dim, head_dim]``: each row's memory at this site (zeros for a
+            row without one); a query head reads the memory of its key/value group.
+        scaling: The attention's own score scale (``1 / sqrt(head_dim)`` for most models).
+    """
+    batch, heads, length, head_dim = query.shape
+    groups = memory.shape[1]
+    phi = features(query, scaling).view(batch, groups, heads // groups, length, head_dim)
+    term = phi @ memory.to(query.dtype)[:, :, None]  # [B, kv_heads, heads / kv_heads, T, head_dim]
+    return term.view(batch, heads, length, head_dim).transpose(1, 2)
