@@ -75,10 +75,14 @@ ARMS = {
     "flat-1e-2": Arm("prefix-flat", 1e-2),
     "flat-3e-2": Arm("prefix-flat", 3e-2),
     "flat-words-3e-2": Arm("prefix-flat-words", 3e-2),
+    "flat-lora-1e-2": Arm("prefix-lora", 1e-2),
+    "memory-3e-3": Arm("prefix-memory", 3e-3),
+    "memory-1e-2": Arm("prefix-memory", 1e-2),
     "lora": Arm("lora", 1e-2),
     "full": Arm("full", 5e-5),
 }
-STAGE1 = ("mlp-3e-3-clip", "mlp-1e-3", "mlp-3e-3-clip-warm10pct", "flat-1e-2", "flat-3e-2", "flat-words-3e-2", "lora")
+STAGE1 = ("mlp-3e-3-clip", "mlp-1e-3", "mlp-3e-3-clip-warm10pct", "flat-1e-2", "flat-3e-2", "flat-words-3e-2",
+          "flat-lora-1e-2", "memory-3e-3", "memory-1e-2", "lora")
 """The screen's arms (the default of ``--arms``)."""
 REFERENCE = "lora"
 """The arm every other is compared with, seed by seed."""

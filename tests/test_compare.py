@@ -17,7 +17,7 @@ from prefixtune.compare.config import QUICK, CompareConfig
 from prefixtune.compare.methods import METHODS, learning_rates, parse_methods
 from prefixtune.compare.report import markdown, text_table
 
-TRAINED = ("prefix", "prefix-words", "prefix-flat", "prefix-memory", "peft-prefix", "prompt", "lora", "adapter", "full")
+TRAINED = ("prefix", "prefix-words", "prefix-flat", "prefix-memory", "prefix-lora", "peft-prefix", "prompt", "lora", "adapter", "full")
 
 
 def tiny_config(model_dir, tmp_path, **changes) -> CompareConfig:
@@ -42,6 +42,8 @@ def test_every_method_trains_and_is_measured(model_dir, tmp_path):
     assert rows["prompt"]["trainable_params"] == 10 * 32  # 10 virtual tokens of width 32
     head_dim = shape.hidden_size // shape.num_attention_heads  # a memory per layer and key/value head
     assert rows["prefix-memory"]["trainable_params"] == 2 * shape.num_key_value_heads * head_dim * head_dim
+    flat = 2 * 2 * shape.num_key_value_heads * 10 * head_dim  # layers x (k, v) x kv heads x length x head size
+    assert rows["prefix-lora"]["trainable_params"] == rows["lora"]["trainable_params"] + flat
     for name in TRAINED:
         row = rows[name]
         assert 0 < row["trainable_params"] <= total

@@ -74,11 +74,15 @@ class PrefixlessGenerator:
 
 
 # ------------------------------------------------------------------------------ builders
-def _prefix(init: str, reparameterize: bool = True, kind: str = "kv") -> Callable:
+def _prefix(init: str, reparameterize: bool = True, kind: str = "kv", lora: bool = False) -> Callable:
     def build(model, tokenizer, cfg: CompareConfig) -> Tuned:
         from ..config import PrefixConfig
         from ..model import PrefixModel
 
+        if lora:  # prefix + LoRA: the prefix wraps the PEFT model, and both train (docs/peft.md)
+            import peft
+
+            model = peft.get_peft_model(model, _lora_config(cfg))
         config = PrefixConfig(kind=kind, prefix_length=cfg.prefix_length, reparameterize=reparameterize,
                               reparam_hidden_size=cfg.reparam_hidden_size, init=init,
                               init_text=cfg.init_text if init == "text" else None)
@@ -207,6 +211,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("prefix-memory", "memory prefix (prefixtune)", 3e-3, _prefix("random", reparameterize=False, kind="memory"),
            "prefixtune's memory prefix: a term on each head's output outside the softmax (PrefixMemory-Tuning), "
            "starting at zero"),
+    Method("prefix-lora", "flat prefix + LoRA (prefixtune)", 1e-2, _prefix("random", reparameterize=False, lora=True),
+           "prefixtune's flat prefix trained beside LoRA (--lora-r, --lora-targets) on the same model",
+           needs=("peft",)),
     Method("peft-prefix", "prefix tuning (PEFT)", 1e-3, _peft(_peft_prefix_config, _peft_prefix_notes),
            "PEFT PrefixTuningConfig with prefix_projection (the paper's MLP)", needs=("peft",)),
     Method("prompt", "prompt tuning (PEFT)", 1e-2, _peft(_prompt_config),
