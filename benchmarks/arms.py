@@ -27,6 +27,8 @@ measures training steps (``train_step``, ``gpu``, ``memory``, ``scaling``, ``ste
   ``auto`` that picks per call.
 * ``prefixtune_keep_mask``: ``prefixtune`` with the padding mask kept (the masked kernels); it
   differs from ``prefixtune`` only on padded batches.
+* ``prefixtune_memory``: ``prefixtune`` with a memory prefix (``PrefixConfig(kind="memory")``, a term
+  on each head's output outside the softmax, :mod:`prefixtune.memory`) instead of the key/value one.
 * ``peft``: ``peft.get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=10,
   prefix_projection=True, encoder_hidden_size=512)``, its own forward and loss.
 """
@@ -77,6 +79,8 @@ class Prefixed:
     """The padding mask kept, not dropped by ``causal_batch``."""
     chunk: int | None = None
     """``prefixtune.lm_loss.CHUNK_ELEMENTS`` during the step."""
+    kind: str = "kv"
+    """The prefix's kind: ``kv`` (:func:`prefix_config`) or ``memory``."""
 
 
 PREFIXED = {
@@ -89,6 +93,7 @@ PREFIXED = {
     "prefixtune_grouped": Prefixed(policy="grouped"),
     "prefixtune_mask": Prefixed(policy="mask"),
     "prefixtune_keep_mask": Prefixed(keep_mask=True),
+    "prefixtune_memory": Prefixed(kind="memory"),
 }
 NAMES = ("floor", "floor_cache", *PREFIXED, "peft")
 
@@ -207,7 +212,8 @@ def build(name: str, model: nn.Module, prefix_length: int = PREFIX_LENGTH, polic
     if name == "peft":
         return Peft(name, model, prefix_length)
     how = PREFIXED[name] if policy is None else dataclasses.replace(PREFIXED[name], policy=policy)
-    return Prefixtune(name, model, how, config or prefix_config(prefix_length))
+    default = PrefixConfig(kind="memory") if how.kind == "memory" else prefix_config(prefix_length)
+    return Prefixtune(name, model, how, config or default)
 
 
 def build_all(names, new_model: Callable[[], nn.Module], prefix_length: int = PREFIX_LENGTH) -> tuple[dict, dict]:

@@ -12,6 +12,8 @@ prompts of ``--prompt-len`` tokens (fixed seed, no padding), so every arm produc
 * ``prefixtune``: ``PrefixModel.wrap(model, PrefixConfig(10, reparameterize=True, 512))``
   (the prefix of ``benchmarks/arms.py``), materialized (the MLP folded into fixed key/values),
   every row the same prefix.
+* ``memory``: ``PrefixModel.wrap(model, PrefixConfig(kind="memory"))``, its memory drawn at random
+  (std 0.01, so that it changes the output): a term on each head's output, nothing in the cache.
 * ``peft``: ``peft.get_peft_model`` with ``PrefixTuningConfig(num_virtual_tokens=10,
   prefix_projection=True, encoder_hidden_size=512)``, eval mode. If PEFT fails, the arm is
   reported as failed and the rest still runs.
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from prefixtune import PrefixModel
+from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.base_models import load_model
 
 from .arms import HIDDEN, PREFIX_LENGTH, peft_prefix_model, prefix_config
@@ -55,7 +57,7 @@ from .common import (
 )
 
 NUM_MIXED = 8
-ARMS = ("plain", "prefixtune", "peft", "mixed", "sequential")
+ARMS = ("plain", "prefixtune", "memory", "peft", "mixed", "sequential")
 MULTI_ARMS = ("mixed", "sequential")  # only at batch NUM_MIXED
 
 
@@ -86,6 +88,15 @@ def plain_arm(model):
 def prefixtune_arm(model):
     wrapped = PrefixModel.wrap(model, prefix_config()).eval()
     wrapped.materialize()
+    return (lambda ids, mask, kw: wrapped.generate(input_ids=ids, attention_mask=mask, **kw)), wrapped
+
+
+def memory_arm(model, seed: int = 0):
+    wrapped = PrefixModel.wrap(model, PrefixConfig(kind="memory")).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        memory = wrapped.prefixes["default"].memory
+        memory.copy_(torch.randn(memory.shape, generator=generator) * 0.01)
     return (lambda ids, mask, kw: wrapped.generate(input_ids=ids, attention_mask=mask, **kw)), wrapped
 
 
@@ -131,7 +142,7 @@ def sequential_arm(model, seed: int):
 def build_arms(batch_sizes: list[int], seed: int, wanted, new_model=lambda: load_model()[0]) -> tuple[dict, dict]:
     """``({name: (run, module)}, {name: error line})`` for the ``wanted`` arms that built / failed,
     each on its own ``new_model()``."""
-    builders = {"plain": plain_arm, "prefixtune": prefixtune_arm, "peft": peft_arm}
+    builders = {"plain": plain_arm, "prefixtune": prefixtune_arm, "memory": memory_arm, "peft": peft_arm}
     if NUM_MIXED in batch_sizes:
         builders.update(mixed=lambda model: mixed_arm(model, seed), sequential=lambda model: sequential_arm(model, seed))
     return build_each({name: lambda build=build: build(new_model()) for name, build in builders.items() if name in wanted})

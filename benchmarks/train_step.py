@@ -37,7 +37,7 @@ from .common import (
 DEFAULT_ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
 RATIOS = (("prefixtune", "peft"), ("prefixtune_gc", "prefixtune"), ("prefixtune", "prefixtune_pad"),
           ("prefixtune", "prefixtune_grouped"), ("prefixtune", "prefixtune_mask"),
-          ("prefixtune", "prefixtune_keep_mask"), ("floor_cache", "floor"))
+          ("prefixtune", "prefixtune_keep_mask"), ("floor_cache", "floor"), ("prefixtune_memory", "prefixtune"))
 """The paired ratios printed and recorded besides each arm's ratio to the floor, where both arms ran."""
 
 
