@@ -127,7 +127,8 @@ def _train(cfg: TrainConfig) -> int:
 
 
 def _eval(cfg: EvalConfig) -> int:
-    from . import data, evaluate, where
+    from . import data, evaluate
+    from .data import filters as where
     from .metrics import check_available
     from .options import split_list
 
@@ -156,7 +157,8 @@ def _eval(cfg: EvalConfig) -> int:
 
 def _eval_classes(cfg: EvalConfig) -> int:
     """Accuracy of a classifier prefix (its task head is saved with it)."""
-    from . import data, evaluate, where
+    from . import data, evaluate
+    from .data import filters as where
     from .base_models import class_names
 
     if not cfg.prefix:

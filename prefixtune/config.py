@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from . import options, where
+from . import options
+from .data import filters as where
 
 INITS = ("random", "text")
 DEMO_EVAL_EVERY, DEMO_EVAL_PROMPTS = 20, 8

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes, where
+from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig
+from .data import filters as where
 from .metrics import check_available, lower_is_better
 from .model import PrefixModel
 from .runtime import autocast, lr_lambda, pick_device

@@ -373,7 +373,7 @@ def _categories(tmp_path) -> str:
 
 
 def test_where_keeps_or_drops_the_named_values_and_rows_keep_their_fields(tmp_path):
-    from prefixtune.where import Where
+    from prefixtune.data.filters import Where
 
     source = _categories(tmp_path)
     unseen = load_examples(source, keep=Where.parse("category=City, Food,Monument", "--eval-where"))
@@ -386,7 +386,7 @@ def test_where_keeps_or_drops_the_named_values_and_rows_keep_their_fields(tmp_pa
 
 
 def test_where_compares_values_as_text_in_csv_and_json_alike(tmp_path):
-    from prefixtune.where import Where
+    from prefixtune.data.filters import Where
 
     tsv = write(tmp_path / "s.tsv", "sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\n")
     kept = load_examples(tsv, text_field="sentence", label_field="label", keep=Where.parse("label=1", "--train-where"))
@@ -397,14 +397,14 @@ def test_where_compares_values_as_text_in_csv_and_json_alike(tmp_path):
 
 @pytest.mark.parametrize("text", ["category", "category=", "=City", "category=,", "cat=egory=x", "a!b=c"])
 def test_a_filter_of_bad_syntax_says_what_it_expects(text):
-    from prefixtune.where import Where
+    from prefixtune.data.filters import Where
 
     with pytest.raises(ValueError, match=r"expected FIELD=V1,V2,\.\.\. .* got"):
         Where.parse(text, "--train-where")
 
 
 def test_a_filter_on_a_missing_field_or_that_keeps_nothing_names_itself(tmp_path):
-    from prefixtune.where import Where
+    from prefixtune.data.filters import Where
 
     source = _categories(tmp_path)
     with pytest.raises(ValueError, match=r"cats\.jsonl:1: --train-where 'categry=City' names field 'categry'.*"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import where
 from ..config import EVAL_WHERE, TRAIN_WHERE, DataOptions, StepOptions, _opt
+from ..data import filters as where
 from ..options import split_list
 
 QUICK = dict(max_steps=8, batch_size=4, train_limit=400, eval_prompts=6, max_new_tokens=40, warmup_steps=2)

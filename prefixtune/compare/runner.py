@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .. import data, evaluate, progress, spikes, where
+from .. import data, evaluate, progress, spikes
+from ..data import filters as where
 from ..evaluate import generate_texts
 from ..metrics import check_available
 from ..options import split_list
