@@ -23,11 +23,11 @@ from .filters import Where
 from .load import load_examples, select
 from .readers import FILE_TYPES
 from .references import group_references, partition
-from .templates import prompt_text
+from .templates import check_template, prompt_text
 from .tokens import IGNORE, eos_id, prompt_ids, tokenize
 
 __all__ = [
-    "FILE_TYPES", "IGNORE", "BatchOrder", "DataError", "Example", "Where", "batches", "collate", "eos_id",
-    "group_references", "label_names", "load_examples", "partition", "prompt_ids", "prompt_text", "select",
+    "FILE_TYPES", "IGNORE", "BatchOrder", "DataError", "Example", "Where", "batches", "check_template", "collate",
+    "eos_id", "group_references", "label_names", "load_examples", "partition", "prompt_ids", "prompt_text", "select",
     "tokenize", "tokenize_classes",
 ]

@@ -30,6 +30,7 @@ def records(source: str, split: str) -> Iterator[tuple[str, dict]]:
     Something that looks like a path but does not exist is "file not found", never a Hub lookup.
     """
     path = Path(source).expanduser()
+    _refuse_special(path, source)
     if path.is_file():
         suffix = path.suffix.lower()
         readers = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records,
@@ -40,6 +41,23 @@ def records(source: str, split: str) -> Iterator[tuple[str, dict]]:
     if not path.is_dir() and _looks_like_path(source):
         raise DataError(f"{source}: file not found")
     return _hub_records(source, split)
+
+
+def _refuse_special(path: Path, source: str) -> None:
+    """Refuse a pipe, socket or device as the source or anywhere in a source folder.
+
+    Opening a FIFO waits for a writer that may never come, and ``datasets.load_dataset`` opens
+    every file of a folder, so one FIFO beside the data hangs the run; a device reads forever.
+    A broken link is refused here too, as a file that cannot be read.
+    """
+    if not path.exists() and not path.is_symlink():
+        return
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for entry in entries:
+        if not entry.is_dir() and not entry.is_file():
+            shown = source if entry == path else str(entry)
+            raise DataError(f"{shown}: not a regular file (a pipe, socket, device or broken link); data must be "
+                            "regular files")
 
 
 def _looks_like_path(source: str) -> bool:

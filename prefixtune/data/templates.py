@@ -1,8 +1,39 @@
-"""Examples -> the text (or the conversation) a model sees: prompt templates and chat form."""
+"""Examples -> the text (or the conversation) a model sees: prompt templates and chat form.
+
+A prompt template is ``--prompt-template``, e.g. ``"Table: {prompt}\\nText:"``: literal text with
+plain ``{field}`` placeholders filled from the example's raw record. Python's format strings can
+do more (reach attributes and items, convert, nest fields in format specs), and a template comes
+from a config file or a command line, so anything but a plain field name is refused.
+"""
 
 from __future__ import annotations
 
+import functools
+import string
+
 from .example import DataError, Example, where_of
+
+OPTION = "--prompt-template"
+
+
+@functools.cache
+def check_template(template: str) -> None:
+    """Refuse ``template`` unless its placeholders are plain ``{field}`` names (``{{``/``}}`` are braces).
+
+    ``{mr.__class__}``, ``{mr[0]}``, ``{mr!r}``, ``{mr:>{width}}``, ``{}`` and ``{0}`` are each a
+    :class:`DataError` naming :data:`OPTION`: one line, raised before any example is filled.
+    """
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise DataError(f"{OPTION}: {template!r} is not a template ({e}); write a literal brace as {{{{ or }}}}") from None
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        if not field or field.isdigit() or any(c in field for c in ".[]") or spec or conversion:
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise DataError(f"{OPTION}: {shown} is not allowed: a template holds plain field names only, "
+                            "such as {prompt} or {mr}")
 
 
 def prompt_text(example: Example, template: str | None) -> str:
@@ -15,14 +46,13 @@ def prompt_text(example: Example, template: str | None) -> str:
     """
     if template is None:
         return example.prompt
+    check_template(template)
     values = {**example.fields, "prompt": example.prompt}
     try:
         return template.format_map(values)
     except KeyError as e:
         raise DataError(f"{where_of(example)}: template {template!r} needs field {e.args[0]!r} "
                         f"(available: {', '.join(map(str, values))})") from None
-    except (IndexError, ValueError, AttributeError) as e:
-        raise DataError(f"{where_of(example)}: template {template!r} cannot be filled: {e}") from None
 
 
 def chat_messages(example: Example, template: str | None) -> list[dict]:

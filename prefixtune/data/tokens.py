@@ -8,7 +8,7 @@ transformers' loss ignores, and generation starts from exactly the prompt tokens
 from __future__ import annotations
 
 from .example import DataError, Example, where_of
-from .templates import chat_messages, context, prompt_text
+from .templates import chat_messages, check_template, context, prompt_text
 
 IGNORE = -100
 """The label transformers' cross-entropy skips: prompt positions and padding."""
@@ -29,6 +29,8 @@ def prompt_ids(example: Example, tokenizer, *, template: str | None = None, chat
         max_length: Keep only the last ``max_length`` tokens (the end of a prompt is what
             the completion follows).
     """
+    if template is not None:
+        check_template(template)
     if chat_template or example.messages:
         ids = _chat_ids(tokenizer, context(chat_messages(example, template)), add_generation_prompt=True)
     else:
@@ -80,6 +82,8 @@ def tokenize(examples: list[Example], tokenizer, *, max_length: int, template: s
         raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
+    if template is not None:
+        check_template(template)
     eos = eos_id(tokenizer)
     rows, truncated = [], []
     for example in examples:
