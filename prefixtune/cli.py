@@ -36,6 +36,7 @@ COMMANDS = {
 # `prefixtune --help` stays fast.
 MODULE_COMMANDS: dict[str, str] = {
     "compare": "prefixtune.compare",
+    "data": "prefixtune.data.cli",
     "export-peft": "prefixtune.peft.cli:EXPORT",
     "import-peft": "prefixtune.peft.cli:IMPORT",
     "serve": "prefixtune.serve.cli",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA
 
 from prefixtune.data import (
     DataError,
@@ -21,7 +22,6 @@ from prefixtune.data import (
     tokenize,
 )
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
 E2E_DEV = DATA / "e2e" / "devset.csv"
 SST2_DEV = DATA / "sst2" / "dev.tsv"
 
