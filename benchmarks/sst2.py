@@ -27,8 +27,8 @@ from prefixtune import PrefixConfig, PrefixModel, data, evaluate
 from prefixtune.base_models import load_model
 
 from .common import ROOT, settings, start, write_json
+from .study import data_root
 
-DATA = ROOT.parent / "shared" / "data" / "sst2"
 ARMS = {
     "head only": None,
     "prefix (MLP) + head": dict(prefix_length=16, reparameterize=True),
@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arms", default=",".join(ARMS), help="which arms to run, comma-separated")
     parser.add_argument("--limit", type=int, default=None, help="use only this many dev examples (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None, help=f"the data folder holding sst2/ (default: ${data.VARIABLE})")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sst2.json"),
                         help="where the results are written (JSON)")
@@ -53,8 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     results = start(__file__, argv, args.threads)
-    train = data.load_examples(str(DATA / "train_full.tsv"), text_field="sentence", label_field="label")
-    dev = data.load_examples(str(DATA / "dev.tsv"), text_field="sentence", label_field="label", limit=args.limit)
+    sst2 = data_root(args.data_dir) / "sst2"
+    train = data.load_examples(str(sst2 / "train_full.tsv"), text_field="sentence", label_field="label")
+    dev = data.load_examples(str(sst2 / "dev.tsv"), text_field="sentence", label_field="label", limit=args.limit)
     labels = data.label_names(train)
     _, tokenizer = load_model("minilm", task="classification", labels=labels)
     rows, _ = data.tokenize_classes(train, tokenizer, labels, max_length=128)

@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from prefixtune import data
 from prefixtune.compare.config import CompareConfig
-
-DATA_VARIABLE = "PREFIXTUNE_DATA"
 
 
 def load_rows(out: Path) -> dict:
@@ -107,11 +105,10 @@ def run_study(args, module: str, runs: Callable[[], list[dict]], config_of: Call
 def data_root(text: str | None) -> Path:
     """``--data-dir``, else ``$PREFIXTUNE_DATA``: the folder holding ``e2e/``, ``webnlg/`` and ``sst2/``
     as ``prefixtune data prepare`` lays them out (docs/data.md)."""
-    text = text or os.environ.get(DATA_VARIABLE)
-    if not text:
-        raise SystemExit(f"--data-dir: no data folder; give --data-dir or set {DATA_VARIABLE} (docs/data.md says how "
-                         "to make one)")
-    return Path(text)
+    try:
+        return data.root(text, option="--data-dir")
+    except data.NoDataRoot as err:
+        raise SystemExit(str(err)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser, out: str, results: str | None = None) -> None:
@@ -124,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser, out: str, results: str | None
                             help="the rows with the command and machine, written by the report ('' for none)")
     parser.add_argument("--out", default=out, help="folder of the rows (OUT/runs/ID.json) and checkpoints")
     parser.add_argument("--data-dir", default=None, help=f"the data folder (e2e/, webnlg/, sst2/; default: "
-                        f"${DATA_VARIABLE})")
+                        f"${data.VARIABLE})")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default=None, help="base model (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: torch's)")

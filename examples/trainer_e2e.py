@@ -4,9 +4,12 @@ Run from the repository root (docs/training.md shows its output):
 
     python examples/trainer_e2e.py                 # 120 steps of batch 8, then BLEU / ROUGE-L on 50 dev MRs
     python examples/trainer_e2e.py --trl           # the same through TRL's SFTTrainer (pip install "prefixtune[trl]")
+
+E2E is read from $PREFIXTUNE_DATA/e2e (`prefixtune data prepare e2e` makes it; docs/data.md).
 """
 
 import argparse
+import sys
 
 import transformers
 
@@ -16,13 +19,16 @@ from prefixtune.config import EvalConfig
 from prefixtune.metrics import compute_metrics
 from prefixtune.hf_trainer import use_prefix_checkpoints
 
-E2E = "../shared/data/e2e"
 TEMPLATE = "Table: {prompt}\nText:"
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--trl", action="store_true", help="train with TRL's SFTTrainer instead of Trainer")
 parser.add_argument("--output-dir", default="runs/trainer-e2e")
 args = parser.parse_args()
+try:
+    E2E = data.root() / "e2e"
+except data.NoDataRoot as err:
+    sys.exit(f"examples/trainer_e2e.py: {err}")
 
 model, tokenizer = load_model()  # the bundled SmolLM2-135M-Instruct
 pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=10, reparameterize=False), tokenizer=tokenizer)

@@ -36,6 +36,7 @@ COMMANDS = {
 # `prefixtune --help` stays fast.
 MODULE_COMMANDS: dict[str, str] = {
     "compare": "prefixtune.compare",
+    "data": "prefixtune.data.cli",
     "export-peft": "prefixtune.peft.cli:EXPORT",
     "import-peft": "prefixtune.peft.cli:IMPORT",
     "serve": "prefixtune.serve.cli",
@@ -127,7 +128,8 @@ def _train(cfg: TrainConfig) -> int:
 
 
 def _eval(cfg: EvalConfig) -> int:
-    from . import data, evaluate, where
+    from . import data, evaluate
+    from .data import filters
     from .metrics import check_available
     from .options import split_list
 
@@ -138,7 +140,7 @@ def _eval(cfg: EvalConfig) -> int:
     metrics = split_list(cfg.metrics)
     check_available(metrics)
     examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit,
-                                  keep=where.parsed(cfg.eval_where, "eval_where"))
+                                  keep=filters.parsed(cfg.eval_where, "eval_where"))
     pm, tokenizer = _load(cfg)
     prefix, label = ("default", "with prefix") if cfg.prefix else (None, "base model")
     if cfg.group_by:
@@ -156,13 +158,14 @@ def _eval(cfg: EvalConfig) -> int:
 
 def _eval_classes(cfg: EvalConfig) -> int:
     """Accuracy of a classifier prefix (its task head is saved with it)."""
-    from . import data, evaluate, where
+    from . import data, evaluate
+    from .data import filters
     from .base_models import class_names
 
     if not cfg.prefix:
         raise ValueError("--task classification needs --prefix: the task head is trained with the prefix")
     examples = data.load_examples(cfg.data, **cfg.source_fields(), limit=cfg.limit,
-                                  keep=where.parsed(cfg.eval_where, "eval_where"))
+                                  keep=filters.parsed(cfg.eval_where, "eval_where"))
     pm, tokenizer = _load(cfg)
     labels = class_names(pm.model)
     rows, _ = data.tokenize_classes(examples, tokenizer, labels, max_length=cfg.max_length)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from . import options, where
+from . import options
+from .data import filters
 
 INITS = ("random", "text")
 KINDS = ("kv", "memory")
@@ -238,7 +239,7 @@ class TrainConfig(StepOptions, DataOptions, TaskOption):
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (:func:`options.check`)."""
-        yield from where.problems(self, "train_where", "eval_where")
+        yield from filters.problems(self, "train_where", "eval_where")
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
             yield "micro_batch_size", f"must be at most --batch-size ({self.batch_size}), got {self.micro_batch_size}"
         if self.eval_data is None and self.data is not None:
@@ -270,7 +271,7 @@ class EvalConfig(DataOptions, TaskOption):
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (:func:`options.check`)."""
-        yield from where.problems(self, "eval_where")
+        yield from filters.problems(self, "eval_where")
         if self.group_by is not None and self.task == "classification":
             yield "group_by", "scores generation tasks; --task classification reports its accuracy overall"
 

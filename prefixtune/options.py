@@ -29,6 +29,8 @@ from pathlib import Path
 import pydantic
 import yaml
 
+from .data import location
+
 
 class OptionError(ValueError):
     """A bad option value, in one line: ``--max-grad-norm: must be at least 0, got -1``."""
@@ -150,7 +152,10 @@ def load_file(path: str, config_cls) -> dict:
         raise ValueError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    try:  # configs name data files as ${PREFIXTUNE_DATA}/e2e/trainset.csv (docs/data.md)
+        data = {str(k).replace("-", "_"): location.expand(v) for k, v in data.items()}
+    except location.NoDataRoot as err:
+        raise location.NoDataRoot(f"{path}: {err}") from None
     unknown = sorted(set(data) - {o.name for o in options_of(config_cls)})
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")

@@ -251,7 +251,7 @@ def _mixed(encoders: list[PrefixEncoder], made: list[torch.Tensor], index: list[
             batch.valid.append(None)
             continue
         stacked, valid = _stack_padded(per_prefix, lengths, width)
-        # index_select, not stacked[row_index]: advanced indexing was ~2000x slower per layer on CPU
+        # index_select, not stacked[row_index]: advanced indexing is ~2000x slower per layer on CPU
         gathered = stacked.index_select(0, row_index)  # [B, 2, kv_heads, width, head_dim]
         batch.key_values.append((gathered[:, 0], gathered[:, 1]))
         # every row's every slot real (all rows prefixed, equal lengths, this site in each):

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes, where
+from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig
+from .data import filters
 from .metrics import check_available, lower_is_better
 from .model import PrefixModel
 from .runtime import autocast, lr_lambda, pick_device
@@ -468,7 +469,7 @@ def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
 
 
 def _examples(cfg: TrainConfig) -> tuple[list, list]:
-    train_where, eval_where = where.parsed(cfg.train_where, "train_where"), where.parsed(cfg.eval_where, "eval_where")
+    train_where, eval_where = filters.parsed(cfg.train_where, "train_where"), filters.parsed(cfg.eval_where, "eval_where")
     if cfg.data is None:
         train_examples, held_out = demo.train_and_held_out(cfg.seed)
         train_examples = data.select(train_examples, train_where, "demo")

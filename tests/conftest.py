@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -8,6 +9,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import tiny_model_folder  # noqa: E402
+
+DATA = Path(os.environ.get("PREFIXTUNE_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+"""The real data sets (e2e/, webnlg/, sst2/; docs/data.md): ``$PREFIXTUNE_DATA``, else the shared folder beside
+the checkout, where CI keeps them."""
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,7 @@ def test_init_from_text_starts_at_the_models_own_key_values(reparameterize):
 
 def test_init_from_text_leaves_no_gradient_behind():
     """Fitting the MLP to the words must not leave its last gradient for training's first step
-    (it was added once per process under the distributed all-reduce)."""
+    (a distributed all-reduce would add it once per process)."""
     cfg = PrefixConfig(prefix_length=6, reparam_hidden_size=64, init="text", init_text="table", init_fit_steps=5)
     pm = PrefixModel.wrap(tiny_model("llama"), cfg, tokenizer=_Tok())
     assert all(p.grad is None for p in pm.trainable_parameters())

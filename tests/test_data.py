@@ -1,12 +1,14 @@
 """prefixtune.data: every source format, every bad input named by file and line, label masking."""
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA
 
 from prefixtune.data import (
     DataError,
@@ -20,7 +22,6 @@ from prefixtune.data import (
     tokenize,
 )
 
-DATA = Path(__file__).parents[2] / "shared" / "data"
 E2E_DEV = DATA / "e2e" / "devset.csv"
 SST2_DEV = DATA / "sst2" / "dev.tsv"
 
@@ -373,7 +374,7 @@ def _categories(tmp_path) -> str:
 
 
 def test_where_keeps_or_drops_the_named_values_and_rows_keep_their_fields(tmp_path):
-    from prefixtune.where import Where
+    from prefixtune.data.filters import Where
 
     source = _categories(tmp_path)
     unseen = load_examples(source, keep=Where.parse("category=City, Food,Monument", "--eval-where"))
@@ -386,7 +387,7 @@ def test_where_keeps_or_drops_the_named_values_and_rows_keep_their_fields(tmp_pa
 
 
 def test_where_compares_values_as_text_in_csv_and_json_alike(tmp_path):
-    from prefixtune.where import Where
+    from prefixtune.data.filters import Where
 
     tsv = write(tmp_path / "s.tsv", "sentence\tlabel\ngood\t1\nbad\t0\nfine\t1\n")
     kept = load_examples(tsv, text_field="sentence", label_field="label", keep=Where.parse("label=1", "--train-where"))
@@ -397,14 +398,14 @@ def test_where_compares_values_as_text_in_csv_and_json_alike(tmp_path):
 
 @pytest.mark.parametrize("text", ["category", "category=", "=City", "category=,", "cat=egory=x", "a!b=c"])
 def test_a_filter_of_bad_syntax_says_what_it_expects(text):
-    from prefixtune.where import Where
+    from prefixtune.data.filters import Where
 
     with pytest.raises(ValueError, match=r"expected FIELD=V1,V2,\.\.\. .* got"):
         Where.parse(text, "--train-where")
 
 
 def test_a_filter_on_a_missing_field_or_that_keeps_nothing_names_itself(tmp_path):
-    from prefixtune.where import Where
+    from prefixtune.data.filters import Where
 
     source = _categories(tmp_path)
     with pytest.raises(ValueError, match=r"cats\.jsonl:1: --train-where 'categry=City' names field 'categry'.*"
@@ -412,3 +413,77 @@ def test_a_filter_on_a_missing_field_or_that_keeps_nothing_names_itself(tmp_path
         load_examples(source, keep=Where.parse("categry=City", "--train-where"))
     with pytest.raises(DataError, match=r"cats\.jsonl: --eval-where 'category=Pasta' keeps no row"):
         load_examples(source, keep=Where.parse("category=Pasta", "--eval-where"))
+
+
+# ------------------------------------------------------------------------ hostile inputs (issue 29, item 10)
+def _finishes(call, seconds=60.0):
+    """``call()``'s result or exception, or a failure if it is still running after ``seconds`` (a hang)."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s: a FIFO was opened"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_a_fifo_in_a_data_folder_is_refused_not_waited_on(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    jsonl(folder / "train.jsonl", {"prompt": "a", "completion": "b"})
+    os.mkfifo(folder / "pipe.jsonl")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder / 'pipe.jsonl'))}: not a regular file"):
+        _finishes(lambda: load_examples(str(folder)))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder / 'pipe.jsonl'))}: not a regular file"):
+        _finishes(lambda: load_examples(str(folder / "pipe.jsonl")))
+
+
+def test_a_data_folder_holding_a_fifo_is_one_line_from_the_command_line(model_dir, tmp_path, capsys):
+    from prefixtune.cli import main
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    jsonl(folder / "train.jsonl", {"prompt": "a", "completion": "b"})
+    os.mkfifo(folder / "fifo")
+    code = _finishes(lambda: main(["train", "--model", model_dir, "--data", str(folder), "--max-steps", "1",
+                                   "--output-dir", str(tmp_path / "out")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{folder / 'fifo'}: not a regular file" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("template", ["{mr.__class__}", "{mr.__class__.__init__.__globals__}", "{mr[0]}", "{mr!r}",
+                                      "{mr:>{width}}", "{mr:x}", "{}", "{0}", "Table: {mr", "}"])
+def test_a_template_may_hold_plain_field_names_only(template):
+    example = Example(prompt="p", completion="c", fields={"mr": "name[A]", "width": 9})
+    with pytest.raises(DataError, match=r"^--prompt-template: "):
+        prompt_text(example, template)
+
+
+def test_plain_fields_literal_braces_and_column_names_with_spaces_fill_a_template():
+    example = Example(prompt="p", completion="c", fields={"mr": "name[A]", "customer rating": "5"})
+    assert prompt_text(example, "{{mr}} {mr} ({customer rating}) {prompt}") == "{mr} name[A] (5) p"
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_template_reaching_attributes_is_one_line_naming_the_option(command, model_dir, tmp_path, capsys):
+    from prefixtune.cli import main
+
+    source = jsonl(tmp_path / "d.jsonl", {"mr": "name[A]", "ref": "A."})
+    argv = [command, "--model", model_dir, "--data", source, "--prompt-field", "mr", "--completion-field", "ref",
+            "--prompt-template", "{mr.__class__}"]
+    code = main(argv + (["--max-steps", "1", "--output-dir", str(tmp_path / "out")] if command == "train" else []))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"prefixtune {command}: error: --prompt-template: {{mr.__class__}} is not allowed")
+    assert not (tmp_path / "out").exists()

@@ -281,7 +281,8 @@ def test_deepspeed_zero3_partitions_the_base_and_trains_the_prefix_of_one_proces
 def test_deepspeed_zero3_runs_the_partitioned_base_whole_for_init_text(model_dir, data_files, tmp_path):
     """``--init-text`` runs the base before DeepSpeed's hooks exist, on a base that transformers
     loaded partitioned: it is gathered for that forward. After two steps the prefix equals one
-    process's (the fit to the words leaves no gradient behind: it used to be all-reduced too)."""
+    process's (the fit to the words leaves no gradient behind, so the all-reduce of the first step adds
+    nothing of it)."""
     pytest.importorskip("deepspeed")
     _launch("deepspeed", _args(model_dir, data_files, tmp_path / "zero3", "--max-steps", "2", "--init-text", "red",
                                "--lr", "1e-2"))

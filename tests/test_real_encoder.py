@@ -1,19 +1,18 @@
 """Encoder prefix tuning on the real bundled MiniLM (all-MiniLM-L6-v2: BERT, 6 layers) on SST-2
 sentences. Marked ``real``; still run in CI."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import DATA
 
 from prefixtune import PrefixConfig, PrefixModel, data, evaluate
 from prefixtune.base_models import MINILM_NAME, load_model
 
 pytestmark = pytest.mark.slow
-SST2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sst2" / "dev.tsv"
+SST2 = DATA / "sst2" / "dev.tsv"
 
 
-@pytest.mark.skipif(not SST2.is_file(), reason="needs ../shared/data/sst2 beside the checkout")
+@pytest.mark.skipif(not SST2.is_file(), reason="needs $PREFIXTUNE_DATA/sst2 (docs/data.md)")
 def test_minilm_prefix_and_head_train_save_and_load(tmp_path):
     examples = data.load_examples(str(SST2), text_field="sentence", label_field="label", limit=32)
     labels = data.label_names(examples)

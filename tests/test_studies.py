@@ -2,13 +2,11 @@
 few steps: their plans, resumable rows and reports. The real studies are hours of CPU; these are smoke runs."""
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 from benchmarks import study, webnlg_study
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.mark.slow  # about 10 s: two methods, two seeds, real WebNLG rows

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import where
 from ..config import EVAL_WHERE, TRAIN_WHERE, DataOptions, StepOptions, option_field
+from ..data import filters
 from ..options import split_list
 
 QUICK = dict(max_steps=8, batch_size=4, train_limit=400, eval_prompts=6, max_new_tokens=40, warmup_steps=2)
@@ -69,7 +69,7 @@ class CompareConfig(StepOptions, DataOptions):
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (``options.check``)."""
-        yield from where.problems(self, "train_where", "eval_where", named=("eval_sets",))
+        yield from filters.problems(self, "train_where", "eval_where", named=("eval_sets",))
         if self.eval_sets and self.eval_where:
             yield "eval_sets", "give --eval-sets or --eval-where, not both (each set is its own filter)"
         if self.seeds and len(set(self.seeds)) != len(self.seeds):

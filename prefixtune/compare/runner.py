@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .. import data, evaluate, progress, spikes, where
+from .. import data, evaluate, progress, spikes
+from ..data import filters
 from ..evaluate import generate_texts
 from ..metrics import check_available
 from ..options import split_list
@@ -209,7 +210,7 @@ def held_out_sets(cfg: CompareConfig) -> dict[str, list] | None:
         raise ValueError("--eval-sets needs --eval-data: the rows its filters pick from")
     return {name: _pick(data.group_references(data.load_examples(cfg.eval_data, **cfg.source_fields(),
                                                                  limit=cfg.eval_limit, keep=keep)), cfg)
-            for name, keep in where.sets(cfg.eval_sets, "eval_sets").items()}
+            for name, keep in filters.sets(cfg.eval_sets, "eval_sets").items()}
 
 
 def _pick(groups: list, cfg: CompareConfig) -> list:
@@ -225,7 +226,7 @@ def examples(cfg: CompareConfig) -> tuple[list, list]:
     """The training examples and the evaluation groups ``(first example, references)``."""
     from .. import demo
 
-    train_where, eval_where = where.parsed(cfg.train_where, "train_where"), where.parsed(cfg.eval_where, "eval_where")
+    train_where, eval_where = filters.parsed(cfg.train_where, "train_where"), filters.parsed(cfg.eval_where, "eval_where")
     if cfg.data is None:
         train_examples, held_out = demo.train_and_held_out(cfg.seed)
         train_examples = data.select(train_examples, train_where, "demo")

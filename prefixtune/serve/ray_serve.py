@@ -12,8 +12,8 @@ replica reports the prefixes its ``@serve.multiplexed`` loader holds), so a pref
 keep landing where it is warm. No router or cluster manager is written here.
 
 Ray Serve's own HTTP proxy is not started (``proxy_location="Disabled"``): the front
-already is the HTTP server, and on a small, loaded machine the proxy actor failed its health
-checks while handles kept working.
+already is the HTTP server, and on a small, loaded machine the proxy actor fails its health
+checks while handles keep working.
 
 Prefix folders must be visible at the same path to the front (which lists them) and to every
 replica (which loads them): a shared volume on a multi-machine cluster.
