@@ -51,6 +51,11 @@ class PrefixConfig:
             can be folded away afterwards with ``PrefixModel.materialize``.
         reparam_hidden_size: Width of the embedding and of the MLP's hidden layer
             (the paper's ``mid_dim``, 512).
+        reparam_lr: ``"same"``: every MLP parameter trains at the learning rate. ``"width"``: the
+            MLP's two weight matrices train at the rate divided by ``reparam_hidden_size`` (their
+            fan-in), the embedding and the biases at the rate, as muP sets Adam's rates (Yang et
+            al. 2021): each weight's step moves an output by the rate times the sum of its
+            ``width`` inputs, so the division keeps the MLP's steps the size a flat prefix's are.
         dropout: Dropout on the prefix key/values while training (the paper's
             ``prefix_dropout``). Has no effect in eval mode.
         init: ``"random"``, or ``"text"`` to start from the frozen model's own
@@ -82,6 +87,9 @@ class PrefixConfig:
     prefix_length: int = option_field(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)", ge=1)
     reparameterize: bool = option_field(True, "produce the prefix through the paper's MLP (--no-reparameterize: train it directly)")
     reparam_hidden_size: int = option_field(512, "width of the reparameterization MLP (the paper's mid_dim)", ge=1)
+    reparam_lr: str = option_field("same", "same: the MLP trains at --lr | width: its weight matrices at --lr divided by "
+                                   "--reparam-hidden-size (muP), its embedding and biases at --lr",
+                                   choices=("same", "width"))
     dropout: float = option_field(0.0, "dropout on the prefix key/values while training", option="prefix_dropout", ge=0, lt=1)
     init: str | None = option_field(None, "random, or text: start from the model's activations for --init-text (default: text "
                             "when --init-text is given)", choices=INITS)

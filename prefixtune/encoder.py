@@ -75,6 +75,15 @@ class PrefixEncoder(nn.Module):
     def reparameterized(self) -> bool:
         return self.mlp is not None
 
+    def rate_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """``(parameters, rate multiplier)`` pairs: with ``reparam_lr="width"`` the MLP's weight matrices
+        train at ``1 / width`` of the rate (``PrefixConfig.reparam_lr``), everything else at the rate."""
+        if not self.reparameterized or self.config.reparam_lr != "width":
+            return [(list(self.parameters()), 1.0)]
+        matrices = [layer.weight for layer in self.mlp if isinstance(layer, nn.Linear)]
+        rest = [p for p in self.parameters() if all(p is not m for m in matrices)]
+        return [(rest, 1.0), (matrices, 1.0 / self.config.reparam_hidden_size)]
+
     def forward(self) -> torch.Tensor:
         """The prefix key/values, ``[n_layers, 2, kv_heads, L_p, head_dim]``, dropout applied."""
         return self.dropout(self.raw_key_values())

@@ -60,6 +60,10 @@ class MemoryPrefix(nn.Module):
     def materialize(self) -> None:
         """Nothing to fold: the memory is trained directly."""
 
+    def rate_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The memory trains at the rate."""
+        return [([self.memory], 1.0)]
+
 
 def features(query: torch.Tensor, scaling: float) -> torch.Tensor:
     """``φ(q) = (elu(q · scaling) + 1) / head_dim``: positive, about ``1 / head_dim`` each, ``[B, heads, T, head_dim]``."""

@@ -121,6 +121,14 @@ class PrefixModel(nn.Module):
         modules = [self.prefixes[self.prefixes.known(name)]] if name else list(self.prefixes.values())
         return [p for module in [*modules, *self.heads.values()] for p in module.parameters()] + self.adapter_params
 
+    def parameter_groups(self) -> list[dict]:
+        """What trains (:meth:`trainable_parameters`), as optimizer parameter groups: ``{"params", "lr_scale"}``,
+        the rate multiplier each prefix asks for (``PrefixConfig.reparam_lr``); task heads and LoRA at 1."""
+        groups = [{"params": params, "lr_scale": scale} for prefix in self.prefixes.values()
+                  for params, scale in prefix.rate_groups() if params]
+        rest = [p for module in self.heads.values() for p in module.parameters()] + self.adapter_params
+        return groups + ([{"params": rest, "lr_scale": 1.0}] if rest else [])
+
     def state_dict(self, *args, **kwargs):
         """The module's state dict; for a transformers ``Trainer`` writing a checkpoint, what trains only.
 

@@ -117,7 +117,11 @@ def _check_finite(value: torch.Tensor, what: str, optimizer) -> None:
 
 
 def optimizer_for(params: list, lr: float, options: StepOptions, total: int):
-    """AdamW over ``params`` and its warmup-then-decay schedule over ``total`` steps."""
+    """AdamW over ``params`` and its warmup-then-decay schedule over ``total`` steps. ``params`` may be
+    parameter groups with an ``lr_scale`` each (``PrefixModel.parameter_groups``): a group's peak rate is
+    ``lr * lr_scale``, and the schedule scales every group alike."""
+    if params and isinstance(params[0], dict):
+        params = [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0)} for g in params]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=options.weight_decay)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(options.schedule, options.warmup_steps,
                                                                              total))
@@ -188,7 +192,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     if cfg.gradient_checkpointing:
         pm.activation_checkpointing_enable()
     total = total_steps(cfg, len(rows))
-    optimizer, scheduler = optimizer_for(pm.trainable_parameters(), cfg.lr, cfg, total)
+    optimizer, scheduler = optimizer_for(pm.parameter_groups(), cfg.lr, cfg, total)
     runner = dist.prepare(pm, optimizer)  # what forward passes call: `pm`, or the FSDP-sharded model around it;
     # under DeepSpeed ZeRO-3 `pm` itself, its base partitioned
     state = TrainState()

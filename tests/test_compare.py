@@ -17,7 +17,7 @@ from prefixtune.compare.config import QUICK, CompareConfig
 from prefixtune.compare.methods import METHODS, learning_rates, parse_methods
 from prefixtune.compare.report import markdown, text_table
 
-TRAINED = ("prefix", "prefix-words", "prefix-flat", "prefix-memory", "prefix-lora", "peft-prefix", "prompt", "lora", "adapter", "full")
+TRAINED = ("prefix", "prefix-words", "prefix-flat", "prefix-mup", "prefix-memory", "prefix-lora", "peft-prefix", "prompt", "lora", "adapter", "full")
 
 
 def tiny_config(model_dir, tmp_path, **changes) -> CompareConfig:

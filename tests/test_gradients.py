@@ -6,6 +6,7 @@ import torch
 from tiny import ARCHS, tiny_model, tokens
 
 from prefixtune import PrefixConfig, PrefixModel
+from prefixtune.config import TrainConfig
 
 
 def _loss_and_grads(pm, x):
@@ -143,3 +144,21 @@ def test_the_padding_mask_stays_where_it_matters():
     for model in (tiny_seq2seq("t5"), tiny_encoder("bert")):
         pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=3, reparam_hidden_size=16))
         assert causal_batch(pm, batch) is batch
+
+
+def test_width_scaled_rates_put_the_mlp_matrices_at_the_rate_over_the_width():
+    """``reparam_lr="width"`` (muP): the MLP's two weight matrices at lr / width, everything else at lr;
+    the groups cover what trains exactly once, and ``"same"`` is one group at the rate."""
+    from prefixtune.train import optimizer_for
+
+    pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, reparam_hidden_size=16, reparam_lr="width"))
+    groups = pm.parameter_groups()
+    encoder = pm.prefixes["default"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 1 / 16]
+    assert {id(p) for p in groups[1]["params"]} == {id(encoder.mlp[0].weight), id(encoder.mlp[2].weight)}
+    grouped = [p for g in groups for p in g["params"]]
+    assert sorted(map(id, grouped)) == sorted(map(id, pm.trainable_parameters()))
+    optimizer, _ = optimizer_for(groups, 3e-2, TrainConfig(warmup_steps=0), 10)
+    assert [g["lr"] for g in optimizer.param_groups] == [3e-2, 3e-2 / 16]
+    same = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, reparam_hidden_size=16))
+    assert [g["lr_scale"] for g in same.parameter_groups()] == [1.0]

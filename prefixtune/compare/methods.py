@@ -35,6 +35,9 @@ class Tuned:
     trainable: list[nn.Parameter]
     save: Callable[[Path], None]
     notes: list[str] = field(default_factory=list)
+    groups: list[dict] | None = None
+    """Optimizer parameter groups with an ``lr_scale`` each (``PrefixModel.parameter_groups``); ``None``:
+    ``trainable`` at the method's rate."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ class PrefixlessGenerator:
 
 
 # ------------------------------------------------------------------------------ builders
-def _prefix(init: str, reparameterize: bool = True, kind: str = "kv", lora: bool = False) -> Callable:
+def _prefix(init: str, reparameterize: bool = True, kind: str = "kv", lora: bool = False,
+            reparam_lr: str = "same") -> Callable:
     def build(model, tokenizer, cfg: CompareConfig) -> Tuned:
         from ..config import PrefixConfig
         from ..model import PrefixModel
@@ -84,12 +88,12 @@ def _prefix(init: str, reparameterize: bool = True, kind: str = "kv", lora: bool
 
             model = peft.get_peft_model(model, _lora_config(cfg))
         config = PrefixConfig(kind=kind, prefix_length=cfg.prefix_length, reparameterize=reparameterize,
-                              reparam_hidden_size=cfg.reparam_hidden_size, init=init,
+                              reparam_hidden_size=cfg.reparam_hidden_size, reparam_lr=reparam_lr, init=init,
                               init_text=cfg.init_text if init == "text" else None)
         pm = PrefixModel.wrap(model, config, tokenizer=tokenizer)
         notes = [f"initialized from the activations of {cfg.init_text!r}"] if init == "text" else []
         return Tuned(pm, lambda batch, items: language_model_loss(pm, pm, batch, items), pm,  # as `prefixtune train`
-                     pm.trainable_parameters(), lambda d: pm.save_prefix(d), notes)
+                     pm.trainable_parameters(), lambda d: pm.save_prefix(d), notes, pm.parameter_groups())
     return build
 
 
@@ -211,6 +215,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("prefix-memory", "memory prefix (prefixtune)", 3e-3, _prefix("random", reparameterize=False, kind="memory"),
            "prefixtune's memory prefix: a term on each head's output outside the softmax (PrefixMemory-Tuning), "
            "starting at zero"),
+    # 3e-2: muP keeps the MLP's steps the size of a flat prefix's, whose rate is 3e-2 (docs/compare.md)
+    Method("prefix-mup", "prefix tuning, MLP at width-scaled rates (prefixtune)", 3e-2,
+           _prefix("random", reparam_lr="width"),
+           "prefixtune's MLP prefix with its weight matrices at the rate / --reparam-hidden-size (muP), random init"),
     Method("prefix-lora", "flat prefix + LoRA (prefixtune)", 1e-2, _prefix("random", reparameterize=False, lora=True),
            "prefixtune's flat prefix trained beside LoRA (--lora-r, --lora-targets) on the same model",
            needs=("peft",)),

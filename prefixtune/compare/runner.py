@@ -139,7 +139,7 @@ def _train_and_score(cfg, method: Method, lr: float, out: Path, device, row: dic
 
 def _train(cfg: CompareConfig, tuned, rows: list[dict], pad_id: int, lr: float, device, name: str) -> dict:
     """Train ``tuned`` through ``prefixtune train``'s own loop and step; measure each step."""
-    optimizer, scheduler = optimizer_for(tuned.trainable, lr, cfg, cfg.max_steps)
+    optimizer, scheduler = optimizer_for(tuned.groups or tuned.trainable, lr, cfg, cfg.max_steps)
     tuned.model.train()
     with PeakMemory(device) as memory, progress.bar(cfg.max_steps, f"{name}: train", unit="step") as bar:
         measured = _Measured(cfg.max_steps, cfg.quiet, bar, cfg.warmup_steps)
