@@ -103,9 +103,37 @@ _TENSOR = {"kv": "key_values", "memory": "memory"}
 
 
 def new_prefix(config: PrefixConfig, sites: tuple[int, ...], shape: ModelShape) -> PrefixEncoder | MemoryPrefix:
-    """An untrained prefix of ``config``'s kind at ``sites`` of a model of geometry ``shape``."""
+    """An untrained prefix of ``config``'s kind at ``sites`` of a model of geometry ``shape``; one that
+    could not fit in this machine's memory is refused before anything is allocated, naming the option."""
+    _check_fits(config, len(sites), shape)
     kind = MemoryPrefix if config.kind == "memory" else PrefixEncoder
     return kind(config, sites, shape.num_kv_heads, shape.head_dim)
+
+
+def _check_fits(config: PrefixConfig, sites: int, shape: ModelShape) -> None:
+    """Refuse a prefix whose float32 parameters alone exceed the machine's memory (``--prefix-length 10**9``
+    would otherwise die in the allocator with no word of which option asked for it)."""
+    kv = sites * 2 * shape.num_kv_heads * shape.head_dim
+    if config.kind == "memory":
+        count, option = sites * shape.num_kv_heads * shape.head_dim ** 2, None
+    elif config.reparameterize:
+        width = config.reparam_hidden_size
+        count, option = config.prefix_length * width + width * (width + 1) + (width + 1) * kv, "--reparam-hidden-size"
+    else:
+        count, option = config.prefix_length * kv, "--prefix-length"
+    needed, total = 4 * count, _memory_bytes()
+    if total and needed > total:
+        raise ValueError(f"{option or '--prefix-kind memory'}: this prefix needs {needed / 2**30:,.1f} GiB of parameters "
+                         f"(--prefix-length {config.prefix_length}, --reparam-hidden-size {config.reparam_hidden_size}), "
+                         f"more than this machine's {total / 2**30:,.1f} GiB of memory")
+
+
+def _memory_bytes() -> int | None:
+    """The machine's physical memory, where the system says (``None`` elsewhere)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _folded(prefix) -> torch.Tensor:

@@ -25,10 +25,32 @@ EVAL_WHERE = ("evaluate only on the rows whose FIELD matches: 'FIELD=V1,V2' keep
               "drops them, e.g. 'category=City,Food,Monument' (values as text, exact; --eval-limit counts kept rows)")
 
 
+MAX_POSITIONS = 1 << 16
+"""The longest prefix and the widest MLP a config accepts (65,536): longer than any supported model's context."""
+MAX_SEED = (1 << 63) - 1
+"""The largest seed torch, Python's ``random`` and NumPy all take."""
+
+
+def device_problem(name: str) -> str | None:
+    """What is wrong with ``--device name``, or ``None``: ``auto`` or a device torch can name. Whether the
+    machine has it is checked where the run starts (``runtime.pick_device``): a config may travel."""
+    if name == "auto":
+        return None
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return "must be auto, cpu, cuda, cuda:N, mps or another torch device name"
+    return None
+
+
 def option_field(default=dataclasses.MISSING, help: str = "", factory=dataclasses.MISSING, **extra):
     """A dataclass field whose help text becomes the command line's ``--help`` line. ``option``
     in ``extra`` renames it on the command line and in YAML (``dropout`` is ``prefix_dropout``
-    there); ``choices`` and ``unescape`` shape its parsing (:mod:`prefixtune.options`)."""
+    there); ``choices`` and ``unescape`` shape its parsing; ``ge``/``gt``/``le``/``lt``/``min_length``,
+    ``unique`` (a list names each value once) and ``check`` (a function returning what is wrong with the
+    value, or ``None``) are checked with its type (:mod:`prefixtune.options`)."""
     return field(default=default, default_factory=factory, metadata={"help": help, **extra})
 
 
@@ -84,9 +106,11 @@ class PrefixConfig:
     kind: str = option_field("kv", "kv: key/value positions in front of each attention's own | memory: a term added to "
                              "each head's output outside the softmax, which a long input does not dilute (starts at "
                              "zero; the length, MLP and init options are for kv)", option="prefix_kind", choices=KINDS)
-    prefix_length: int = option_field(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)", ge=1)
+    prefix_length: int = option_field(10, "trainable key/value positions per layer (the paper: 5-10 for table-to-text)", ge=1,
+                                      le=MAX_POSITIONS)
     reparameterize: bool = option_field(True, "produce the prefix through the paper's MLP (--no-reparameterize: train it directly)")
-    reparam_hidden_size: int = option_field(512, "width of the reparameterization MLP (the paper's mid_dim)", ge=1)
+    reparam_hidden_size: int = option_field(512, "width of the reparameterization MLP (the paper's mid_dim)", ge=1,
+                                            le=MAX_POSITIONS)
     reparam_lr: str = option_field("same", "same: the MLP trains at --lr | width: its weight matrices at --lr divided by "
                                    "--reparam-hidden-size (muP), its embedding and biases at --lr",
                                    choices=("same", "width"))
@@ -98,7 +122,7 @@ class PrefixConfig:
     init_std: float = option_field(0.02, "standard deviation of a flat prefix's random initialization", ge=0)
     init_fit_steps: int = option_field(400, "Adam steps that fit the MLP to the --init-text activations", ge=0)
     layers: tuple[int, ...] | None = option_field(None, "comma-separated layer indices that get a prefix (default: all)",
-                                          min_length=1)
+                                                  min_length=1, unique=True)
     shift_positions: bool = option_field(True, "give the real tokens positions L_p, L_p+1, ... as PEFT and the paper's code do")
     targets: tuple[str, ...] = option_field(TARGETS, "comma-separated attentions that get a prefix: encoder, decoder, cross "
                                     "(those the model has)", choices=TARGETS, min_length=1)
@@ -176,7 +200,7 @@ class DataOptions(Checked):
                            ge=1)
     max_new_tokens: int = option_field(64, "generation length limit", ge=1)
     num_beams: int = option_field(1, "beam size for generation (1 = greedy)", ge=1)
-    device: str = option_field("auto", "cpu, cuda, cuda:1, ... or auto")
+    device: str = option_field("auto", "cpu, cuda, cuda:1, ... or auto", check=device_problem)
     split: str = option_field("train", "split to read where the examples come from a Hugging Face datasets name instead of a file")
     attn_implementation: str = option_field("sdpa", "attention kernel of the base model: sdpa or eager (Gemma 2 needs eager)",
                                     choices=("sdpa", "eager"))
@@ -198,7 +222,7 @@ class StepOptions(Checked):
     max_grad_norm: float = option_field(1.0, "clip the gradient of what trains to this norm (0 = no clipping)", ge=0)
     precision: str = option_field("fp32", "fp32, or bf16/fp16 autocast where the device supports it",
                           choices=("fp32", "bf16", "fp16"))
-    seed: int = option_field(0, "seed for initialization, data order, dropout and sampled subsets")
+    seed: int = option_field(0, "seed for initialization, data order, dropout and sampled subsets", ge=0, le=MAX_SEED)
 
 
 @dataclass
@@ -207,7 +231,8 @@ class TrainConfig(StepOptions, DataOptions, TaskOption):
 
     data: str | None = option_field(None, "training data: .jsonl/.json/.csv/.tsv/.parquet file or datasets name (default: the built-in demo task)")
     eval_data: str | None = option_field(None, "held-out data for evaluation during and after training")
-    output_dir: str = option_field("runs/prefix", "where the prefix, checkpoints, metrics.jsonl, curves.png and config.yaml go")
+    output_dir: str = option_field("runs/prefix", "where the prefix, checkpoints, metrics.jsonl, curves.png and config.yaml go",
+                                   min_length=1)
     train_limit: int | None = option_field(None, "use only the first N training examples (the paper's low-data setting)", ge=1)
     eval_limit: int | None = option_field(None, "use only the first N evaluation examples", ge=1)
     train_where: str | None = option_field(None, TRAIN_WHERE)
@@ -295,4 +320,4 @@ class GenerateConfig(DataOptions, TaskOption):
     do_sample: bool = option_field(False, "sample instead of greedy/beam decoding")
     temperature: float = option_field(1.0, "sampling temperature (with --do-sample)", gt=0)
     top_p: float = option_field(1.0, "nucleus sampling mass (with --do-sample)", gt=0, le=1)
-    seed: int = option_field(0, "seed for sampling")
+    seed: int = option_field(0, "seed for sampling", ge=0, le=MAX_SEED)

@@ -144,8 +144,10 @@ def to_flat(config) -> dict:
 def load_file(path: str, config_cls) -> dict:
     """Read a YAML (or JSON) config as flat options; unknown keys are an error naming the file."""
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"--config {path}: is a folder; give the YAML or JSON file (a run's config.yaml)")
     if not file.is_file():
-        raise FileNotFoundError(f"config file {path} not found")
+        raise FileNotFoundError(f"--config {path}: no such file")
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -211,13 +213,17 @@ def check(config) -> None:
             setattr(config, f.name, _adapter(type(config), f.name).validate_python(value))
         except pydantic.ValidationError as err:
             raise OptionError(name, _message(err.errors()[0], f.metadata)) from None
+        problem = f.metadata.get("check", lambda v: None)(getattr(config, f.name))
+        if problem:
+            raise OptionError(name, f"{problem}, got {value!r}")
     for name, message in getattr(config, "problems", lambda: ())():
         raise OptionError(name, message)
 
 
 @functools.cache
 def _adapter(config_cls, field_name: str) -> pydantic.TypeAdapter:
-    """The pydantic check of one field: its type, with the field's range and choices."""
+    """The pydantic check of one field: its type, with the field's range and choices. Numbers are finite
+    and never a bool (YAML's ``true`` is not 1); a list named ``unique`` holds each value once."""
     f = next(f for f in dataclasses.fields(config_cls) if f.name == field_name)
     annotation = typing.get_type_hints(config_cls)[field_name]
     args = typing.get_args(annotation)
@@ -227,9 +233,29 @@ def _adapter(config_cls, field_name: str) -> pydantic.TypeAdapter:
         allowed = typing.Literal[tuple(f.metadata["choices"])]
         inner = tuple[allowed, ...] if typing.get_origin(inner) is tuple else allowed
     limits = {k: f.metadata[k] for k in ("ge", "gt", "le", "lt", "min_length") if k in f.metadata}
+    if inner in (int, float):
+        inner = typing.Annotated[inner, pydantic.BeforeValidator(_not_a_bool), pydantic.Field(allow_inf_nan=False)]
+    elif typing.get_origin(inner) is tuple and typing.get_args(inner)[0] in (int, float):
+        item = typing.Annotated[typing.get_args(inner)[0], pydantic.BeforeValidator(_not_a_bool)]
+        inner = tuple[item, ...]
     if limits:
         inner = typing.Annotated[inner, pydantic.Field(**limits)]
+    if f.metadata.get("unique"):
+        inner = typing.Annotated[inner, pydantic.AfterValidator(_each_once)]
     return pydantic.TypeAdapter(typing.Optional[inner] if optional else inner)
+
+
+def _not_a_bool(value):
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+def _each_once(values):
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"names {', '.join(map(str, repeated))} more than once")
+    return values
 
 
 _MESSAGES = {
@@ -238,6 +264,7 @@ _MESSAGES = {
     "int_parsing": "must be a whole number", "int_from_float": "must be a whole number",
     "int_type": "must be a whole number", "float_parsing": "must be a number", "float_type": "must be a number",
     "bool_parsing": "must be true or false", "bool_type": "must be true or false", "string_type": "must be text",
+    "finite_number": "must be a finite number", "string_too_short": "must not be empty",
     "tuple_type": "must be a list", "too_short": "must name at least one",
 }
 
@@ -250,7 +277,8 @@ def _message(error: dict, metadata) -> str:
     elif kind in _MESSAGES:
         text = _MESSAGES[kind].format(**{k: metadata.get(k) for k in ("ge", "gt", "le", "lt")})
     else:
-        text = error["msg"][0].lower() + error["msg"][1:]
+        text = error["msg"].removeprefix("Value error, ")
+        text = text[0].lower() + text[1:]
     return f"{text}, got {error['input']!r}"
 
 

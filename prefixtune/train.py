@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes
+from . import artifacts, checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig
 from .data import filters
@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
         log.info("resumed from %s at step %d of %d", resume_from, state.step, total)
     dist.seed(cfg.seed, state.step)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        _make_folder(out)
         _forget_after(out / "metrics.jsonl", state.step)  # a fresh run starts a fresh log
         options.dump(dataclasses.replace(cfg, resume=False), out / "config.yaml")  # replaying it starts afresh
     run = TrainingRun(RunContext(cfg, pm, runner, tokenizer, out, dist), (optimizer, scheduler), (rows, eval_examples),
@@ -426,6 +426,13 @@ class TrainingRun(Hooks):
         return {"prefix": str(self.out), "scores": scores}
 
 
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TrainingError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
+
+
 def _forget_after(metrics_file: Path, step: int) -> None:
     """Drop the log rows of steps that the checkpoint does not include (they will be redone)."""
     if metrics_file.is_file():
@@ -441,12 +448,19 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from, or ``None`` for a fresh run into a folder that holds no earlier run:
+    a fresh run never writes over a checkpoint or a prefix without ``--resume``."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--output-dir {out}: is a file, not a folder")
     found = checkpoint.find(out / "checkpoint")
     if cfg.resume and found is None:
         raise TrainingError(f"--resume: no checkpoint in {out / 'checkpoint'}")
     if not cfg.resume and found is not None:
-        raise TrainingError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
+        raise TrainingError(f"--output-dir {out} already holds a training checkpoint: pass --resume to continue it, "
                             "or choose another --output-dir")
+    if not cfg.resume and (out / artifacts.WEIGHTS_FILE).exists():
+        raise TrainingError(f"--output-dir {out} already holds a prefix ({artifacts.WEIGHTS_FILE}) and no checkpoint to "
+                            "resume: choose another --output-dir, or remove the folder to train afresh")
     if cfg.resume:
         _check_same_run(cfg, out / "config.yaml")
     return found if cfg.resume else None

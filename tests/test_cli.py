@@ -114,7 +114,7 @@ def test_prompt_longer_than_max_length_fails_when_asked(model_dir, tmp_path, cap
     (["train", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
     (["eval"], "--data is required"),
     (["generate"], "exactly one of --prompt TEXT or --input FILE"),
-    (["train", "--config", "nope.yaml"], "config file nope.yaml not found"),
+    (["train", "--config", "nope.yaml"], "--config nope.yaml: no such file"),
 ])
 def test_bad_arguments_end_in_one_clear_line(capsys, argv, message, model_dir):
     assert main([*argv, "--model", model_dir]) == 2

@@ -19,7 +19,8 @@ class CompareConfig(StepOptions, DataOptions):
 
     data: str | None = option_field(None, "training data (same formats as train; default: the built-in demo task)")
     eval_data: str | None = option_field(None, "held-out data scored after training (default: the demo's held-out set)")
-    output_dir: str = option_field("runs/compare", "where compare.md, compare.json, compare.png and each method's folder go")
+    output_dir: str = option_field("runs/compare", "where compare.md, compare.json, compare.png and each method's folder go",
+                                   min_length=1)
     methods: str = option_field("base,prefix,peft-prefix,prompt,lora,adapter,full,qlora",
                         "comma-separated methods (see --list-methods); 'base' scores the untuned model")
     seeds: tuple[int, ...] | None = option_field(None, "run every method once per seed, e.g. 0,1,2 (the methods of a seed "

@@ -1,0 +1,86 @@
+"""Values that must not escape the one-line validator: each input a hostile or careless user sent, and
+the one line that now names the option (issue list of the command line and the Python API)."""
+
+import math
+
+import pytest
+
+from prefixtune import PrefixConfig
+from prefixtune.cli import main
+from prefixtune.config import TrainConfig
+from prefixtune.options import OptionError
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--device", "bogus"], "--device: must be auto, cpu, cuda"),
+    (["train", "--prefix-length", "1000000000"], "--prefix-length: must be at most 65536, got 1000000000"),
+    (["train", "--seed", str(2 ** 70)], "--seed: must be at most"),
+    (["train", "--lr", "inf"], "--lr: must be a finite number, got inf"),
+    (["train", "--lr", "nan"], "--lr: must be a finite number"),
+    (["train", "--layers", "0,0"], "--layers: names 0 more than once"),
+    (["train", "--output-dir", ""], "--output-dir: must not be empty"),
+    (["eval", "--device", "cuda:x"], "--device: must be auto, cpu, cuda"),
+    (["generate", "--seed", "-1", "--prompt", "hi"], "--seed: must be at least 0, got -1"),
+])
+def test_the_command_line_names_the_option(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "internal error" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: TrainConfig(device="bogus"), "--device: must be auto"),
+    (lambda: TrainConfig(lr=math.inf), "--lr: must be a finite number"),
+    (lambda: PrefixConfig(init_std=math.inf), "--init-std: must be a finite number"),
+    (lambda: PrefixConfig(prefix_length=True), "--prefix-length: must be a number, not true or false"),
+    (lambda: PrefixConfig(layers=(0, 0)), "--layers: names 0 more than once"),
+    (lambda: PrefixConfig(layers=(True, 1)), "--layers: must be a number, not true or false"),
+    (lambda: TrainConfig(output_dir=""), "--output-dir: must not be empty"),
+    (lambda: TrainConfig(max_grad_norm=float("nan")), "--max-grad-norm: must be a finite number"),
+])
+def test_python_configs_refuse_the_same_values(build, message):
+    with pytest.raises(OptionError, match=message.replace("(", r"\(")):
+        build()
+
+
+def test_a_yaml_true_is_not_a_step_count(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: true\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert f"{config}: max_steps: must be a number, not true or false" in capsys.readouterr().err
+
+
+def test_a_config_that_is_a_folder_says_so(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    assert f"--config {tmp_path}: is a folder" in capsys.readouterr().err
+
+
+def test_an_output_dir_holding_a_prefix_is_not_overwritten(model_dir, data_files, tmp_path, capsys):
+    out = tmp_path / "kept"
+    out.mkdir()
+    (out / "prefix.safetensors").write_bytes(b"a prefix someone kept")
+    argv = ["train", "--model", model_dir, "--data", str(data_files / "train.jsonl"), "--output-dir", str(out),
+            "--max-steps", "1"]
+    assert main(argv) == 1
+    assert f"--output-dir {out} already holds a prefix" in capsys.readouterr().err
+    assert (out / "prefix.safetensors").read_bytes() == b"a prefix someone kept"
+
+
+def test_an_output_dir_that_is_a_file_is_named(model_dir, data_files, tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("not a folder")
+    argv = ["train", "--model", model_dir, "--data", str(data_files / "train.jsonl"), "--output-dir", str(out)]
+    assert main(argv) == 1
+    assert f"--output-dir {out}: is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_prefix_larger_than_the_machine_is_refused_before_it_is_allocated(monkeypatch):
+    from tiny import tiny_model
+
+    from prefixtune import PrefixModel, artifacts
+
+    monkeypatch.setattr(artifacts, "_memory_bytes", lambda: 2 ** 20)  # a machine of 1 MiB
+    with pytest.raises(ValueError, match=r"--prefix-length: this prefix needs .* GiB of parameters .* more than this "
+                                         r"machine's 0.0 GiB"):
+        PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=60000, reparameterize=False))
+    PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=10, reparameterize=False))  # a small one fits
