@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from prefixtune.runtime import first_line
+from prefixtune.messages import first_line
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root: where ``python -m benchmarks.NAME`` runs, and where git is asked."""

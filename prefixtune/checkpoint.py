@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .artifacts import read_json
 from .model import PrefixModel
-from .runtime import first_line
+from .messages import first_line
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"

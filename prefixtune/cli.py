@@ -79,7 +79,7 @@ def _internal_error(command: str, err: Exception) -> int:
 
     with tempfile.NamedTemporaryFile("w", prefix="prefixtune-traceback-", suffix=".txt", delete=False) as f:
         traceback.print_exception(err, file=f)
-    from .runtime import first_line
+    from .messages import first_line
 
     print(f"prefixtune {command}: internal error: {first_line(err)} (this is a bug; the traceback is in {f.name})",
           file=sys.stderr)

@@ -32,7 +32,8 @@ from .config import StepOptions, TrainConfig
 from .data import filters
 from .metrics import check_available, lower_is_better
 from .model import PrefixModel
-from .runtime import autocast, lr_lambda, pick_device
+from .runtime import autocast, pick_device
+from .schedule import optimizer_for
 
 log = logging.getLogger("prefixtune")
 
@@ -114,17 +115,6 @@ def _check_finite(value: torch.Tensor, what: str, optimizer) -> None:
     if not torch.isfinite(value).all():
         optimizer.zero_grad(set_to_none=True)
         raise Diverged(f"{what} became {value.item()}")
-
-
-def optimizer_for(params: list, lr: float, options: StepOptions, total: int):
-    """AdamW over ``params`` and its warmup-then-decay schedule over ``total`` steps. ``params`` may be
-    parameter groups with an ``lr_scale`` each (``PrefixModel.parameter_groups``): a group's peak rate is
-    ``lr * lr_scale``, and the schedule scales every group alike."""
-    if params and isinstance(params[0], dict):
-        params = [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0)} for g in params]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=options.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(options.schedule, options.warmup_steps,
-                                                                             total))
 
 
 class Hooks:

@@ -149,7 +149,7 @@ def test_the_padding_mask_stays_where_it_matters():
 def test_width_scaled_rates_put_the_mlp_matrices_at_the_rate_over_the_width():
     """``reparam_lr="width"`` (muP): the MLP's two weight matrices at lr / width, everything else at lr;
     the groups cover what trains exactly once, and ``"same"`` is one group at the rate."""
-    from prefixtune.train import optimizer_for
+    from prefixtune.schedule import optimizer_for
 
     pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, reparam_hidden_size=16, reparam_lr="width"))
     groups = pm.parameter_groups()

@@ -38,8 +38,10 @@ from ..data import filters
 from ..evaluate import generate_texts
 from ..metrics import check_available
 from ..options import split_list
-from ..runtime import first_line, pick_device
-from ..train import Diverged, Hooks, Stepper, optimizer_for
+from ..messages import first_line
+from ..runtime import pick_device
+from ..schedule import optimizer_for
+from ..train import Diverged, Hooks, Stepper
 from .config import CompareConfig
 from .methods import METHODS, Method, PrefixlessGenerator, learning_rates, parse_methods
 

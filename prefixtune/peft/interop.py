@@ -229,7 +229,7 @@ def _legacy_weights(path: Path) -> dict:
     Anything else in it (pickled objects) is refused in one line, as is a file torch cannot read."""
     import pickle
 
-    from ..runtime import first_line
+    from ..messages import first_line
 
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
