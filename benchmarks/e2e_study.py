@@ -41,7 +41,7 @@ from prefixtune.compare.stats import format_mean_sd, paired
 LR_GRID = {  # {1e-3, 3e-3, 1e-2} for prefix tuning and LoRA; conventional ranges for the others
     "prefix": (1e-3, 3e-3, 1e-2),
     "prefix-words": (1e-3, 3e-3, 1e-2),
-    "prefix-flat": (1e-2, 3e-2, 1e-1),  # no MLP to amplify the steps: its rates sit higher (docs/compare.md)
+    "prefix-flat": (1e-2, 3e-2, 1e-1),  # no MLP to amplify the steps: its rates sit higher (docs/studies/e2e.md)
     "prefix-flat-words": (1e-2, 3e-2),
     "lora": (1e-3, 3e-3, 1e-2),
     "peft-prefix": (1e-3, 3e-3, 1e-2),

@@ -4,9 +4,9 @@ Run from the repository root:
 
     python -m benchmarks.op_count [--shape smollm2-135m] [--paths auto pad grouped mask] [--json out.json]
 
-On a GPU, a small model's training step is host-bound (docs/performance-gpu.md, "Where the step time goes":
-the 135M model's GPU is busy 60 % of its step), so the step costs what it launches more than
-what each launch computes. This script counts the non-view aten ops of one forward and one
+On a GPU, a small model's training step is host-bound (docs/studies/performance-gpu.md, "Where the step
+time goes": the 135M model's GPU is busy 60 % of its step), so the step costs what it launches more
+than what each launch computes. This script counts the non-view aten ops of one forward and one
 backward with a dispatch mode: on CUDA nearly every one is a kernel launch. The counts do not
 depend on the device, the weights or the machine's load, so a CPU run says exactly how many
 ops a change removes, and where (op name, and the autograd node that ran it in backward).

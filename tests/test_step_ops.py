@@ -1,8 +1,8 @@
 """What a prefix adds to a training step, counted in dispatched ops.
 
 On a GPU a small model's training step is host-bound: it costs what it launches more than
-what each launch computes (docs/performance-gpu.md), and nearly every non-view aten op is a
-launch. No timing test could see a regression there; the count is exact and the same on any
+what each launch computes (docs/studies/performance-gpu.md), and nearly every non-view aten op
+is a launch. No timing test could see a regression there; the count is exact and the same on any
 machine. ``benchmarks/op_count.py`` counts the same on real model shapes.
 """
 
