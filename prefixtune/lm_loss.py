@@ -29,7 +29,7 @@ CHUNK_ELEMENTS = 1 << 26
 """Most logit elements per chunk (256 MiB in float32: 1365 rows of a 49,152-word vocabulary,
 against the three full-size tensors of the model's own loss). Each chunk reads the whole head
 weight again, so fewer, larger chunks cost less per row (``python -m benchmarks.head_chunks``
-measures the cost per row against the chunk size; docs/performance.md)."""
+measures the cost per row against the chunk size; docs/studies/performance-cpu.md)."""
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 """Config keys of families that soft-cap or scale the logits after the head (Gemma 2,

@@ -1,7 +1,7 @@
 """Loss spikes: a training step whose loss jumps far above the losses just before it.
 
 A spike is the sign of a learning rate at or past a method's edge of stability (the MLP
-prefix at 3e-3 without clipping, docs/compare.md): the run may recover, but its result then
+prefix at 3e-3 without clipping, docs/studies/e2e.md): the run may recover, but its result then
 says more about the blow-up than about the method. The check is:
 
 - a step is checked once warmup is over (its number, counted from 1, is above

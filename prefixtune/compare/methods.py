@@ -199,10 +199,10 @@ def _qlora_load(cfg: CompareConfig, device: torch.device):
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("base", "base model (untuned)", 0.0, None, "the frozen model as it is: the floor"),
     # 1e-3: at 3e-3 without clipping the MLP's first full-rate AdamW steps blew the random-init prefix up
-    # (quick run: loss 3.5 -> 9.3 at step 3; docs/compare.md); 1e-3 trained (quick: BLEU 43.4)
+    # (quick run: loss 3.5 -> 9.3 at step 3; docs/studies/e2e.md); 1e-3 trained (quick: BLEU 43.4)
     Method("prefix", "prefix tuning (prefixtune)", 1e-3, _prefix("random"),
            "prefixtune's prefix, MLP-reparameterized (width --reparam-hidden-size), random init"),
-    # 3e-2: best of {1e-2, 3e-2, 1e-1} on E2E, and level with LoRA at 1e-2 over five seeds (docs/compare.md)
+    # 3e-2: best of {1e-2, 3e-2, 1e-1} on E2E, and level with LoRA at 1e-2 over five seeds (docs/studies/e2e.md)
     Method("prefix-flat", "prefix tuning, flat (prefixtune)", 3e-2, _prefix("random", reparameterize=False),
            "prefixtune's prefix trained directly, without the MLP (P-Tuning v2 style), random init"),
     Method("prefix-words", "prefix tuning, init from words (prefixtune)", 3e-3, _prefix("text"),
@@ -215,7 +215,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("prefix-memory", "memory prefix (prefixtune)", 3e-3, _prefix("random", reparameterize=False, kind="memory"),
            "prefixtune's memory prefix: a term on each head's output outside the softmax (PrefixMemory-Tuning), "
            "starting at zero"),
-    # 3e-2: muP keeps the MLP's steps the size of a flat prefix's, whose rate is 3e-2 (docs/compare.md)
+    # 3e-2: muP keeps the MLP's steps the size of a flat prefix's, whose rate is 3e-2 (docs/studies/e2e.md)
     Method("prefix-mup", "prefix tuning, MLP at width-scaled rates (prefixtune)", 3e-2,
            _prefix("random", reparam_lr="width"),
            "prefixtune's MLP prefix with its weight matrices at the rate / --reparam-hidden-size (muP), random init"),

@@ -1,6 +1,6 @@
 """Numbers over seeds: each method's mean and standard deviation, and paired differences.
 
-One run scored on a few dozen prompts is a noisy measurement (docs/compare.md: one seed moves
+One run scored on a few dozen prompts is a noisy measurement (docs/studies/e2e.md: one seed moves
 E2E BLEU by several points), so ``prefixtune compare --seeds 0,1,2`` runs every method once per
 seed. Runs of the same seed share the data order, so a method's difference from the reference
 method is taken seed by seed (a paired difference) before it is averaged: what the order of the
