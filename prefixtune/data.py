@@ -468,7 +468,7 @@ def tokenize(examples: list[Example], tokenizer, *, max_length: int, template: s
         raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     rows, truncated = [], []
     for example in examples:
         if chat_template or example.messages:
@@ -484,7 +484,7 @@ def tokenize(examples: list[Example], tokenizer, *, max_length: int, template: s
     return rows, report
 
 
-def _eos_id(tokenizer) -> int:
+def eos_id(tokenizer) -> int:
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise ValueError(f"{type(tokenizer).__name__} has no eos token: set tokenizer.eos_token, "

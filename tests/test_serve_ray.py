@@ -14,7 +14,7 @@ from tiny import tiny_model_folder
 
 from prefixtune import PrefixConfig, PrefixModel, artifacts, options
 from prefixtune.base_models import load_model
-from prefixtune.serve import cli
+from prefixtune.serve import cli, setup
 from prefixtune.serve.background import BackgroundServer
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def config(folders, *extra):
     cli.add_arguments(parser)
     argv = ["--model", str(folders / "model"), "--device", "cpu", "--served-model-name", "base",
             "--prefix-dir", str(folders / "lib"), "--max-tokens", "32", "--api-key", "k", *extra]
-    return options.build(cli.ServeConfig, parser.parse_args(argv))
+    return options.build(setup.ServeConfig, parser.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ JOBS = [(NAMES[i % 4] if i % 5 else "base", f"prompt {i}") for i in range(10)]
 
 
 def test_two_replicas_answer_exactly_as_one_server(ray_server, folders):
-    with BackgroundServer(cli.build_app(config(folders))) as local:
+    with BackgroundServer(setup.build_app(config(folders))) as local:
         expected = texts(local, JOBS)
         assert [m.id for m in client(local).models.list().data] == [m.id for m in client(ray_server).models.list().data]
     assert texts(ray_server, JOBS) == expected
