@@ -387,6 +387,12 @@ def test_health_and_metrics(client, server):
     assert 'prefixtune_requests_total{endpoint="/v1/completions",status="200"}' in text
 
 
+def test_openapi_json_describes_the_request_bodies_without_a_key(server):
+    status, spec = http(server, "GET", "/openapi.json", key=None)
+    assert status == 200 and set(spec["paths"]) >= {"/v1/completions", "/v1/chat/completions"}
+    assert spec["components"]["schemas"]["ChatRequest"]["properties"]["messages"]["minItems"] == 1
+
+
 def test_load_every_request_answered_and_no_memory_growth(client, server):
     """300 bounded requests from 16 threads on loopback; all answered, memory flat."""
     batcher = server.app.state.backend

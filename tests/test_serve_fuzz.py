@@ -13,26 +13,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import test_serve_api
 import test_serve_hostile
-from test_serve_api import ADMIN, BASE, build, http
+from test_serve_api import ADMIN, BASE, http
 from tiny import tiny_model
 
 from prefixtune import PrefixConfig, PrefixModel, artifacts
-from prefixtune.serve.background import BackgroundServer
 from prefixtune.serve.errors import APIError
 from prefixtune.serve.loader import key_value_loader
 from prefixtune.serve.store import PrefixStore
-folders, hostile = test_serve_api.folders, test_serve_hostile.hostile  # fixtures
+# fixtures: the tiny model and its prefixes, a --prefix-dir of hostile folders, a server over both
+folders, hostile, server = test_serve_api.folders, test_serve_hostile.hostile, test_serve_hostile.server
 
 
 def fuzz(examples: int):
     return settings(max_examples=examples, deadline=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
-
-
-@pytest.fixture(scope="module")
-def server(folders, hostile):
-    with BackgroundServer(build(folders, "--prefix-dir", str(hostile))) as running:
-        yield running
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),

@@ -155,7 +155,7 @@ def test_the_host_rule():
 @pytest.fixture(scope="module")
 def tight(folders):
     """A server whose connection bounds are short enough to watch them act."""
-    argv = ("--header-timeout", "1", "--keep-alive-timeout", "1", "--max-connections", "2048")
+    argv = ("--header-timeout", "1", "--keep-alive-timeout", "1")
     with BackgroundServer(build(folders, *argv, api_key=None, admin_key=None)) as running:
         yield running
 
@@ -344,3 +344,38 @@ def test_a_1_gib_sparse_config_is_refused_unread_and_its_failure_remembered(serv
         assert len(calls) == 2
     finally:
         store.loader = loader
+
+
+def test_a_replica_that_fails_reaches_the_client_as_a_503_without_its_traceback():
+    """On Ray, a replica's exception arrives as a remote traceback (pid, IP, actor id, ANSI colours):
+    the front logs it and tells the client only that the replica failed."""
+    import asyncio
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from prefixtune.serve.limits import Limits
+    from prefixtune.serve.prometheus import Metrics
+    from prefixtune.serve.ray_serve import RayBackend
+
+    class Failing:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            raise RuntimeError("Traceback (most recent call last):\n\x1b[36m(PrefixReplica pid=4242, ip=10.0.0.7, "
+                               "actor_id=abc)\x1b[0m RecursionError")
+
+    handle = SimpleNamespace(options=lambda **_: SimpleNamespace(generate=SimpleNamespace(remote=lambda _: Failing())))
+    cfg = SimpleNamespace(limits=Limits(), prefix_dir=())
+    backend = RayBackend(handle, None, {"base": BASE, "context_length": 64}, cfg, [], Metrics())
+
+    async def submit() -> Future:
+        queued = backend.submit([SimpleNamespace(model=BASE, prompt_ids=[1], params=None, cancelled=False)])
+        while not queued.done():
+            await asyncio.sleep(0.01)
+        return queued
+
+    error = asyncio.run(submit()).exception()
+    assert error.status == 503
+    no_internals(error.message)
+    assert "4242" not in error.message and "10.0.0.7" not in error.message

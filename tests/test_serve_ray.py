@@ -35,6 +35,8 @@ def folders(tmp_path_factory):
     PrefixModel.wrap(model, PrefixConfig(prefix_length=3, reparameterize=False)).save_prefix(root / "lib" / "solo")
     shutil.copytree(root / "lib" / "p0", root / "lib" / "broken")
     (root / "lib" / "broken" / artifacts.WEIGHTS_FILE).write_bytes(b"not safetensors")
+    shutil.copytree(root / "lib" / "p0", root / "lib" / "deep")
+    (root / "lib" / "deep" / artifacts.CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000)
     return root
 
 
@@ -114,6 +116,10 @@ def test_errors_are_those_of_one_server(ray_server):
     with pytest.raises(openai.UnprocessableEntityError) as err:
         c.completions.create(model="broken", prompt="x", max_tokens=2)
     assert "broken" in str(err.value)
+    with pytest.raises(openai.UnprocessableEntityError) as err:  # issue 29: a 503 carrying the actor's traceback
+        c.completions.create(model="deep", prompt="x", max_tokens=2)
+    message = err.value.body["message"]
+    assert "deep" in message and not any(leak in message for leak in ("pid=", "\x1b[", "Traceback", "ActorID")), message
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model="p0", prompt="x", max_tokens=10_000)
     bad = openai.OpenAI(base_url=ray_server.url + "/v1", api_key="wrong", max_retries=0)

@@ -98,8 +98,10 @@ def create_app(backend: Backend, metrics: Metrics | None = None, *, api_keys: tu
 
 def check_keys(api_keys: tuple[str, ...], admin_key: str | None, names=("an inference key", "the admin key")) -> None:
     """Refuse an empty or blank key (an empty ``Bearer`` token would match it) and an admin key that is
-    also an inference key (its holder could not be told from an inference client); ``ValueError``."""
-    for key, name in [*((k, names[0]) for k in api_keys), *([(admin_key, names[1])] if admin_key is not None else [])]:
+    also an inference key (its holder could not be told from an inference client); ``ValueError``.
+    ``names`` says where each kind came from, for the message (the command line names its option)."""
+    named = [(key, names[0]) for key in api_keys] + ([] if admin_key is None else [(admin_key, names[1])])
+    for key, name in named:
         if not isinstance(key, str) or not key.strip():
             raise ValueError(f"{name} is empty: give a key of visible characters, or none")
     if admin_key is not None and admin_key.strip() in {k.strip() for k in api_keys}:
@@ -185,7 +187,9 @@ class _API:
     def __init__(self, backend: Backend, metrics: Metrics, api_keys: tuple[str, ...], admin_key: str | None):
         self.backend, self.metrics = backend, metrics
         self.limits = backend.limits
-        self.api_keys, self.admin_key = tuple(k.encode() for k in api_keys), admin_key and admin_key.encode()
+        # a token is compared stripped (a pasted key often ends in a newline), so the keys are too
+        self.api_keys = tuple(k.strip().encode() for k in api_keys)
+        self.admin_key = None if admin_key is None else admin_key.strip().encode()
         # requests are checked and tokenized here, one at a time, off the event loop: a large or deep body
         # never stalls other clients, and the tokenizer is never used by two encodes at once
         self.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefixtune-check")

@@ -14,12 +14,15 @@ so a client that connects and sends nothing, or half its headers, would hold the
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .limits import Limits
+
+log = logging.getLogger(__name__)
 
 TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
              b"connection: close\r\ncontent-length: 31\r\n\r\nRequest header fields too large")
@@ -94,7 +97,8 @@ FILES_BESIDES_CONNECTIONS = 256
 def open_file_limit(max_connections: int) -> None:
     """Raise this process's soft limit on open files to what ``max_connections`` needs (each connection is
     a file): beyond the soft limit, ``accept`` fails and new clients wait unanswered, which is worse than
-    the 503 the connection bound gives. A hard limit too low for it is a ``ValueError`` naming the option."""
+    the 503 the connection bound gives. Where the hard limit is lower, it is raised that far and a warning
+    says so."""
     try:
         import resource
     except ImportError:  # not a Unix: the system's own limit applies
@@ -104,6 +108,8 @@ def open_file_limit(max_connections: int) -> None:
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
     if hard != resource.RLIM_INFINITY and hard < needed:
-        raise ValueError(f"--max-connections {max_connections}: this process may open at most {hard} files "
-                         f"(ulimit -Hn), and {FILES_BESIDES_CONNECTIONS} of them go to other uses; lower it")
+        log.warning("--max-connections %d: this process may open at most %d files (ulimit -Hn), so clients beyond "
+                    "about %d connections wait unanswered instead of getting a 503", max_connections, hard,
+                    hard - FILES_BESIDES_CONNECTIONS)
+        needed = hard
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))

@@ -51,7 +51,7 @@ class Limits(Checked):
                                  "connection is closed", gt=0, le=3600)
     keep_alive_timeout: float = _opt(5.0, "seconds an idle connection stays open between two requests", gt=0,
                                      le=3600)
-    max_connections: int = _opt(1024, "most connections open at once; beyond it every request gets 503", ge=1,
+    max_connections: int = _opt(2048, "most connections open at once; beyond it every request gets 503", ge=1,
                                 le=1 << 20)
 
     @property

@@ -6,6 +6,10 @@ store serves them all without holding them all:
 * **Discovery.** Every folder under a ``--prefix-dir`` root is servable under its folder name.
   Nothing is read to list them (:meth:`PrefixStore.names` only looks for the config file), and a
   folder added later is served on its first request; one removed is refused (404) from then on.
+* **Two rules, here and nowhere else.** The name rule (:data:`NAME`, matched in full on every
+  lookup, before any file is looked at) and the path rule (:class:`PrefixFolders`: every folder
+  and every file read resolves inside a root), since a folder's files are input from whoever can
+  write under the root.
 * **Budget.** The folded key/values of the prefixes held on the model's device never take more
   than ``budget_bytes``. A prefix that no waiting or running request holds (its *pins*) may be
   evicted, least recently used first; a held one never is, so a row keeps its prefix to the end.
@@ -13,7 +17,8 @@ store serves them all without holding them all:
   memory, ready to copy back instead of reading the disk again.
 * **Loading off the decoding loop.** A cold prefix is read by a loader thread; only the requests
   that need it wait (:meth:`PrefixStore.acquire` returns a future), and concurrent requests for
-  the same cold prefix share one load. A folder that fails to load fails only its own requests.
+  the same cold prefix share one load. A folder that fails to load fails only its own requests,
+  and its failure is remembered until one of its files changes.
 
 Prefixes named at start-up (``--prefix``) or loaded by an admin are *static*: held on the device
 for as long as they are served, and counted in the budget too. Replacing or removing one while
