@@ -98,11 +98,13 @@ class HealthProbe:
             time.sleep(0.02)
 
     def window(self, since: float) -> dict:
-        rows = [(s, status) for begin, s, status in self.samples if begin >= since]
-        seconds = sorted(s for s, _ in rows) or [0.0]
+        rows = [(begin - since, s, status) for begin, s, status in self.samples if begin >= since]
+        seconds = sorted(s for _, s, _ in rows) or [0.0]
+        worst_at = max(rows, key=lambda row: row[1])[0] if rows else 0.0
         return {"samples": len(rows), "p50_ms": 1000 * statistics.median(seconds),
                 "p99_ms": 1000 * seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))],
-                "max_ms": 1000 * seconds[-1], "not_200": sorted({status for _, status in rows if status != 200})}
+                "max_ms": 1000 * seconds[-1], "max_at_s": worst_at,
+                "not_200": sorted({status for _, _, status in rows if status != 200})}
 
 
 # ---------------------------------------------------------------------------- the cases
@@ -223,7 +225,8 @@ def main(argv=None) -> None:
                 row = {"answer": answer, **probe.window(mark), "rss_change_mb": grown}
                 results["cases"][name] = row
                 print(f"{name}: {answer}\n    /health p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
-                      f"max {row['max_ms']:.1f} ms over {row['samples']} asks, not 200: {row['not_200'] or 'none'}; "
+                      f"max {row['max_ms']:.1f} ms ({row['max_at_s']:.1f} s in) over {row['samples']} asks, "
+                      f"not 200: {row['not_200'] or 'none'}; "
                       f"server memory {row['rss_change_mb']:+.1f} MiB", flush=True)
             probe.stop.set()
         finally:
