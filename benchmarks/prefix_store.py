@@ -56,7 +56,7 @@ import torch
 from prefixtune import PrefixConfig, PrefixModel, options
 from prefixtune.base_models import bundled_folder, load_model
 from prefixtune.demo import examples
-from prefixtune.serve import cli
+from prefixtune.serve import cli, setup
 from prefixtune.serve.background import BackgroundServer
 
 from .common import paired_ratio, rotated, settings, start, write_json
@@ -140,10 +140,10 @@ def send_all(url: str, jobs: list[tuple[str, str]], tokens: int, concurrency: in
     return time.perf_counter() - begin, answers
 
 
-def server_config(*argv: str) -> cli.ServeConfig:
+def server_config(*argv: str) -> setup.ServeConfig:
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    return options.build(cli.ServeConfig, parser.parse_args(["--device", "cpu", "--served-model-name", BASE, *argv]))
+    return options.build(setup.ServeConfig, parser.parse_args(["--device", "cpu", "--served-model-name", BASE, *argv]))
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -192,8 +192,8 @@ def part_store(args, root: Path, results: dict) -> None:
         for arm in rotated(arms, round_):
             cfg = server_config("--prefix-dir", str(root), "--max-batch", str(args.concurrency),
                                 "--prefix-cache-mb", str(budget_mb if arm == "store" else 4 * total_mb + 64))
-            app = cli.build_app(cfg, loaded=loaded)
-            batcher = app.state.batcher
+            app = setup.build_app(cfg, loaded=loaded)
+            batcher = app.state.backend
             if arm == "resident":
                 for name in names:
                     batcher.store.release(batcher.store.acquire(name).result())
@@ -278,7 +278,7 @@ def child_startup(folder: str) -> None:
 
     bundled_folder()  # the one-time GGUF conversion is not start-up
     begin = time.perf_counter()
-    app = cli.build_app(server_config("--prefix-dir", folder))
+    app = setup.build_app(server_config("--prefix-dir", folder))
     with BackgroundServer(app) as server:
         startup = time.perf_counter() - begin
         rss = psutil.Process().memory_info().rss / 2**20

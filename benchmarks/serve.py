@@ -45,8 +45,9 @@ import torch
 from prefixtune import PrefixModel
 from prefixtune.base_models import load_model
 from prefixtune.demo import examples
-from prefixtune.serve.batcher import Batcher, Limits, Request
-from prefixtune.serve.metrics import Metrics
+from prefixtune.serve.batcher import Batcher, Request
+from prefixtune.serve.limits import Limits
+from prefixtune.serve.prometheus import Metrics
 from prefixtune.serve.sampling import SamplingParams
 
 from .arms import HIDDEN, PREFIX_LENGTH, prefix_config
@@ -195,10 +196,10 @@ def main(argv=None) -> None:
     results.update(args=settings(args), prefixes={})
     workers = max(args.prefixes) * args.per_prefix
     if args.via == "http":
-        from prefixtune.serve.app import ServerOptions, create_app
+        from prefixtune.serve.app import create_app
         from prefixtune.serve.background import BackgroundServer
 
-        server = BackgroundServer(create_app(batcher, ServerOptions())).start()
+        server = BackgroundServer(create_app(batcher)).start()
         client = HTTPClient(server.url, workers)
     else:
         server, client = None, DirectClient(batcher.start())

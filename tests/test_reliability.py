@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import tiny_model, tokens
+from tiny import CharTokenizer, tiny_model, tokens
 
 from prefixtune import PrefixConfig, PrefixModel, options
 from prefixtune.cli import main
@@ -43,6 +43,12 @@ BAD_OPTIONS = [
     ("serve", ["--max-batch", "0"], "--max-batch: must be at least 1, got 0"),
     ("serve", ["--port", "70000"], "--port: must be at most 65535, got 70000"),
     ("serve", ["--max-queue", "-1"], "--max-queue: must be at least 1, got -1"),
+    ("serve", ["--device", "bogus"], "--device: must be auto, cpu, cuda, cuda:N, mps or another torch device name, got 'bogus'"),
+    ("serve", ["--dtype", "bogus"], "--dtype: must be auto or a torch dtype (float32, bfloat16, float16), got 'bogus'"),
+    ("serve", ["--max-body-mb", "1e12"], "--max-body-mb: must be at most 1024, got 1000000000000.0"),
+    ("serve", ["--body-timeout", "inf"], "--body-timeout: must be a finite number, got inf"),
+    ("serve", ["--max-header-kb", "0"], "--max-header-kb: must be at least 1, got 0"),
+    ("serve", ["--max-connections", "0"], "--max-connections: must be at least 1, got 0"),
     ("eval", ["--limit", "0"], "--limit: must be at least 1, got 0"),
     ("generate", ["--temperature", "0"], "--temperature: must be more than 0, got 0.0"),
     ("generate", ["--top-p", "1.5"], "--top-p: must be at most 1, got 1.5"),
@@ -164,7 +170,7 @@ def test_the_server_refuses_a_broken_prefix_with_a_400_and_serves_on(tmp_path):
     from prefixtune.serve.errors import APIError
 
     folder = _saved_prefix(tmp_path, lambda meta, t: meta.update(layers=[0, 5]))
-    batcher = Batcher(PrefixModel(tiny_model("llama")), tokenizer=None, base_name="base").start()
+    batcher = Batcher(PrefixModel(tiny_model("llama")), tokenizer=CharTokenizer(), base_name="base").start()
     try:
         with pytest.raises(APIError) as refused:
             batcher.add_prefix("broken", str(folder)).result(timeout=30)

@@ -14,7 +14,7 @@ from tiny import tiny_model_folder
 
 from prefixtune import PrefixConfig, PrefixModel, artifacts, options
 from prefixtune.base_models import load_model
-from prefixtune.serve import cli
+from prefixtune.serve import cli, setup
 from prefixtune.serve.background import BackgroundServer
 
 pytestmark = pytest.mark.slow
@@ -35,6 +35,8 @@ def folders(tmp_path_factory):
     PrefixModel.wrap(model, PrefixConfig(prefix_length=3, reparameterize=False)).save_prefix(root / "lib" / "solo")
     shutil.copytree(root / "lib" / "p0", root / "lib" / "broken")
     (root / "lib" / "broken" / artifacts.WEIGHTS_FILE).write_bytes(b"not safetensors")
+    shutil.copytree(root / "lib" / "p0", root / "lib" / "deep")
+    (root / "lib" / "deep" / artifacts.CONFIG_FILE).write_text("[" * 100_000 + "]" * 100_000)
     return root
 
 
@@ -43,7 +45,7 @@ def config(folders, *extra):
     cli.add_arguments(parser)
     argv = ["--model", str(folders / "model"), "--device", "cpu", "--served-model-name", "base",
             "--prefix-dir", str(folders / "lib"), "--max-tokens", "32", "--api-key", "k", *extra]
-    return options.build(cli.ServeConfig, parser.parse_args(argv))
+    return options.build(setup.ServeConfig, parser.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ JOBS = [(NAMES[i % 4] if i % 5 else "base", f"prompt {i}") for i in range(10)]
 
 
 def test_two_replicas_answer_exactly_as_one_server(ray_server, folders):
-    with BackgroundServer(cli.build_app(config(folders))) as local:
+    with BackgroundServer(setup.build_app(config(folders))) as local:
         expected = texts(local, JOBS)
         assert [m.id for m in client(local).models.list().data] == [m.id for m in client(ray_server).models.list().data]
     assert texts(ray_server, JOBS) == expected
@@ -114,6 +116,10 @@ def test_errors_are_those_of_one_server(ray_server):
     with pytest.raises(openai.UnprocessableEntityError) as err:
         c.completions.create(model="broken", prompt="x", max_tokens=2)
     assert "broken" in str(err.value)
+    with pytest.raises(openai.UnprocessableEntityError) as err:  # issue 29: a 503 carrying the actor's traceback
+        c.completions.create(model="deep", prompt="x", max_tokens=2)
+    message = err.value.body["message"]
+    assert "deep" in message and not any(leak in message for leak in ("pid=", "\x1b[", "Traceback", "ActorID")), message
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model="p0", prompt="x", max_tokens=10_000)
     bad = openai.OpenAI(base_url=ray_server.url + "/v1", api_key="wrong", max_retries=0)

@@ -280,15 +280,15 @@ def test_the_response_says_whether_the_prefix_was_loaded_for_it(library):
     from tiny import tiny_model_folder
 
     from prefixtune import options
-    from prefixtune.serve import cli
+    from prefixtune.serve import cli, setup
     from prefixtune.serve.background import BackgroundServer
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     model_dir = tiny_model_folder(library.parent / "served-model")
-    cfg = options.build(cli.ServeConfig, parser.parse_args(["--model", str(model_dir), "--device", "cpu",
+    cfg = options.build(setup.ServeConfig, parser.parse_args(["--model", str(model_dir), "--device", "cpu",
                                                              "--prefix-dir", str(library)]))
-    with BackgroundServer(cli.build_app(cfg)) as server:
+    with BackgroundServer(setup.build_app(cfg)) as server:
         def post(model, stream=False):
             body = json.dumps({"model": model, "prompt": "hi", "max_tokens": 2, "stream": stream}).encode()
             request = urllib.request.Request(server.url + "/v1/completions", body, {"Content-Type": "application/json"})

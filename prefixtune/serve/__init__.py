@@ -2,7 +2,9 @@
 
 ``prefixtune serve`` runs :func:`create_app` (an OpenAI-compatible HTTP API) over a
 :class:`Batcher` (continuous batching: one forward per decoding step for every request,
-whatever its prefix). Both are usable from Python too; see ``docs/serving.md``.
+whatever its prefix), or over the Ray front; both implement :class:`Backend`. :class:`Limits`
+bounds the server; :class:`ServeConfig` is the command's options. All are usable from Python
+too; see ``docs/serving.md``.
 
 The names below are imported on first use: ``prefixtune --help`` imports
 ``prefixtune.serve.cli`` and must not pay for torch, transformers or starlette.
@@ -11,9 +13,9 @@ The names below are imported on first use: ``prefixtune --help`` imports
 import importlib
 
 _EXPORTS = {
-    "Batcher": "batcher", "Event": "batcher", "Limits": "batcher", "Request": "batcher",
-    "SamplingParams": "sampling", "ServeLimits": "protocol", "Metrics": "metrics",
-    "ServerOptions": "app", "create_app": "app", "BackgroundServer": "background",
+    "Backend": "backend", "Batcher": "batcher", "Event": "batcher", "Request": "batcher", "Limits": "limits",
+    "SamplingParams": "sampling", "Metrics": "prometheus", "ServeConfig": "setup", "create_app": "app",
+    "BackgroundServer": "background",
 }
 __all__ = sorted(_EXPORTS)
 

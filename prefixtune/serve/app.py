@@ -1,13 +1,19 @@
-"""The HTTP side: an OpenAI-compatible API over a :class:`~prefixtune.serve.batcher.Batcher`.
+"""The HTTP side: an OpenAI-compatible API over a :class:`~prefixtune.serve.backend.Backend`.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` gives
 server-sent events), ``GET /v1/models``, ``POST``/``DELETE /v1/prefixes/NAME``,
-``GET /health``, ``GET /metrics`` and the playground at ``/``.
+``GET /health``, ``GET /metrics``, ``GET /openapi.json`` and the playground at ``/``.
 
-Handlers never touch the model: they check a request (:mod:`.protocol`), hand it to the
-batcher, and turn the batcher's events (delivered from its thread with
-``call_soon_threadsafe``) into a response. Every refusal is an :class:`~.errors.APIError`
-rendered in OpenAI's error format; a client that goes away cancels its rows.
+Handlers never touch the model: they check who asks and what is sent (a JSON body, of bounded
+size, within a time), hand the body to the checker thread (:mod:`.protocol`: parsing,
+validation, tokenizing, off the event loop), give the rows to the backend, and turn its events
+into a response (:mod:`.reply`). Every refusal is an :class:`~.errors.APIError` rendered in
+OpenAI's error format.
+
+A server without inference keys is open to whatever can reach it, web pages in the user's browser
+included. So the API routes take ``application/json`` bodies only (a page can send other types
+without the browser asking the server first), and without keys the ``Host`` header must name this
+server (a page that rebinds its own domain to 127.0.0.1 still sends its domain).
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hmac
-import json
+import ipaddress
 import logging
-from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import (
@@ -35,47 +42,39 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from . import errors, protocol
-from .batcher import Batcher, Event, Request
-from .metrics import Metrics
+from .backend import Backend
+from .prometheus import Metrics
+from .reply import Reply
 
 log = logging.getLogger(__name__)
 
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+WILDCARDS = ("", "0.0.0.0", "::")
 
-@dataclass
-class ServerOptions:
-    """Options of the HTTP layer.
+
+def create_app(backend: Backend, metrics: Metrics | None = None, *, api_keys: tuple[str, ...] = (),
+               admin_key: str | None = None, host: str = "127.0.0.1") -> Starlette:
+    """The Starlette app; it starts the backend on startup and closes it on shutdown.
 
     Args:
-        api_keys: Inference keys: when any is set, every ``/v1`` route needs
-            ``Authorization: Bearer KEY`` with one of them (or the admin key), and ``/health``
-            without it says only whether the server is up.
-        admin_key: The one credential for prefix management (``/v1/prefixes``); an inference key
-            there gets 403. Without it, prefix management is off.
-        max_body_bytes: Largest request body (a larger one is a 413, read no further).
-        body_seconds: How long a client may take to send its body (then 408): a client that
-            stops mid-body does not hold a connection open.
-        limits: What one request may ask for.
+        backend: What generates (a :class:`~prefixtune.serve.batcher.Batcher`, or the Ray front); its
+            ``limits`` bound every request.
+        metrics: The counters ``/metrics`` shows (the batcher's ``on_step`` should feed the same).
+        api_keys: Inference keys: when any is set, every ``/v1`` route needs ``Authorization: Bearer
+            KEY`` with one of them (or the admin key), and ``/health`` without it says only whether the
+            server is up. Without any, the ``Host`` header must name ``host``.
+        admin_key: The one credential for prefix management (``/v1/prefixes``); an inference key there
+            gets 403. Without it, prefix management is off.
+        host: The address the server is bound to (the ``Host`` rule of a server without keys).
     """
-
-    api_keys: tuple[str, ...] = ()
-    admin_key: str | None = None
-    max_body_bytes: int = 1 << 20
-    body_seconds: float = 30.0
-    limits: protocol.ServeLimits = None
-
-    def __post_init__(self):
-        self.limits = self.limits or protocol.ServeLimits()
-
-
-def create_app(batcher: Batcher, options: ServerOptions | None = None, metrics: Metrics | None = None) -> Starlette:
-    """The Starlette app; it starts the batcher's thread on startup and stops it on shutdown."""
-    options = options or ServerOptions()
+    check_keys(api_keys, admin_key)
     metrics = metrics or Metrics()
-    api = _API(batcher, options, metrics)
+    api = _API(backend, metrics, api_keys, admin_key)
     routes = [
         Route("/", api.playground, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_page, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/v1/models/{name:path}", api.model, methods=["GET"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
@@ -85,15 +84,78 @@ def create_app(batcher: Batcher, options: ServerOptions | None = None, metrics: 
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if not batcher.started:
-            batcher.start()
+        if not backend.started:
+            backend.start()
         yield
-        batcher.close()
+        backend.close()
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    guard = [Middleware(_Guard, max_header_bytes=backend.limits.max_header_bytes, host=None if api_keys else host)]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=guard, exception_handlers={
         errors.APIError: _api_error, HTTPException: _http_error, ClientDisconnect: _gone, Exception: _crash})
-    app.state.batcher, app.state.metrics = batcher, metrics
+    app.state.backend, app.state.metrics = backend, metrics
     return app
+
+
+def check_keys(api_keys: tuple[str, ...], admin_key: str | None, names=("an inference key", "the admin key")) -> None:
+    """Refuse an empty or blank key (an empty ``Bearer`` token would match it) and an admin key that is
+    also an inference key (its holder could not be told from an inference client); ``ValueError``.
+    ``names`` says where each kind came from, for the message (the command line names its option)."""
+    named = [(key, names[0]) for key in api_keys] + ([] if admin_key is None else [(admin_key, names[1])])
+    for key, name in named:
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError(f"{name} is empty: give a key of visible characters, or none")
+    if admin_key is not None and admin_key.strip() in {k.strip() for k in api_keys}:
+        raise ValueError(f"{names[1]} is also {names[0]}: give it a key of its own")
+
+
+def allowed_host(header: str, bound: str) -> bool:
+    """Whether a ``Host`` header names this server: a loopback name, the bound address, or (bound to
+    every interface) any IP address. A domain name is refused, so a page that rebinds its own domain
+    to this machine cannot drive the server."""
+    try:
+        name = urlsplit("//" + header).hostname
+    except ValueError:
+        return False
+    if not name:
+        return False
+    if name in LOOPBACK or name == bound.strip("[]").lower():
+        return True
+    return bound.strip("[]") in WILDCARDS and _is_ip(name)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class _Guard:
+    """ASGI middleware, before any route: headers over the bound get a 431 (uvicorn's h11 bounds headers
+    that arrive piecemeal, not a complete request read at once), and when ``host`` is set (a server
+    without keys), a ``Host`` that does not name it gets a 421."""
+
+    def __init__(self, app, max_header_bytes: int, host: str | None):
+        self.app, self.max_header_bytes, self.host = app, max_header_bytes, host
+
+    async def __call__(self, scope, receive, send):
+        error = self._refusal(scope) if scope["type"] == "http" else None
+        if error is not None:
+            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> errors.APIError | None:
+        headers = scope["headers"]
+        size = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) + 4 for k, v in headers)
+        if size > self.max_header_bytes:
+            return errors.APIError(431, f"the request line and headers take {size} bytes; this server accepts at most "
+                                   f"{self.max_header_bytes}", code="headers_too_large")
+        header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if self.host is not None and not allowed_host(header, self.host):
+            return errors.APIError(421, f"Host {header[:100]!r} does not name this server: a server without "
+                                   "--api-key answers only to its own address", code="misdirected_request")
+        return None
 
 
 def _unauthenticated() -> errors.APIError:
@@ -107,7 +169,7 @@ async def _api_error(request, err: errors.APIError):
 
 async def _http_error(request, err: HTTPException):
     kind = "not_found" if err.status_code == 404 else "method_not_allowed" if err.status_code == 405 else None
-    message = f"{request.method} {request.url.path}: {err.detail}"
+    message = f"{request.method} {request.url.path[:200]}: {err.detail}"
     return JSONResponse(errors.APIError(err.status_code, message, code=kind).body(), status_code=err.status_code)
 
 
@@ -122,11 +184,14 @@ async def _gone(request, err: ClientDisconnect):
 
 
 class _API:
-    def __init__(self, batcher: Batcher, options: ServerOptions, metrics: Metrics):
-        self.batcher, self.options, self.metrics = batcher, options, metrics
-        self.tokenizer = batcher.tokenizer
-        # requests are checked and tokenized here, one at a time, off the event loop: a body of many
-        # prompts never stalls other clients, and the tokenizer is never used by two encodes at once
+    def __init__(self, backend: Backend, metrics: Metrics, api_keys: tuple[str, ...], admin_key: str | None):
+        self.backend, self.metrics = backend, metrics
+        self.limits = backend.limits
+        # a token is compared stripped (a pasted key often ends in a newline), so the keys are too
+        self.api_keys = tuple(k.strip().encode() for k in api_keys)
+        self.admin_key = None if admin_key is None else admin_key.strip().encode()
+        # requests are checked and tokenized here, one at a time, off the event loop: a large or deep body
+        # never stalls other clients, and the tokenizer is never used by two encodes at once
         self.checker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefixtune-check")
 
     # ------------------------------------------------------------ plumbing
@@ -137,19 +202,19 @@ class _API:
         if scheme.lower() != "bearer":
             return None
         token = token.strip().encode()
-        admin = self.options.admin_key is not None and hmac.compare_digest(token, self.options.admin_key.encode())
-        user = [hmac.compare_digest(token, key.encode()) for key in self.options.api_keys]
+        admin = self.admin_key is not None and hmac.compare_digest(token, self.admin_key)
+        user = [hmac.compare_digest(token, key) for key in self.api_keys]
         return "admin" if admin else "user" if any(user) else None
 
     def _authorized(self, request: HTTPRequest) -> bool:
-        return not self.options.api_keys or self._role(request) is not None
+        return not self.api_keys or self._role(request) is not None
 
     def _authorize(self, request: HTTPRequest) -> None:
         if not self._authorized(request):
             raise _unauthenticated()
 
     def _authorize_admin(self, request: HTTPRequest) -> None:
-        if self.options.admin_key is None:
+        if self.admin_key is None:
             raise errors.APIError(403, "prefix management is disabled: start the server with --admin-key",
                                   type="permission_error", code="admin_disabled")
         role = self._role(request)
@@ -159,26 +224,26 @@ class _API:
             raise errors.APIError(403, "an inference key cannot manage prefixes: send the admin key",
                                   type="permission_error", code="admin_only")
 
-    async def _json(self, request: HTTPRequest) -> dict:
-        """The body as a JSON object, read no further than the size limit and no longer than
-        ``body_seconds``, every string in it valid Unicode (:func:`protocol.check_text`)."""
-        limit = self.options.max_body_bytes
+    async def _body(self, request: HTTPRequest) -> bytes:
+        """The raw body of a JSON request: ``application/json`` only (415), read no further than the size
+        limit (413) and no longer than ``body_timeout`` (408). It is parsed on the checker thread."""
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            raise errors.APIError(415, f"Content-Type must be application/json, got {media[:100]!r}",
+                                  code="unsupported_media_type")
+        limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             raise errors.APIError(413, f"request body over {limit} bytes", code="body_too_large")
         try:
-            raw = await asyncio.wait_for(_read(request, limit), self.options.body_seconds)
+            return await asyncio.wait_for(_read(request, limit), self.limits.body_timeout)
         except asyncio.TimeoutError:
-            raise errors.APIError(408, f"the request body did not arrive within {self.options.body_seconds:g} s",
+            raise errors.APIError(408, f"the request body did not arrive within {self.limits.body_timeout:g} s",
                                   code="body_timeout") from None
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-            raise errors.bad_request(f"the body is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise errors.bad_request("the body must be a JSON object", code="invalid_json")
-        protocol.check_text(body)
-        return body
+
+    async def _checked(self, check, *args):
+        """``check(*args)`` on the checker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.checker, check, *args)
 
     def _count(self, endpoint: str, status: int) -> None:
         self.metrics.request(endpoint, status)
@@ -190,33 +255,36 @@ class _API:
 
     async def health(self, request):
         """Up or not, for anyone; the models and the load only with the key (when the server has one)."""
-        alive = self.batcher.alive
+        alive = self.backend.alive
         body = {"status": "ok" if alive else "unavailable"}
         if self._authorized(request):
-            body.update(models=self.batcher.model_names(), queue_depth=self.batcher.queue_depth(),
-                        active_requests=self.batcher.active_rows())
+            body.update(models=self.backend.model_names(), queue_depth=self.backend.queue_depth(),
+                        active_requests=self.backend.active_rows())
         return JSONResponse(body, status_code=200 if alive else 503)
 
     async def metrics_page(self, request):
-        text = self.metrics.render(self.batcher.queue_depth(), self.batcher.active_rows(), self.batcher.store.stats)
+        text = self.metrics.render(self.backend.queue_depth(), self.backend.active_rows(),
+                                   self.backend.prefix_stats())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def openapi(self, request):
+        return JSONResponse(protocol.openapi())
 
     async def models(self, request):
         self._authorize(request)
-        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.batcher.model_names()]})
+        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.backend.model_names()]})
 
     async def model(self, request):
         self._authorize(request)
         name = request.path_params["name"]
-        names = self.batcher.model_names()
-        if name not in names:
-            raise errors.unknown_model(name, names)
+        if name not in self.backend.model_names():
+            raise errors.unknown_model(name)
         return JSONResponse(self._model_card(name))
 
     def _model_card(self, name: str) -> dict:
-        base = name == self.batcher.base_name
+        base = name == self.backend.base_name
         return {"id": name, "object": "model", "created": 0, "owned_by": "prefixtune",
-                "root": self.batcher.base_name, "parent": None if base else self.batcher.base_name}
+                "root": self.backend.base_name, "parent": None if base else self.backend.base_name}
 
     # -------------------------------------------------------- prefix admin
     async def prefix(self, request):
@@ -225,14 +293,11 @@ class _API:
             self._authorize_admin(request)
             name = request.path_params["name"]
             if request.method == "DELETE":
-                future = self.batcher.remove_prefix(name)
+                future = self.backend.remove_prefix(name)
             else:
-                body = await self._json(request)
-                path = body.get("path")
-                if not isinstance(path, str) or not path:
-                    raise errors.bad_request("'path' must name the folder of a saved prefix", param="path")
-                folder = await asyncio.get_running_loop().run_in_executor(None, self.batcher.store.check_folder, path)
-                future = self.batcher.add_prefix(name, str(folder))
+                path = await self._checked(protocol.prefix_load, await self._body(request))
+                folder = await self._checked(self.backend.check_folder, path)
+                future = self.backend.add_prefix(name, str(folder))
             result = await asyncio.wrap_future(future)
         except errors.APIError as err:
             self._count(endpoint, err.status)
@@ -250,21 +315,19 @@ class _API:
     async def _generate(self, request, endpoint: str, make_job):
         try:
             self._authorize(request)
-            body = await self._json(request)
-            protocol.check_count(body, self.options.limits, self.batcher.limits.max_queue)  # before tokenizing
-            job = await asyncio.get_running_loop().run_in_executor(
-                self.checker, make_job, body, self.tokenizer, self.options.limits)
-            run = _Run(job, asyncio.get_running_loop())
-            cache = await asyncio.wrap_future(self.batcher.submit(run.requests))  # a cold prefix loads meanwhile
+            raw = await self._body(request)
+            job = await self._checked(make_job, raw, self.backend.tokenizer, self.limits, self.backend.context_length)
+            reply = Reply(job, asyncio.get_running_loop())
+            cache = await asyncio.wrap_future(self.backend.submit(reply.requests))  # a cold prefix loads meanwhile
         except errors.APIError as err:
             self._count(endpoint, err.status)
             raise
         if job.stream:  # the status is sent now; a later error is the stream's last event
             self._count(endpoint, 200)
-            return StreamingResponse(_stream(run), media_type="text/event-stream", headers={
+            return StreamingResponse(reply.stream(), media_type="text/event-stream", headers={
                 "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_cache_header(cache)})
         try:
-            result = await _unless_disconnected(request, run)
+            result = await reply.collect_unless_disconnected(request)
         except errors.APIError as err:
             self._count(endpoint, err.status)
             raise
@@ -272,8 +335,7 @@ class _API:
             self._count(endpoint, 499)
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         self._count(endpoint, 200)
-        texts, reasons = result
-        return JSONResponse(protocol.response(job, run.id, texts, reasons, run.usage()), headers=_cache_header(cache))
+        return JSONResponse(reply.answer(*result), headers=_cache_header(cache))
 
 
 def _cache_header(cache: str | None) -> dict:
@@ -290,108 +352,3 @@ async def _read(request: HTTPRequest, limit: int) -> bytes:
             raise errors.APIError(413, f"request body over {limit} bytes", code="body_too_large")
         chunks.append(piece)
     return b"".join(chunks)
-
-
-async def _unless_disconnected(request: HTTPRequest, run: "_Run"):
-    """``run.collect()``, or ``None`` if the client hangs up first: then its rows are
-    cancelled at once (otherwise a dropped request would keep them until ``max_tokens``)."""
-    collect = asyncio.ensure_future(run.collect())
-    watch = asyncio.ensure_future(_disconnect(request))
-    try:
-        await asyncio.wait({collect, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not collect.done():
-            collect.cancel()
-            run.cancel()
-    if not collect.done() or collect.cancelled():
-        return None
-    return collect.result()
-
-
-async def _disconnect(request: HTTPRequest) -> None:
-    """Returns when the client disconnects (the body has been read: only that message is left)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class _Run:
-    """The batcher requests of one HTTP request (``n`` choices per prompt) and their events."""
-
-    def __init__(self, job: protocol.Job, loop: asyncio.AbstractEventLoop):
-        self.job, self.loop = job, loop
-        self.id = protocol.new_id(job.kind)
-        self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.requests = [
-            Request(prompt, job.model, job.choice_params(c), sink=self._sink(p * job.n + c))
-            for p, prompt in enumerate(job.prompts) for c in range(job.n)
-        ]
-        self.completion_tokens = [0] * len(self.requests)
-
-    def _sink(self, index: int):
-        def sink(event: Event) -> None:
-            try:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
-            except RuntimeError:  # the event loop is gone (server shutting down)
-                pass
-        return sink
-
-    def cancel(self) -> None:
-        for request in self.requests:
-            request.cancelled = True
-
-    def usage(self) -> dict:
-        return protocol.usage(sum(len(p) for p in self.job.prompts), sum(self.completion_tokens))
-
-    def echo(self, index: int) -> str:
-        return self.job.echo[index // self.job.n] if self.job.echo else ""
-
-    async def events_until_done(self):
-        """Yield ``(index, event)`` until every choice has finished; raise the first error."""
-        pending = len(self.requests)
-        while pending:
-            index, event = await self.events.get()
-            if event.error is not None:
-                self.cancel()
-                raise event.error
-            if event.finish_reason is not None:
-                pending -= 1
-                self.completion_tokens[index] = event.completion_tokens
-            yield index, event
-
-    async def collect(self) -> tuple[list[str], list[str]]:
-        texts = [self.echo(i) for i in range(len(self.requests))]
-        reasons = [""] * len(self.requests)
-        async for index, event in self.events_until_done():
-            texts[index] += event.text
-            if event.finish_reason:
-                reasons[index] = event.finish_reason
-        return texts, reasons
-
-
-async def _stream(run: _Run):
-    """Server-sent events: OpenAI's chunks, then ``[DONE]``; an error ends the stream with
-    an ``{"error": ...}`` event. A client that disconnects cancels its rows."""
-    job = run.job
-    try:
-        for index in range(len(run.requests)):
-            if job.kind == "chat":
-                yield _sse(protocol.chunk(job, run.id, index, None, None, first=True))
-            elif job.echo:
-                yield _sse(protocol.chunk(job, run.id, index, run.echo(index), None))
-        async for index, event in run.events_until_done():
-            if event.text:
-                yield _sse(protocol.chunk(job, run.id, index, event.text, None))
-            if event.finish_reason:
-                yield _sse(protocol.chunk(job, run.id, index, None, event.finish_reason))
-        if job.include_usage:
-            yield _sse(protocol.usage_chunk(job, run.id, run.usage()))
-        yield "data: [DONE]\n\n"
-    except errors.APIError as err:
-        yield _sse(err.body())
-    finally:
-        run.cancel()
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

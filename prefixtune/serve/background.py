@@ -12,7 +12,9 @@ import time
 
 
 class BackgroundServer:
-    """Serve ``app`` with uvicorn on ``host:port`` (0 = a free port) in a daemon thread.
+    """Serve ``app`` (from :func:`~prefixtune.serve.app.create_app`) with uvicorn on ``host:port``
+    (0 = a free port) in a daemon thread, under the same connection bounds as ``prefixtune serve``
+    (its backend's limits).
 
     Use as a context manager; ``url`` is ``http://host:port`` once started.
     """
@@ -20,9 +22,12 @@ class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         import uvicorn
 
+        from .connections import uvicorn_config
+
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=5))
+        config = uvicorn_config(app, app.state.backend.limits, host, port, log_level=log_level,
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="prefixtune-http", daemon=True)
         self.host, self.url = host, None
 

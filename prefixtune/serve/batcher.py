@@ -4,19 +4,19 @@ This is the paper's deployment argument made concrete (Li & Liang 2021, section 
 frozen model serves many tasks at once, each request carrying its own prefix). One
 background thread owns the model. Between two steps it
 
-1. applies prefix changes (load, replace, remove) queued by the HTTP side,
-2. admits waiting requests: their prompts are prefilled together in one forward, each
+1. admits waiting requests: their prompts are prefilled together in one forward, each
    row with its own prefix, and their rows join the batch's cache,
-3. runs one decoding step for all rows, whatever their prefixes (each row's prefix sits
+2. runs one decoding step for all rows, whatever their prefixes (each row's prefix sits
    in front of its cached keys/values since it joined: ``kvcache``), and
-4. lets finished rows leave.
+3. lets finished rows leave.
 
 The prefixes come from a :class:`~prefixtune.serve.store.PrefixStore`, folded (the
-reparameterization MLP away), so a step only gathers fixed key/values. A request holds its
-prefix from :meth:`Batcher.submit` to its end: the store neither evicts it nor lets a
-replacement take it away, so a request always finishes with the prefix it started with. A
-prefix that is not on the device yet is loaded by the store's threads while the loop goes on
-decoding; the requests that need it join the queue when it is there.
+reparameterization MLP away), so a step only gathers fixed key/values. Prefix changes (load,
+replace, remove) go to the store, never through the loop: a request holds its prefix from
+:meth:`Batcher.submit` to its end, and the store neither evicts it nor lets a replacement take it
+away, so a request always finishes with the prefix it started with. A prefix that is not on the
+device yet is loaded by the store's threads while the loop goes on decoding; the requests that
+need it join the queue when it is there.
 
 The HTTP side talks to the thread through :meth:`Batcher.submit` (bounded: a full queue
 is refused, never buffered without limit) and per-request callbacks (``Request.sink``).
@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -36,18 +35,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import artifacts
+from ..data import eos_id
 from ..prefixes import batch_for_rows
 from . import errors
+from .backend import Backend
 from .kvcache import BatchCache
-from .store import Entry, PrefixStore
+from .limits import Limits
+from .loader import key_value_loader
 from .sampling import SamplingParams, next_tokens
+from .store import NAME_RULE, Entry, PrefixStore, valid_name
 from .text import TextStream
 
 log = logging.getLogger(__name__)
-
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
-"""Allowed prefix names: they appear in URLs and in ``"model"`` fields."""
 
 
 @dataclass
@@ -97,30 +96,14 @@ class _Row:
     done: bool = False
 
 
-@dataclass
-class Limits:
-    """Sizes that bound the server's memory and latency.
-
-    Args:
-        max_batch: Most rows decoded together in one step.
-        max_queue: Most requests waiting for a row; more are refused (429).
-        max_prefill_tokens: Most prompt tokens (padded) prefilled between two steps, so
-            a burst of long prompts cannot stall running requests for long.
-    """
-
-    max_batch: int = 32
-    max_queue: int = 256
-    max_prefill_tokens: int = 4096
-
-
-class Batcher:
+class Batcher(Backend):
     """Owns a :class:`~prefixtune.model.PrefixModel` and serves requests in a background thread.
 
     Args:
         model: The wrapped base model; its existing prefixes are served under their names.
         tokenizer: The base model's tokenizer.
         base_name: The name that selects no prefix.
-        limits: Batch and queue sizes.
+        limits: Batch and queue sizes (and the bounds the HTTP app checks).
         on_step: Called after each step with ``(kind, rows, new_tokens, seconds)`` (metrics).
         store: Where the prefixes come from (default: a store without budget or folders, for the
             model's own prefixes and those added with :meth:`add_prefix`).
@@ -133,6 +116,7 @@ class Batcher:
         self.base_name = base_name
         self.limits = limits or Limits()
         self.on_step = on_step
+        self.context_length = context_length(model.config)
         self.eos = _eos_ids(model, tokenizer)
         accepted = inspect.signature(model.model.forward).parameters
         # transformers 5.x renamed past_key_values to cache; take whichever this version has
@@ -140,13 +124,12 @@ class Batcher:
         self._keep_logits = "logits_to_keep" in accepted  # prefill: logits of the last position only
         self._cond = threading.Condition()
         self._pending: collections.deque[Request] = collections.deque()
-        self._controls: collections.deque[tuple[Callable, Future]] = collections.deque()
         self._rows: list[_Row] = []
         self._cache = BatchCache()
-        self._loading = 0  # requests waiting for their prefix to load (they count against the queue)
+        self._awaiting_prefix = 0  # requests waiting for their prefix to load (they count against the queue)
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.store = store or PrefixStore(lambda folder: artifacts.load_key_values(folder, model.shape), model.device)
+        self.store = store or PrefixStore(key_value_loader(model.shape), model.device)
         for name in list(model.prefixes):  # the model's own prefixes, folded, served under their names
             self.model.materialize(name)
             self.store.add(name, model.prefixes[name])
@@ -183,7 +166,15 @@ class Batcher:
 
     def queue_depth(self) -> int:
         """Requests waiting for a row, including those waiting for their prefix to load."""
-        return len(self._pending) + self._loading
+        return len(self._pending) + self._awaiting_prefix
+
+    def prefix_stats(self):
+        """The store's counters (``/metrics``)."""
+        return self.store.stats
+
+    def check_folder(self, path: str):
+        """The path rule of an admin load (the store's)."""
+        return self.store.check_folder(path)
 
     def active_rows(self) -> int:
         return len(self._rows)
@@ -215,14 +206,14 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise errors.unavailable()
-            if len(self._pending) + self._loading + len(requests) > self.limits.max_queue:
+            if len(self._pending) + self._awaiting_prefix + len(requests) > self.limits.max_queue:
                 raise errors.queue_full(self.limits.max_queue)
-            self._loading += len(requests)
+            self._awaiting_prefix += len(requests)
         try:
             holds = self._hold(requests)
         except BaseException:
             with self._cond:
-                self._loading -= len(requests)
+                self._awaiting_prefix -= len(requests)
             raise
         queued: Future = Future()
         waiting = [f for f in holds if f is not None]
@@ -251,7 +242,7 @@ class Batcher:
                 holds.append(None if request.model == self.base_name else self.store.acquire(request.model))
         except errors.APIError as err:
             if err.status == 404:
-                err = errors.unknown_model(request.model, self.model_names())
+                err = errors.unknown_model(request.model)
             self._let_go(holds)
             raise err from None
         return holds
@@ -260,7 +251,7 @@ class Batcher:
         """Every prefix of ``requests`` is loaded (or failed): queue them all, or fail them all."""
         failed = next((e for e in (_failure(f) for f in holds if f is not None) if e is not None), None)
         with self._cond:
-            self._loading -= len(requests)
+            self._awaiting_prefix -= len(requests)
             if failed is None and self._closed:
                 failed = errors.unavailable()
             if failed is None:
@@ -286,10 +277,9 @@ class Batcher:
     def add_prefix(self, name: str, directory: str) -> Future:
         """Load the prefix saved in ``directory`` as ``name`` (replacing one of that name) on the
         store's loader thread; the future holds what was loaded, or the error."""
-        if not NAME.match(name or "") or name == self.base_name:
-            raise errors.bad_request(
-                f"invalid prefix name {name!r}: use letters, digits and . _ : - (at most 128), "
-                f"not the base model's name", param="name")
+        if not valid_name(name) or name == self.base_name:
+            raise errors.bad_request(f"invalid prefix name {name[:200]!r}: use {NAME_RULE}, not the base model's name",
+                                     param="name", code="invalid_name")
         return self.store.load(name, directory)
 
     def remove_prefix(self, name: str) -> Future:
@@ -299,17 +289,6 @@ class Batcher:
         return future
 
     # ------------------------------------------------------------ prefixes
-    def between_steps(self, action: Callable) -> Future:
-        """Run ``action()`` on the batcher's thread between two steps (where the model may change);
-        the future holds its result or error."""
-        future: Future = Future()
-        with self._cond:
-            if self._closed:
-                raise errors.unavailable()
-            self._controls.append((action, future))
-            self._cond.notify_all()
-        return future
-
     def _release(self, request: Request) -> None:
         if request.prefix is not None:
             self.store.release(request.prefix)
@@ -326,17 +305,13 @@ class Batcher:
             self._fail_all(errors.unavailable())
 
     def _turn(self) -> bool:
-        """One round: controls, admissions, one step. False when closed."""
+        """One round: admissions, one step. False when closed."""
         with self._cond:
-            while not (self._pending or self._controls or self._rows or self._closed):
+            while not (self._pending or self._rows or self._closed):
                 self._cond.wait()
             if self._closed:
                 return False
-            controls = list(self._controls)
-            self._controls.clear()
             admitted = self._admit()
-        for action, future in controls:
-            _settle(future, action)
         with torch.inference_mode():
             if admitted:
                 self._prefill_all(admitted)
@@ -376,9 +351,6 @@ class Batcher:
             self._closed = True
             waiting = list(self._pending)
             self._pending.clear()
-            for action, future in self._controls:
-                future.set_exception(error)
-            self._controls.clear()
         for request in waiting + [row.request for row in self._rows if not row.done]:
             self._release(request)
             request.sink(Event(error=error))
@@ -423,7 +395,7 @@ class Batcher:
         self._advance(rows, out.logits[:, -1])
         self._cache.join(cache, mask, batch)
         self._rows.extend(rows)
-        self._evict()
+        self._drop_finished()
         self._report("prefill", len(rows), int(mask.sum()), start)
 
     def _pad_id(self) -> int:
@@ -438,7 +410,7 @@ class Batcher:
         for row in self._rows:
             if row.request.cancelled:
                 self._finish(row, None)
-        self._evict()
+        self._drop_finished()
         if not self._rows:
             return
         ids = torch.tensor([[row.last] for row in self._rows], device=device)
@@ -451,7 +423,7 @@ class Batcher:
             row.position += 1
         rows = len(self._rows)
         self._advance(self._rows, out.logits[:, -1])
-        self._evict()
+        self._drop_finished()
         self._report("decode", rows, rows, start)
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
@@ -479,7 +451,7 @@ class Batcher:
             row.request.sink(Event(text=piece, finish_reason=reason, prompt_tokens=len(row.request.prompt_ids),
                                    completion_tokens=row.request.generated))
 
-    def _evict(self) -> None:
+    def _drop_finished(self) -> None:
         """Finished rows leave the batch (and its cache)."""
         keep = [i for i, row in enumerate(self._rows) if not row.done]
         if len(keep) == len(self._rows):
@@ -505,9 +477,16 @@ def _settle(future: Future, action: Callable) -> None:
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    """Token ids that end a generation: the tokenizer's and the generation config's."""
-    ids = set()
-    for source in (getattr(model.model, "generation_config", None), model.config, tokenizer):
+    """Token ids that end a generation: the tokenizer's end of sequence (:func:`prefixtune.data.eos_id`,
+    the one training appends), and every one the model's configs name (a chat model may end a turn
+    with a token of its own)."""
+    ids = {eos_id(tokenizer)}
+    for source in (getattr(model.model, "generation_config", None), model.config):
         value = getattr(source, "eos_token_id", None)
         ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
     return ids
+
+
+def context_length(model_config) -> int:
+    """The longest prompt + completion the model takes (no bound where its config names none)."""
+    return getattr(model_config, "max_position_embeddings", None) or 1 << 30

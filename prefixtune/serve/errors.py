@@ -25,9 +25,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def unknown_model(name: str, known: list[str]) -> APIError:
-    return APIError(404, f"The model {name!r} does not exist; this server has: {', '.join(known)}",
-                    param="model", code="model_not_found")
+def unknown_model(name: str) -> APIError:
+    """A 404 that names only the model asked for: the list of what a server holds may be long, and
+    other tenants' (``GET /v1/models`` gives it to those who hold a key)."""
+    shown = name if len(name) <= 100 else name[:100] + "..."
+    return APIError(404, f"The model {shown!r} does not exist", param="model", code="model_not_found")
 
 
 def queue_full(limit: int) -> APIError:

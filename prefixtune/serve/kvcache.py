@@ -41,7 +41,7 @@ class BatchCache:
         self.mask: torch.Tensor | None = None  # [B, T], 1 = real token
         self.valid: list[torch.Tensor] = []  # per layer [B, slots], True = a real prefix slot
         self.shifts: list[int] = []  # per row, its position shift (PrefixBatch.offsets)
-        self._told: PrefixBatch | None = None  # what each step tells the attention, but the key/values
+        self._step_prefix: PrefixBatch | None = None  # a step's prefix= but its key/values: where the prefixes are
 
     @property
     def rows(self) -> int:
@@ -78,13 +78,13 @@ class BatchCache:
             mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
             shifts = self.shifts + shifts
         self.cache, self.mask, self.valid, self.shifts = cache, mask, valid, shifts
-        self._retell()
+        self._rebuild_step_prefix()
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in that order); trim the token columns that are padding in every
         row and the prefix slots that no row uses."""
         if not rows:
-            self.cache = self.mask = self._told = None
+            self.cache = self.mask = self._step_prefix = None
             self.valid, self.shifts = [], []
             return
         index = torch.tensor(rows, device=self.mask.device)
@@ -101,7 +101,7 @@ class BatchCache:
             valid[i] = valid[i][:, :slots[i]]
         self.mask, self.valid = mask[:, start:], valid
         self.shifts = [self.shifts[r] for r in rows]
-        self._retell()
+        self._rebuild_step_prefix()
 
     def step_mask(self, new_tokens: int = 1) -> torch.Tensor:
         """The attention mask for a step adding ``new_tokens`` real tokens to every row."""
@@ -111,20 +111,20 @@ class BatchCache:
     def prefix_batch(self) -> PrefixBatch | None:
         """The ``prefix=`` of a decoding step: the prefixes are in the cache already; this says
         where (``None`` when no row has a prefix)."""
-        if self._told is None:
+        if self._step_prefix is None:
             return None
         pairs = [_prefix(layer) if layer.prefix_length else None for layer in self.cache.layers]
-        return dataclasses.replace(self._told, key_values=pairs, routes={})
+        return dataclasses.replace(self._step_prefix, key_values=pairs, routes={})
 
-    def _retell(self) -> None:
-        """Rebuild what steps tell the attention, after rows joined or left (one sync, not one per step)."""
+    def _rebuild_step_prefix(self) -> None:
+        """Rebuild the ``prefix=`` steps pass, after rows joined or left (one sync, not one per step)."""
         prefixed = [i for i, layer in enumerate(self.cache.layers) if layer.prefix_length]
         if not prefixed:
-            self._told = None
+            self._step_prefix = None
             return
         full = torch.stack([self.valid[i].all() for i in prefixed]).tolist()
         masked = {i for i, every in zip(prefixed, full) if not every}  # the others: every slot real, no mask work
-        self._told = PrefixBatch(
+        self._step_prefix = PrefixBatch(
             key_values=[], valid=[v if i in masked else None for i, v in enumerate(self.valid)],
             offsets=torch.tensor(self.shifts, device=self.mask.device),
             shift=self.shifts[0] if len(set(self.shifts)) == 1 else None,

@@ -3,17 +3,18 @@
 Each replica is a Ray Serve deployment replica holding what one ``prefixtune serve`` holds: the
 base model, a batcher and its own prefix store (``--prefix``, ``--prefix-dir``, the budgets).
 The front is this process: the same Starlette app as a single server (keys, body limits,
-request checks, streaming, errors), over a backend that hands each request's rows to a replica
-through a deployment handle instead of a local batcher.
+request checks, streaming, errors), over :class:`RayBackend`, which implements the same
+:class:`~prefixtune.serve.backend.Backend` as the local batcher and hands each request's rows to a
+replica through a deployment handle.
 
 Routing is Ray Serve's model multiplexing: a request for prefix ``NAME`` is sent with
 ``multiplexed_model_id=NAME``, and Ray routes it to a replica that has loaded ``NAME`` (each
 replica reports the prefixes its ``@serve.multiplexed`` loader holds), so a prefix's requests
 keep landing where it is warm. No router or cluster manager is written here.
 
-Ray Serve's own HTTP proxy is not started (``proxy_location="Disabled"``): the front
-already is the HTTP server, and on a small, loaded machine the proxy actor fails its health
-checks while handles keep working.
+Ray Serve's own HTTP proxy is not started (``proxy_location="Disabled"``): the front is the
+HTTP server, and a proxy would be one more actor whose health checks can fail on a loaded
+machine, while deployment handles do not depend on it.
 
 Prefix folders must be visible at the same path to the front (which lists them) and to every
 replica (which loads them): a shared volume on a multi-machine cluster.
@@ -29,8 +30,9 @@ import socket
 from concurrent.futures import Future
 
 from . import errors
-from .batcher import Event, Limits, Request
-from .store import StoreStats
+from .backend import Backend
+from .batcher import Event, Request
+from .store import PrefixFolders, StoreStats
 
 log = logging.getLogger(__name__)
 APP_NAME = "prefixtune"
@@ -41,18 +43,17 @@ def build_front(cfg, handle=None):
     given) and build the front app over them."""
     from ..base_models import load_tokenizer
     from .app import create_app
-    from .cli import inference_keys, server_options
-    from .metrics import Metrics
+    from .prometheus import Metrics
+    from .setup import keys, parse_prefixes
 
-    keys = inference_keys(cfg)  # a bad key file is told before any replica starts
+    api_keys, admin_key = keys(cfg)  # a bad key or key file is told before any replica starts
     _, tokenizer = load_tokenizer(cfg.model)
     if handle is None:
         handle = deploy(cfg)
     info = handle.info.remote().result(timeout_s=600)
     metrics = Metrics()
-    backend = RayBackend(handle, tokenizer, info["base"], cfg, metrics)
-    options = server_options(cfg, info["context_length"], keys)
-    return create_app(backend, options, metrics)
+    backend = RayBackend(handle, tokenizer, info, cfg, list(parse_prefixes(cfg.prefix)), metrics)
+    return create_app(backend, metrics, api_keys=api_keys, admin_key=admin_key, host=cfg.host)
 
 
 def deploy(cfg):
@@ -67,7 +68,7 @@ def deploy(cfg):
     serve.start(proxy_location="Disabled")
     gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and _has_cuda())
     deployment = replica_class(cfg.ray_prefixes_per_replica).options(
-        num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_batch + cfg.max_queue,
+        num_replicas=cfg.replicas, max_ongoing_requests=cfg.limits.max_batch + cfg.limits.max_queue,
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0})
     return serve.run(deployment.bind(cfg), name=APP_NAME, route_prefix=None)
 
@@ -80,16 +81,13 @@ def replica_class(prefixes_per_replica: int):
     @serve.deployment
     class PrefixReplica:
         def __init__(self, cfg):
-            from .cli import build_batcher
+            from .setup import build_batcher
 
             self.batcher = build_batcher(cfg).start()
             self.id = f"{socket.gethostname()}:{os.getpid()}"
 
         def info(self) -> dict:
-            from .cli import context_length
-
-            return {"base": self.batcher.base_name, "replica": self.id,
-                    "context_length": context_length(self.batcher.model.config)}
+            return {"base": self.batcher.base_name, "replica": self.id, "context_length": self.batcher.context_length}
 
         @serve.multiplexed(max_num_models_per_replica=prefixes_per_replica)
         async def prefix(self, name: str) -> str:
@@ -132,15 +130,16 @@ def replica_class(prefixes_per_replica: int):
     return PrefixReplica
 
 
-class RayBackend:
-    """What the HTTP app needs of a batcher, served by Ray Serve replicas behind ``handle``."""
+class RayBackend(Backend):
+    """The :class:`~prefixtune.serve.backend.Backend` of the front: each request's rows go to a Ray Serve
+    replica behind ``handle``; the prefix names are listed here (:class:`PrefixFolders`), and the store
+    counters are the replicas', summed from what each reported last."""
 
-    def __init__(self, handle, tokenizer, base_name: str, cfg, metrics):
-        from .store import PrefixStore
-
-        self.handle, self.tokenizer, self.base_name, self.metrics = handle, tokenizer, base_name, metrics
-        self.limits = Limits(max_batch=cfg.max_batch, max_queue=cfg.max_queue)
-        self.store = _FrontStore(PrefixStore(None, "cpu", cfg.prefix_dir), [n.partition("=")[0] for n in cfg.prefix])
+    def __init__(self, handle, tokenizer, info: dict, cfg, static: list[str], metrics):
+        self.handle, self.tokenizer, self.metrics = handle, tokenizer, metrics
+        self.base_name, self.context_length, self.limits = info["base"], info["context_length"], cfg.limits
+        self.folders, self.static = PrefixFolders(cfg.prefix_dir), static
+        self.replicas: dict[str, StoreStats] = {}
         self.started, self.alive = False, True
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()
@@ -155,13 +154,19 @@ class RayBackend:
             task.cancel()
 
     def model_names(self) -> list[str]:
-        return [self.base_name, *self.store.names()]
+        return list(dict.fromkeys([self.base_name, *self.static, *self.folders.names()]))
 
     def queue_depth(self) -> int:
         return self._in_flight
 
     def active_rows(self) -> int:
         return self._in_flight
+
+    def prefix_stats(self) -> StoreStats:
+        return StoreStats.total(list(self.replicas.values()))
+
+    def check_folder(self, path: str):
+        raise _per_replica()
 
     def add_prefix(self, name: str, directory: str):
         raise _per_replica()
@@ -174,8 +179,9 @@ class RayBackend:
         once that replica has queued them. Called on the event loop."""
         if not self.alive:
             raise errors.unavailable()
-        if self.base_name != requests[0].model and requests[0].model not in self.model_names():
-            raise errors.unknown_model(requests[0].model, self.model_names())
+        model = requests[0].model
+        if model != self.base_name and model not in self.static and self.folders.folder(model) is None:
+            raise errors.unknown_model(model)
         queued: Future = Future()
         task = asyncio.get_running_loop().create_task(self._relay(requests, queued))
         self._tasks.add(task)
@@ -195,8 +201,8 @@ class RayBackend:
                     response.cancel()
                     break
         except Exception as err:  # noqa: BLE001 - a replica that died or was cancelled: tell the client
-            log.warning("replica call failed: %s", err)
-            self._fail(requests, queued, errors.unavailable(f"the replica serving this request failed: {err}"))
+            log.warning("replica call failed: %s", err)  # a remote traceback: for the log, not the client
+            self._fail(requests, queued, errors.unavailable("the replica serving this request failed; retry"))
         finally:
             self._in_flight -= len(requests)
 
@@ -209,7 +215,7 @@ class RayBackend:
         elif kind == "event":
             requests[item[1]].sink(item[2])
         elif kind == "stats":
-            self.store.replicas[item[1]] = item[2]
+            self.replicas[item[1]] = item[2]
             return False
         else:
             self._fail(requests, queued, errors.APIError(**item[1]))
@@ -223,25 +229,6 @@ class RayBackend:
             return
         for request in requests:
             request.sink(Event(error=error))
-
-
-class _FrontStore:
-    """The front's view of the prefixes: the names (listed here, loaded by the replicas) and the
-    replicas' store counters, summed from what each reported last."""
-
-    def __init__(self, lister, static: list[str]):
-        self.lister, self.static = lister, static
-        self.replicas: dict[str, StoreStats] = {}
-
-    def names(self) -> list[str]:
-        return list(dict.fromkeys([*self.static, *self.lister.names()]))
-
-    def check_folder(self, path: str):
-        raise _per_replica()
-
-    @property
-    def stats(self) -> StoreStats:
-        return StoreStats.total(list(self.replicas.values()))
 
 
 def _per_replica() -> errors.APIError:

@@ -57,12 +57,21 @@ def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: 
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
-    """Draw from ``softmax(logits / temperature)`` restricted to the top-``top_p`` nucleus."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # [vocab]
+    """Draw from ``softmax(logits / temperature)`` restricted to the top-``top_p`` nucleus.
+
+    Any temperature in (0, 2] and top-p in (0, 1] draws from a valid distribution, subnormal ones
+    included: the logits are shifted so their largest is 0 before the division (a tiny temperature
+    then sends the others to -inf, not the largest to inf, and the softmax stays finite), the divisor
+    is at least float32's smallest normal number (a smaller float64 would round to 0), and the most
+    likely token is always kept whatever top-p rounds to."""
+    logits = logits.float()
+    scaled = (logits - logits.max()) / max(temperature, torch.finfo(torch.float32).tiny)
+    probs = torch.softmax(scaled, dim=-1)  # [vocab]
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        # drop a token when the tokens strictly more likely already reach top_p (keeps at least one)
+        # drop a token when the tokens strictly more likely already reach top_p
         drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))

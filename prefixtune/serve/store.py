@@ -6,6 +6,10 @@ store serves them all without holding them all:
 * **Discovery.** Every folder under a ``--prefix-dir`` root is servable under its folder name.
   Nothing is read to list them (:meth:`PrefixStore.names` only looks for the config file), and a
   folder added later is served on its first request; one removed is refused (404) from then on.
+* **Two rules, here and nowhere else.** The name rule (:data:`NAME`, matched in full on every
+  lookup, before any file is looked at) and the path rule (:class:`PrefixFolders`: every folder
+  and every file read resolves inside a root), since a folder's files are input from whoever can
+  write under the root.
 * **Budget.** The folded key/values of the prefixes held on the model's device never take more
   than ``budget_bytes``. A prefix that no waiting or running request holds (its *pins*) may be
   evicted, least recently used first; a held one never is, so a row keeps its prefix to the end.
@@ -13,7 +17,8 @@ store serves them all without holding them all:
   memory, ready to copy back instead of reading the disk again.
 * **Loading off the decoding loop.** A cold prefix is read by a loader thread; only the requests
   that need it wait (:meth:`PrefixStore.acquire` returns a future), and concurrent requests for
-  the same cold prefix share one load. A folder that fails to load fails only its own requests.
+  the same cold prefix share one load. A folder that fails to load fails only its own requests,
+  and its failure is remembered until one of its files changes.
 
 Prefixes named at start-up (``--prefix``) or loaded by an admin are *static*: held on the device
 for as long as they are served, and counted in the budget too. Replacing or removing one while
@@ -24,7 +29,9 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +45,14 @@ from .. import artifacts
 from ..encoder import PrefixEncoder
 from . import errors
 
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+"""Prefix names: they appear in URLs and ``"model"`` fields, and name folders under a ``--prefix-dir``."""
+NAME_RULE = "letters, digits and . _ : - (at most 128, the first a letter or digit)"
+REMEMBERED_FAILURES = 4096
+"""Folders whose failure to load is remembered (until their files change), so a broken folder is
+not read again on every request that names it."""
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 """Histogram bounds (seconds) of prefix loads, disk or host tier to device."""
 ROOM_TIMEOUT_S = 60.0
@@ -103,15 +118,93 @@ class StoreStats:
                 break
 
 
+def valid_name(name) -> bool:
+    """Whether ``name`` is a prefix name: :data:`NAME` matched in full (a trailing newline too is refused)."""
+    return isinstance(name, str) and NAME.fullmatch(name) is not None
+
+
+class PrefixFolders:
+    """The ``--prefix-dir`` roots: the prefix folders they hold, and the path rule.
+
+    The path rule: a prefix is read only from a folder whose real path (symlinks followed, ``..``
+    resolved) lies inside a root, and every file read from such a folder resolves inside a root
+    too, so a link cannot bring a file from elsewhere into a root. Listing reads no prefix (one
+    ``stat`` per folder); the Ray front lists with this alone, and its replicas' stores load.
+    """
+
+    def __init__(self, roots=()):
+        self.roots = [Path(r).resolve() for r in roots]
+
+    def names(self) -> list[str]:
+        """Each root's prefix folders by name, sorted per root; the first root that has a name wins."""
+        return list(dict.fromkeys(name for root in self.roots for name in sorted(self._listed(root))))
+
+    def folder(self, name: str) -> Path | None:
+        """The folder serving ``name`` (the first root that has it), if ``name`` is a prefix name and
+        the folder holds a prefix config and lies inside its root."""
+        if not valid_name(name):
+            return None
+        for root in self.roots:
+            folder = root / name
+            if (folder / artifacts.CONFIG_FILE).is_file() and self._within(folder, root):
+                return folder
+        return None
+
+    def check(self, path: str) -> Path:
+        """``path`` resolved, if it lies inside a root: else a 403 naming the rule (400 for a path that
+        cannot be resolved at all: a NUL byte, a symlink loop)."""
+        try:
+            resolved = Path(path).resolve()
+        except (ValueError, OSError, RuntimeError) as err:
+            raise errors.bad_request(f"{_shown(path)} is not a usable path ({err})", param="path",
+                                     code="invalid_path") from None
+        if not any(resolved.is_relative_to(root) for root in self.roots):
+            where = ", ".join(str(r) for r in self.roots) or "none: start the server with --prefix-dir"
+            raise errors.APIError(403, f"{_shown(path)} resolves to {str(resolved)!r}, outside every --prefix-dir "
+                                  f"({where}); only folders inside one may be loaded", type="permission_error",
+                                  param="path", code="path_not_allowed")
+        return resolved
+
+    def check_files(self, folder: Path, files: tuple[str, ...], param: str) -> None:
+        """For a folder inside a root: each of ``files`` that exists resolves inside a root, else a 403."""
+        if not any(self._within(folder, root) for root in self.roots):
+            return  # not a root's folder (one named from Python): the rule is the roots'
+        for name in files:
+            path = folder / name
+            if path.exists() and not any(self._within(path, root) for root in self.roots):
+                raise errors.APIError(403, f"{str(path)!r} resolves outside every --prefix-dir: a prefix's files "
+                                      "must lie inside one", type="permission_error", param=param,
+                                      code="path_not_allowed")
+
+    @staticmethod
+    def _within(path: Path, root: Path) -> bool:
+        try:
+            return path.resolve().is_relative_to(root)
+        except (OSError, RuntimeError):  # a symlink loop
+            return False
+
+    def _listed(self, root: Path) -> list[str]:
+        """Names of ``root``'s sub-folders that hold a prefix config: one ``stat`` each, no file read;
+        a symlink is listed only if it resolves inside ``root`` (as :meth:`folder` requires)."""
+        try:
+            with os.scandir(root) as entries:
+                return [e.name for e in entries if valid_name(e.name)
+                        and os.path.isfile(os.path.join(e.path, artifacts.CONFIG_FILE))
+                        and (not e.is_symlink() or self._within(Path(e.path), root))]
+        except OSError:
+            return []
+
+
 class PrefixStore:
     """Named prefixes for a server, with a device budget, a host tier and lazy discovery.
 
     Args:
-        loader: Reads one prefix folder into a flat encoder (on the CPU); raise ``ValueError``,
-            ``OSError`` or ``FileNotFoundError`` for a folder that is not a usable prefix.
+        loader: Reads one prefix folder into a flat encoder (on the CPU), e.g.
+            :func:`~prefixtune.serve.loader.key_value_loader`; whatever it raises refuses that folder
+            alone (``FileNotFoundError``: 404; anything else: 422 for a request, 400 for an admin load).
         device: Where served prefixes live (the model's device).
         roots: ``--prefix-dir`` folders: each sub-folder is a prefix named after it, and the only
-            places an admin load may read from.
+            places an admin load may read from (:class:`PrefixFolders`).
         budget_bytes: Most bytes of key/values on ``device`` (``None``: no bound).
         host_budget_bytes: Most bytes kept in host memory after eviction (0: none; only useful
             when ``device`` is not the CPU).
@@ -121,7 +214,7 @@ class PrefixStore:
     def __init__(self, loader: Loader, device, roots=(), budget_bytes: int | None = None,
                  host_budget_bytes: int = 0, workers: int = 2):
         self.loader, self.device = loader, torch.device(device)
-        self.roots = [Path(r).resolve() for r in roots]
+        self.folders = PrefixFolders(roots)
         self.budget, self.host_budget = budget_bytes, host_budget_bytes
         self.stats = StoreStats()
         self._lock = threading.Condition()
@@ -131,6 +224,7 @@ class PrefixStore:
         self._host: collections.OrderedDict[str, Entry] = collections.OrderedDict()
         self._loading: dict[tuple, tuple[Future, list[int]]] = {}  # (name, signature) -> (future, pins)
         self._live: dict[str, Entry] = {}  # every entry not dropped, by key
+        self._failed: collections.OrderedDict[Path, tuple] = collections.OrderedDict()  # folder -> (signature, error)
         self._serial = itertools.count(1)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="prefixtune-load")
 
@@ -138,14 +232,8 @@ class PrefixStore:
     def names(self) -> list[str]:
         """Every servable name: the static ones, then each root's prefix folders (sorted). Nothing is loaded."""
         with self._lock:
-            names = list(self._static)
-        seen = set(names)
-        for root in self.roots:
-            for name in sorted(_prefix_folders(root)):
-                if name not in seen:
-                    seen.add(name)
-                    names.append(name)
-        return names
+            static = list(self._static)
+        return list(dict.fromkeys(static + self.folders.names()))
 
     def resident(self, name: str) -> bool:
         """Whether ``name`` is on the device now (a request for it would not wait for a load)."""
@@ -154,14 +242,8 @@ class PrefixStore:
             return entry is not None and entry.encoder is not None
 
     def check_folder(self, path: str) -> Path:
-        """``path`` resolved (symlinks followed), if it lies inside a root; else a 403 naming the rule."""
-        resolved = Path(path).resolve()
-        if not any(resolved == root or resolved.is_relative_to(root) for root in self.roots):
-            where = ", ".join(str(r) for r in self.roots) or "none: start the server with --prefix-dir"
-            raise errors.APIError(403, f"{path!r} resolves to {str(resolved)!r}, outside every --prefix-dir "
-                                  f"({where}); only folders inside one may be loaded", type="permission_error",
-                                  param="path", code="path_not_allowed")
-        return resolved
+        """The path rule of an admin load (:meth:`PrefixFolders.check`)."""
+        return self.folders.check(path)
 
     # ------------------------------------------------------------ serving
     def acquire(self, name: str) -> Future:
@@ -175,10 +257,10 @@ class PrefixStore:
                 entry.pins += 1
                 self.stats.hits += 1
                 return _done(entry)
-        folder = self._folder(name)
+        folder = self.folders.folder(name)
         if folder is None:
             self._forget(name)
-            raise errors.unknown_model(name, self.names())
+            raise errors.unknown_model(name)
         signature = _signature(folder)
         with self._lock:
             entry = self._found.get(name)
@@ -228,10 +310,10 @@ class PrefixStore:
         with self._lock:
             entry = self._static.pop(name, None)
             if entry is None:
-                if self._folder(name) is not None:
+                if self.folders.folder(name) is not None:
                     raise errors.APIError(409, f"{name!r} is served from a --prefix-dir folder: remove the folder "
                                           "to stop serving it", code="prefix_from_folder")
-                raise errors.unknown_model(name, self.names())
+                raise errors.unknown_model(name)
             self._retire(entry)
         return {"id": name, "object": "prefix", "deleted": True}
 
@@ -244,17 +326,6 @@ class PrefixStore:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ internals
-    def _folder(self, name: str) -> Path | None:
-        """The folder serving ``name`` (first root that has it), if it holds a prefix and its real path
-        lies inside that root (a symlink out of the root is not followed)."""
-        if name in ("", ".", "..") or "/" in name or os.sep in name:
-            return None
-        for root in self.roots:
-            folder = root / name
-            if (folder / artifacts.CONFIG_FILE).is_file() and folder.resolve().is_relative_to(root):
-                return folder
-        return None
-
     def _load_found(self, name: str, folder: Path, signature: tuple, stale: Entry | None) -> Entry:
         """On a loader thread: bring ``name`` onto the device (from the host tier, or the disk)."""
         key = (name, signature)
@@ -294,19 +365,31 @@ class PrefixStore:
             raise
 
     def _read(self, folder: Path, param: str) -> PrefixEncoder:
+        """``folder``'s prefix through the loader, on a loader thread; a folder that failed is refused
+        again from memory, without reading it, until one of its files changes."""
+        signature = _signature(folder)
+        with self._lock:
+            failed = self._failed.get(folder)
+        if failed is not None and failed[0] == signature:
+            raise _refusal(failed[1], folder, param)
         try:
+            self.folders.check_files(folder, (artifacts.CONFIG_FILE, artifacts.WEIGHTS_FILE), param)
             encoder = self.loader(folder)
-        except FileNotFoundError as err:
-            raise errors.APIError(404 if param == "model" else 400, f"no saved prefix at {str(folder)!r}: {err}",
-                                  param=param, code="prefix_not_found") from err
-        except (ValueError, KeyError, OSError) as err:
-            raise errors.APIError(422 if param == "model" else 400, f"cannot load the prefix in {str(folder)!r}: "
-                                  f"{err}", param=param, code="prefix_unloadable") from err
+        except Exception as err:  # noqa: BLE001 - whatever a folder's files cause is that folder's refusal
+            self._remember(folder, signature, err)
+            raise _refusal(err, folder, param) from err
         if self.budget is not None and _nbytes(encoder) > self.budget:
             raise errors.APIError(507, f"the prefix in {str(folder)!r} takes {_nbytes(encoder)} bytes, more than the "
                                   f"whole prefix cache ({self.budget} bytes): raise --prefix-cache-mb",
                                   type="server_error", code="prefix_too_large")
         return encoder.eval()
+
+    def _remember(self, folder: Path, signature: tuple, err: Exception) -> None:
+        with self._lock:
+            self._failed[folder] = (signature, err)
+            self._failed.move_to_end(folder)
+            while len(self._failed) > REMEMBERED_FAILURES:
+                self._failed.popitem(last=False)
 
     def _make_room(self, nbytes: int, name: str) -> None:
         """Evict unheld prefixes, least recently used first, until ``nbytes`` more fit (lock held);
@@ -370,18 +453,33 @@ class PrefixStore:
                 self._found.pop(name, None)
 
 
-def _prefix_folders(root: Path) -> list[str]:
-    """Names of ``root``'s sub-folders that hold a prefix config: one ``stat`` each, no file read;
-    a symlink is listed only if it resolves inside ``root`` (as :meth:`PrefixStore._folder` requires)."""
-    from .batcher import NAME
+def _refusal(err: Exception, folder: Path, param: str) -> errors.APIError:
+    """The client's answer to a folder that failed to load: 404 (requests) or 400 (admin loads) for
+    a missing prefix, else 422 or 400 naming the problem in one line. An error no check anticipated
+    is named by its type only (its text may carry the internals of a library), and logged."""
+    if isinstance(err, errors.APIError):
+        return errors.APIError(err.status, err.message, err.type, param, err.code)
+    if isinstance(err, FileNotFoundError):
+        return errors.APIError(404 if param == "model" else 400, f"no saved prefix at {str(folder)!r}: "
+                               f"{_line(err)}", param=param, code="prefix_not_found")
+    if isinstance(err, (ValueError, KeyError, OSError, RecursionError)):
+        problem = _line(err)
+    else:
+        log.warning("prefix folder %s failed to load", folder, exc_info=err)
+        problem = f"its files are not a usable prefix ({type(err).__name__})"
+    return errors.APIError(422 if param == "model" else 400, f"cannot load the prefix in {str(folder)!r}: {problem}",
+                           param=param, code="prefix_unloadable")
 
-    try:
-        with os.scandir(root) as entries:
-            return [e.name for e in entries if NAME.match(e.name)
-                    and os.path.isfile(os.path.join(e.path, artifacts.CONFIG_FILE))
-                    and (not e.is_symlink() or Path(e.path).resolve().is_relative_to(root))]
-    except OSError:
-        return []
+
+def _line(err: Exception, most: int = 300) -> str:
+    """The first line of ``err``'s message, at most ``most`` characters."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text if len(text) <= most else text[:most] + "..."
+
+
+def _shown(path: str, most: int = 200) -> str:
+    """``path`` as a client sent it, quoted, cut short."""
+    return repr(path if len(path) <= most else path[:most] + "...")
 
 
 def _signature(folder: Path) -> tuple:
