@@ -281,3 +281,40 @@ def test_mixed_batches_are_exact_on_other_families(arch, until):
             assert c.text(i) == _alone(batcher, p, m, max_tokens=4 + 2 * i, ignore_eos=True)[0], i
     finally:
         batcher.close()
+
+
+def test_memory_prefix_rows_decode_as_they_do_alone_beside_key_value_rows(until):
+    """A memory prefix in the server: rows with a memory, a key/value prefix or none, joining and leaving
+    mid-flight, each decode what they decode alone and what PrefixModel.generate gives; the store counts
+    the memory's bytes in its budget."""
+    pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, reparameterize=False, init_std=2.0),
+                          name="kv")
+    pm.add_prefix("mem", PrefixConfig(kind="memory"))
+    with torch.no_grad():
+        pm.prefixes["mem"].memory.normal_(0, 3.0)
+    memory_bytes = pm.prefixes["mem"].memory.numel() * 4
+    kv_bytes = pm.prefixes["kv"].key_values.numel() * 4
+    batcher = Batcher(pm, CharTokenizer(), "base", Limits(max_batch=8, max_queue=16)).start()
+    try:
+        assert batcher.store.stats.resident["device"] == memory_bytes + kv_bytes
+        models = ["mem", "base", "kv", "mem", "kv", "base"]
+        lengths = [12, 5, 9, 14, 3, 7]
+        c = Collector(batcher)
+        requests = [c.request(i, p, m, max_tokens=n, ignore_eos=True)
+                    for i, (p, m, n) in enumerate(zip(PROMPTS, models, lengths))]
+        batcher.submit(requests[:2])
+        assert until(lambda: any(c.events[k] for k in (0, 1)))
+        batcher.submit(requests[2:4])
+        c.wait(1)
+        batcher.submit(requests[4:])
+        c.wait(len(requests) - 1)
+        for name in ("kv", "mem"):  # what the server serves, registered in the model to generate with
+            pm.prefixes.add(name, served_encoder(batcher, name))
+        for i, (p, m, n) in enumerate(zip(PROMPTS, models, lengths)):
+            assert (c.text(i), c.last(i).finish_reason) == _alone(batcher, p, m, max_tokens=n, ignore_eos=True), i
+            x = torch.tensor([p])
+            out = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), prefix=None if m == "base" else m,
+                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+            assert c.text(i) == CharTokenizer().decode(out[0, len(p):].tolist()), (i, m)
+    finally:
+        batcher.close()

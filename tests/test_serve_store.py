@@ -318,3 +318,28 @@ def test_closing_while_prefixes_load_ends_their_requests_with_a_503(library):
             future.result(timeout=30)
         assert err.value.status == 503
     assert sorted(c.wait(3)) == sorted(NAMES[:3]) and all(c.last(n).error.status == 503 for n in NAMES[:3])
+
+
+def test_a_memory_prefix_folder_is_served_and_counted_in_the_budget(tmp_path):
+    """A memory prefix under --prefix-dir: the server's loader reads its one tensor, the budget counts its
+    bytes, and its rows decode as the same prefix does in PrefixModel.generate."""
+    from prefixtune.serve.loader import key_value_loader
+
+    pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(kind="memory"))
+    with torch.no_grad():
+        pm.prefixes["default"].memory.normal_(0, 3.0)
+    pm.save_prefix(tmp_path / "mem")
+    base = PrefixModel(tiny_model("llama"))
+    store = PrefixStore(key_value_loader(base.shape), "cpu", [tmp_path], budget_bytes=10 ** 6)
+    batcher = Batcher(base, CharTokenizer(), "base", Limits(max_batch=4, max_queue=8), store=store).start()
+    try:
+        c = Collector(batcher)
+        batcher.submit([c.request(0, PROMPTS[1], "mem", max_tokens=8, ignore_eos=True)])
+        c.wait(1)
+        assert store.stats.resident["device"] == pm.prefixes["default"].memory.numel() * 4
+        x = torch.tensor([PROMPTS[1]])
+        out = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, min_new_tokens=8,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert c.text(0) == CharTokenizer().decode(out[0, x.shape[1]:].tolist())
+    finally:
+        batcher.close()

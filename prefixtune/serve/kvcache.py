@@ -15,6 +15,10 @@ others are, and stacked under the rest; a leaving row is dropped, and the token 
 are padding in every row and the prefix slots that no row uses any more are trimmed away, so
 the cache never grows past what its live rows need.
 
+A memory prefix (``PrefixConfig(kind="memory")``) puts nothing in the cache: its term needs only
+the current query. The cache keeps, per site, every row's memory (zeros for rows without one),
+joined and dropped with the rows, and hands it to each step with the key/value slots.
+
 Positions are not derived from ``T``: each row counts its own real tokens and the batcher
 passes them as ``position_ids`` (the model shifts them by the row's prefix where the prefix
 asks for that), so a row sees exactly the positions it would have alone, whatever padding
@@ -41,6 +45,7 @@ class BatchCache:
         self.mask: torch.Tensor | None = None  # [B, T], 1 = real token
         self.valid: list[torch.Tensor] = []  # per layer [B, slots], True = a real prefix slot
         self.shifts: list[int] = []  # per row, its position shift (PrefixBatch.offsets)
+        self.memory: list[torch.Tensor | None] = []  # per site [B, kv_heads, d, d], or [] when no row has a memory
         self._step_prefix: PrefixBatch | None = None  # a step's prefix= but its key/values: where the prefixes are
 
     @property
@@ -58,13 +63,14 @@ class BatchCache:
         cache = DynamicCache()
         pairs = [None] * layers if batch is None else batch.key_values
         cache.layers = [PrefixLayer(*(pair or (None, None))) for pair in pairs]
-        return cache, None if batch is None else dataclasses.replace(batch, in_cache=batch.prefixed_layers)
+        return cache, None if batch is None else dataclasses.replace(batch, in_cache=batch.kv_layers)
 
     def join(self, cache: DynamicCache, mask: torch.Tensor, batch: PrefixBatch | None) -> None:
         """Stack the rows just prefilled into ``cache`` (made by :meth:`open` from ``batch``;
         token padding ``mask``, ``[b, t]``) under ours."""
         valid = [_valid(batch, i, layer.prefix_length, mask) for i, layer in enumerate(cache.layers)]
         shifts = [0] * mask.shape[0] if batch is None else batch.offsets.tolist()
+        memory = _stacked_memory(self.memory, self.rows, [] if batch is None else batch.memory, mask.shape[0])
         if self.cache is not None:
             width = max(self.length, mask.shape[1])
             for i, (mine, theirs) in enumerate(zip(self.cache.layers, cache.layers)):
@@ -77,7 +83,7 @@ class BatchCache:
                 valid[i] = torch.cat([_pad_right(self.valid[i], slots), _pad_right(valid[i], slots)])
             mask = torch.cat([_pad_left(self.mask, width), _pad_left(mask, width)])
             shifts = self.shifts + shifts
-        self.cache, self.mask, self.valid, self.shifts = cache, mask, valid, shifts
+        self.cache, self.mask, self.valid, self.shifts, self.memory = cache, mask, valid, shifts, memory
         self._rebuild_step_prefix()
 
     def keep(self, rows: list[int]) -> None:
@@ -85,7 +91,7 @@ class BatchCache:
         row and the prefix slots that no row uses."""
         if not rows:
             self.cache = self.mask = self._step_prefix = None
-            self.valid, self.shifts = [], []
+            self.valid, self.shifts, self.memory = [], [], []
             return
         index = torch.tensor(rows, device=self.mask.device)
         mask = self.mask.index_select(0, index)
@@ -101,6 +107,7 @@ class BatchCache:
             valid[i] = valid[i][:, :slots[i]]
         self.mask, self.valid = mask[:, start:], valid
         self.shifts = [self.shifts[r] for r in rows]
+        self.memory = _kept_memory(self.memory, index)
         self._rebuild_step_prefix()
 
     def step_mask(self, new_tokens: int = 1) -> torch.Tensor:
@@ -119,17 +126,40 @@ class BatchCache:
     def _rebuild_step_prefix(self) -> None:
         """Rebuild the ``prefix=`` steps pass, after rows joined or left (one sync, not one per step)."""
         prefixed = [i for i, layer in enumerate(self.cache.layers) if layer.prefix_length]
-        if not prefixed:
+        if not prefixed and not self.memory:
             self._step_prefix = None
             return
-        full = torch.stack([self.valid[i].all() for i in prefixed]).tolist()
+        full = torch.stack([self.valid[i].all() for i in prefixed]).tolist() if prefixed else []
         masked = {i for i, every in zip(prefixed, full) if not every}  # the others: every slot real, no mask work
         self._step_prefix = PrefixBatch(
             key_values=[], valid=[v if i in masked else None for i, v in enumerate(self.valid)],
             offsets=torch.tensor(self.shifts, device=self.mask.device),
             shift=self.shifts[0] if len(set(self.shifts)) == 1 else None,
-            in_cache=frozenset(prefixed),
+            in_cache=frozenset(prefixed), memory=self.memory,
         )
+
+
+def _stacked_memory(mine: list, mine_rows: int, theirs: list, their_rows: int) -> list:
+    """Per site, the memories of our rows over those of the rows joining (``[1, ...]``: one memory for
+    all of them), zeros for rows without one; ``[]`` when no row of either has a memory."""
+    if not mine and not theirs:
+        return []
+    out = []
+    for a, b in zip(mine or [None] * len(theirs), theirs or [None] * len(mine)):
+        like = a if a is not None else b
+        if like is None:
+            out.append(None)
+            continue
+        a = like.new_zeros(mine_rows, *like.shape[1:]) if a is None else a
+        b = like.new_zeros(their_rows, *like.shape[1:]) if b is None else b.expand(their_rows, *b.shape[1:])
+        out.append(torch.cat([a, b]))
+    return out
+
+
+def _kept_memory(memory: list, index: torch.Tensor) -> list:
+    """The memories of the rows ``index`` keeps; ``[]`` once none of them has one."""
+    kept = [None if m is None else m.index_select(0, index) for m in memory]
+    return kept if any(m is not None and bool(m.any()) for m in kept) else []
 
 
 def _valid(batch: PrefixBatch | None, layer: int, slots: int, mask: torch.Tensor) -> torch.Tensor:
