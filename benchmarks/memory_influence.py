@@ -7,9 +7,12 @@ trained prefix moves the model's next-token distribution from the base model's, 
 Kullback-Leibler divergence ``KL(p_prefix || p_base)`` at the last position (where the task's
 answer starts), averaged over ``--prompts`` inputs.
 
-An input of length ``L`` is an E2E task prompt (``Table: {mr}\\nText:``) with real text of the same
-domain in front of it (references of other dev inputs, one per line), cut from the left to ``L``
-tokens; below the prompt's own length, the prompt's last ``L`` tokens. Both prefixes are trained
+An input of length ``L`` is an E2E task prompt (``Table: {mr}\\nText:``) with real text in front of it,
+cut from the left to ``L`` tokens (below the prompt's own length, the prompt's last ``L`` tokens).
+Two kinds of text are put in front, each its own series: ``e2e``, references of other E2E dev
+inputs (the task's own domain: a long context of it also moves the base model towards the task,
+which lowers the divergence of either prefix for a reason other than dilution), and ``sst2``,
+SST-2 movie-review sentences (another domain, which does not teach the base model the task). Both prefixes are trained
 on the same task beforehand, for example::
 
     prefixtune train --data $PREFIXTUNE_DATA/e2e/trainset.csv --eval-data $PREFIXTUNE_DATA/e2e/devset.csv \\
@@ -19,7 +22,7 @@ on the same task beforehand, for example::
 
 Run from the repository root::
 
-    python -m benchmarks.memory_influence --kv runs/e2e-kv --memory runs/e2e-memory \\
+    python -m benchmarks.memory_influence --kv runs/e2e-kv --memory runs/e2e-memory --threads 2 \\
         --json benchmarks/results/memory-influence.json --plot docs/images/memory-influence.png
 """
 
@@ -40,13 +43,17 @@ from .common import start, write_json
 
 LENGTHS = (16, 32, 64, 128, 256, 512, 1024)
 TEMPLATE = "Table: {}\nText:"
+FILLERS = ("e2e", "sst2")
+"""The text put in front of the prompt: the task's own domain, or another one (module docstring)."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kv", required=True, help="folder of a trained key/value prefix")
     parser.add_argument("--memory", required=True, help="folder of a memory prefix trained on the same task")
-    parser.add_argument("--dev", default=None, help="E2E dev CSV (default: $PREFIXTUNE_DATA/e2e/devset.csv)")
+    parser.add_argument("--data-dir", default=None, help="the data folder (default: $PREFIXTUNE_DATA): "
+                        "e2e/devset.csv for the prompts, sst2/dev.tsv for the other domain's text")
+    parser.add_argument("--fillers", nargs="+", choices=FILLERS, default=list(FILLERS))
     parser.add_argument("--model", default=None, help="base model (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--prompts", type=int, default=8, help="inputs averaged per length")
@@ -56,18 +63,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def inputs(dev: Path, tokenizer, lengths, count: int) -> dict[int, list[torch.Tensor]]:
-    """Per length, ``count`` token rows: a prompt with same-domain text in front, cut to that length."""
-    rows = list(csv.DictReader(dev.open(encoding="utf-8")))
+def filler_text(root: Path, filler: str, rows: list[dict]) -> str:
+    """The text put in front of the prompts: E2E references of other dev inputs, or SST-2 sentences."""
+    if filler == "e2e":
+        return "\n".join(r["ref"] for r in rows[200:600])
+    with (root / "sst2" / "dev.tsv").open(encoding="utf-8") as f:
+        return "\n".join(line.split("\t")[0].strip() for line in list(f)[1:400])
+
+
+def inputs(root: Path, tokenizer, filler: str, lengths, count: int) -> dict[int, list[torch.Tensor]]:
+    """Per length, ``count`` token rows: a prompt with ``filler`` text in front, cut to that length."""
+    rows = list(csv.DictReader((root / "e2e" / "devset.csv").open(encoding="utf-8")))
     prompts = list(dict.fromkeys(r["mr"] for r in rows))[:count]
-    filler = tokenizer("\n".join(r["ref"] for r in rows[200:600]), add_special_tokens=False).input_ids
+    text = tokenizer(filler_text(root, filler, rows), add_special_tokens=False).input_ids
+    newline = tokenizer("\n", add_special_tokens=False).input_ids
     out = {}
     for length in lengths:
         out[length] = []
         for prompt in prompts:
             ids = tokenizer(TEMPLATE.format(prompt), add_special_tokens=False).input_ids
-            ids = (filler + tokenizer("\n", add_special_tokens=False).input_ids + ids)[-length:]
-            out[length].append(torch.tensor([ids]))
+            out[length].append(torch.tensor([(text + newline + ids)[-length:]]))
     return out
 
 
@@ -79,7 +94,7 @@ def divergence(pm: PrefixModel, ids: torch.Tensor, prefix: str) -> float:
     return float((tuned.exp() * (tuned - base)).sum())
 
 
-def measure(pm: PrefixModel, rows: dict[int, list[torch.Tensor]]) -> dict:
+def measure(pm: PrefixModel, rows: dict[int, list[torch.Tensor]], filler: str) -> dict:
     """Per kind, per length: the mean and each input's divergence."""
     results = {}
     for kind in ("kv", "memory"):
@@ -87,7 +102,7 @@ def measure(pm: PrefixModel, rows: dict[int, list[torch.Tensor]]) -> dict:
         for length, batch in rows.items():
             values = [divergence(pm, ids, kind) for ids in batch]
             results[kind][length] = {"mean": statistics.mean(values), "values": values}
-            print(f"{kind:>6} {length:>5} tokens: KL {statistics.mean(values):.4f}", flush=True)
+            print(f"{filler:>5} {kind:>6} {length:>5} tokens: KL {statistics.mean(values):.4f}", flush=True)
     return results
 
 
@@ -97,13 +112,16 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axis = plt.subplots(figsize=(6, 4))
-    for kind, label in (("kv", "key/value prefix"), ("memory", "memory prefix")):
-        lengths = sorted(results[kind], key=int)
-        axis.plot([int(n) for n in lengths], [results[kind][n]["mean"] for n in lengths], marker="o", label=label)
-    axis.set(xscale="log", yscale="log", xlabel="input tokens", ylabel="KL(prefixed || base), nats",
-             title="How far each prefix moves the next token, by input length")
-    axis.legend()
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    for axis, (filler, series) in zip(axes[0], results.items()):
+        for kind, label in (("kv", "key/value prefix"), ("memory", "memory prefix")):
+            lengths = sorted(series[kind], key=int)
+            axis.plot([int(n) for n in lengths], [series[kind][n]["mean"] for n in lengths], marker="o", label=label)
+        axis.set(xscale="log", xlabel="input tokens", ylabel="KL(prefixed || base), nats",
+                 title=f"text in front: {'E2E references' if filler == 'e2e' else 'SST-2 sentences'}")
+        axis.set_ylim(bottom=0)
+        axis.legend()
+    fig.suptitle("How far each prefix moves the next token after the E2E prompt, by input length")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -120,8 +138,9 @@ def main(argv=None) -> None:
     kinds = {name: pm.prefixes[name].kind for name in ("kv", "memory")}
     if kinds != {"kv": "kv", "memory": "memory"}:
         raise SystemExit(f"--kv and --memory must hold a key/value and a memory prefix, got {kinds}")
-    dev = Path(args.dev) if args.dev else data_root() / "e2e" / "devset.csv"
-    results = measure(pm, inputs(dev, tokenizer, args.lengths, args.prompts))
+    root = data_root(args.data_dir, option="--data-dir")
+    results = {filler: measure(pm, inputs(root, tokenizer, filler, args.lengths, args.prompts), filler)
+               for filler in args.fillers}
     if args.json:
         write_json(args.json, {**header, "kv": str(args.kv), "memory": str(args.memory), "results": results})
     if args.plot:

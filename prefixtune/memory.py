@@ -65,22 +65,40 @@ class MemoryPrefix(nn.Module):
         return [([self.memory], 1.0)]
 
 
-def features(query: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``φ(q) = (elu(q · scaling) + 1) / head_dim``: positive, about ``1 / head_dim`` each, ``[B, heads, T, head_dim]``."""
-    return (nn.functional.elu(query * scaling) + 1) / query.shape[-1]
+def folded(memory: torch.Tensor) -> torch.Tensor:
+    """``memory`` (``[..., head_dim, head_dim]``) as :func:`memory_term` reads it: ``M' = M / head_dim`` with its
+    column sums ``1ᵀM'`` as one more row, ``[..., head_dim + 1, head_dim]``. Made once per call (a prefix's
+    layout), so that a decoding step's term is two operations on the query, not four."""
+    scaled = memory / memory.shape[-1]
+    return torch.cat([scaled, scaled.sum(-2, keepdim=True)], dim=-2)
 
 
 def memory_term(query: torch.Tensor, memory: torch.Tensor, scaling: float) -> torch.Tensor:
     """``φ(q)ᵀ M`` for every query head, in the attention output's layout ``[B, T, heads, head_dim]``.
 
+    With ``φ(q) = (elu(q · scaling) + 1) / head_dim``, ``φ(q)ᵀ M = elu(q · scaling)ᵀ M' + 1ᵀ M'`` where
+    ``M' = M / head_dim``: the constant part is the column sums of ``M'`` (:func:`folded`), the bias of one
+    batched product, so the only work on the queries' size is one scale, one ``elu`` and the product.
+    The rows of a key/value group (every token and every query head of the group) go through its memory
+    in one product; one memory for every batch row (training) takes the batch into those rows too.
+
     Args:
         query: ``[B, heads, T, head_dim]``, as the attention function receives it.
-        memory: ``[B | 1, kv_heads, head_dim, head_dim]``: each row's memory at this site (zeros for a
-            row without one); a query head reads the memory of its key/value group.
+        memory: ``[B | 1, kv_heads, head_dim + 1, head_dim]``: each row's :func:`folded` memory at this
+            site (zeros for a row without one); a query head reads the memory of its key/value group.
         scaling: The attention's own score scale (``1 / sqrt(head_dim)`` for most models).
     """
     batch, heads, length, head_dim = query.shape
     groups = memory.shape[1]
-    phi = features(query, scaling).view(batch, groups, heads // groups, length, head_dim)
-    term = phi @ memory.to(query.dtype)[:, :, None]  # [B, kv_heads, heads / kv_heads, T, head_dim]
-    return term.view(batch, heads, length, head_dim).transpose(1, 2)
+    per_group = heads // groups
+    memory = memory.to(query.dtype)
+    weight, bias = memory[..., :head_dim, :], memory[..., head_dim:, :]  # M', 1ᵀM'
+    phi = nn.functional.elu(query.transpose(1, 2) * scaling)  # [B, T, heads, head_dim]: the query's own layout
+    if memory.shape[0] == 1:  # [kv_heads, B * T * per_group, head_dim] through [kv_heads, head_dim, head_dim]
+        rows = phi.reshape(batch * length, groups, per_group, head_dim).transpose(0, 1).reshape(groups, -1, head_dim)
+        term = torch.baddbmm(bias[0], rows, weight[0]).view(groups, batch, length, per_group, head_dim)
+        return term.permute(1, 2, 0, 3, 4).reshape(batch, length, heads, head_dim)
+    rows = phi.reshape(batch, length, groups, per_group, head_dim).permute(0, 2, 1, 3, 4)
+    term = torch.baddbmm(bias.flatten(0, 1), rows.reshape(batch * groups, -1, head_dim), weight.flatten(0, 1))
+    term = term.view(batch, groups, length, per_group, head_dim)
+    return term.permute(0, 2, 1, 3, 4).reshape(batch, length, heads, head_dim)

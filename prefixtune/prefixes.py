@@ -6,7 +6,7 @@ or a :class:`~prefixtune.memory.MemoryPrefix` (``memory``: a term on each head's
 each forward call it turns ``prefix=`` (one name for every row, or one name or ``None`` per row)
 into a :class:`PrefixBatch`: per model site, the key/values of every row, ``[B, kv_heads, L,
 head_dim]``, which the attention (:mod:`prefixtune.attention`) puts in front of that site's own
-keys and values, and the memory of every row, ``[B, kv_heads, head_dim, head_dim]``, whose term
+keys and values, and the memory of every row, ``[B, kv_heads, head_dim + 1, head_dim]``, whose term
 it adds to the output. A row carries one kind, or none; one batch may mix all three.
 """
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .encoder import PrefixEncoder
+from .memory import folded
 
 ACTIVE = "__active__"
 """Default of ``prefix=``: the active prefix (the first one added, or ``set_active``)."""
@@ -41,9 +42,9 @@ class PrefixBatch:
         in_cache: Sites whose keys/values arrive with the prefix already in front
             (:mod:`prefixtune.cache`).
         routes: Filled by the attention: the kernel route each prefixed site took in this call.
-        memory: Per model site, ``[B | 1, kv_heads, head_dim, head_dim]`` (one row: every row's),
-            zeros for rows without a memory, or ``None`` where no row has one; empty when no row has a
-            memory anywhere (:mod:`prefixtune.memory`).
+        memory: Per model site, ``[B | 1, kv_heads, head_dim + 1, head_dim]`` (one row: every row's), each
+            memory as the attention reads it (``prefixtune.memory.folded``), zeros for rows without a
+            memory, or ``None`` where no row has one; empty when no row has a memory anywhere.
     """
 
     key_values: list[tuple[torch.Tensor, torch.Tensor] | None]
@@ -194,7 +195,7 @@ def _memory(row_memories: list, num_sites: int, device) -> list[torch.Tensor | N
     unique = list({id(m): m for m in row_memories if m is not None}.values())
     if not unique:
         return []
-    made = [prefix() for prefix in unique]  # each [n_sites, kv_heads, head_dim, head_dim]
+    made = [folded(prefix()) for prefix in unique]  # each [n_sites, kv_heads, head_dim + 1, head_dim]
     out: list = [None] * num_sites
     if len(unique) == 1 and None not in row_memories:
         for slot, site in enumerate(unique[0].layers):
@@ -206,7 +207,7 @@ def _memory(row_memories: list, num_sites: int, device) -> list[torch.Tensor | N
     for site in sorted({s for m in unique for s in m.layers}):
         per_prefix = [kv[m.layers.index(site)] if site in m.layers else torch.zeros_like(like)
                       for m, kv in zip(unique, made)]
-        stacked = torch.stack(per_prefix + [torch.zeros_like(like)])  # [U + 1, kv_heads, head_dim, head_dim]
+        stacked = torch.stack(per_prefix + [torch.zeros_like(like)])  # [U + 1, kv_heads, head_dim + 1, head_dim]
         out[site] = stacked.index_select(0, row_index)
     return out
 

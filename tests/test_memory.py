@@ -10,7 +10,7 @@ import torch
 from tiny import (ARCHS, ENCODERS, SEQ2SEQ, assert_same, tiny_encoder, tiny_model, tiny_seq2seq, tokens)
 
 from prefixtune import PrefixConfig, PrefixModel
-from prefixtune.memory import MemoryPrefix, memory_term
+from prefixtune.memory import MemoryPrefix, folded, memory_term
 
 MEMORY = PrefixConfig(kind="memory")
 KV = PrefixConfig(prefix_length=3, reparameterize=False, init_std=0.5)
@@ -140,7 +140,7 @@ def test_layers_choose_the_sites_that_get_a_memory():
     pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(kind="memory", layers=(-1,)))
     assert pm.prefixes["default"].layers == (1,) and pm.prefixes["default"].memory.shape == (1, 2, 8, 8)
     batch = pm.prefix_batch("default", 2)
-    assert batch.memory_at(0) is None and batch.memory_at(1).shape == (1, 2, 8, 8) and batch.kv_layers == frozenset()
+    assert batch.memory_at(0) is None and batch.memory_at(1).shape == (1, 2, 9, 8) and batch.kv_layers == frozenset()
 
 
 def test_bf16_autocast_runs_and_stays_close():
@@ -172,9 +172,22 @@ def test_the_term_reads_each_query_head_s_key_value_group():
     query = torch.randn(1, 4, 3, 8)
     memory = torch.zeros(1, 2, 8, 8)
     memory[0, 1] = torch.randn(8, 8)
-    term = memory_term(query, memory, scaling=8 ** -0.5)  # [B, T, heads, head_dim]
+    term = memory_term(query, folded(memory), scaling=8 ** -0.5)  # [B, T, heads, head_dim]
     assert term.shape == (1, 3, 4, 8)
     assert torch.equal(term[:, :, :2], torch.zeros(1, 3, 2, 8)) and term[:, :, 2:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_term_is_phi_of_the_query_times_the_memory(rows):
+    """Against the formula written out: ``((elu(q * s) + 1) / d) @ M`` per query head and its group's memory,
+    for one memory shared by every row and for one per row, on a query in either layout."""
+    torch.manual_seed(0)
+    batch, heads, groups, length, d, s = 3, 6, 2, 5, 8, 0.3
+    memory = torch.randn(rows, groups, d, d)
+    for query in (torch.randn(batch, heads, length, d), torch.randn(batch, length, heads, d).transpose(1, 2)):
+        phi = (torch.nn.functional.elu(query * s) + 1) / d  # [B, heads, T, d]
+        expected = torch.stack([phi[:, h] @ memory[:, h // (heads // groups)] for h in range(heads)], dim=2)
+        assert_same(memory_term(query, folded(memory), s), expected)
 
 
 def test_config_refuses_words_for_a_memory():
