@@ -17,7 +17,8 @@ with its clipping and warmup.
 
 Rows that earlier studies measured under exactly the same setup (``benchmarks/results/
 e2e-study.json``, ``webnlg-study.json``) are taken over rather than run again (:func:`reuse`);
-they say so in ``reused_from``. Every other run is one ``prefixtune.compare.runner.run_method``
+they say so in ``reused_from``. So are the rows already in this study's own results file
+(``--results``), so that a fresh checkout continues a study run in slices from its committed rows. Every other run is one ``prefixtune.compare.runner.run_method``
 call; rows are resumable and can be shared among processes and machines (:mod:`benchmarks.study`).
 Run from the repository root::
 
@@ -155,16 +156,29 @@ def earlier_row(task: str, run: dict) -> dict | None:
     return {**row, "id": run["id"], "changes": changes, "reused_from": f"{EARLIER[task]}#{found[0]['id']}"}
 
 
+def committed_rows(args) -> dict:
+    """The rows of this study already in its results file (``--results``), by id: a fresh checkout resumes
+    from them, so a study run in slices keeps every slice's rows once they are committed."""
+    path = Path(args.results) if getattr(args, "results", None) else None
+    if path is None or not path.is_file():
+        return {}
+    return {row["id"]: row for row in json.loads(path.read_text())["rows"]}
+
+
 def reuse(args, plan: list[dict]) -> None:
-    """Write the rows earlier studies already measured for runs of ``plan`` that have none yet."""
+    """Write the rows this study's results file or earlier studies already hold for runs of ``plan`` that
+    have none yet."""
     folder = Path(args.out) / "runs"
     folder.mkdir(parents=True, exist_ok=True)
+    committed = {} if args.train_limit else committed_rows(args)
     for run in plan:
         target = folder / f"{run['id']}.json"
-        row = None if target.exists() or args.train_limit else earlier_row(run["task"], run)
+        if target.exists() or args.train_limit:
+            continue
+        row = committed.get(run["id"]) or earlier_row(run["task"], run)
         if row is not None:
             target.write_text(json.dumps(row, indent=1))
-            print(f"{run['id']}: taken from {row['reused_from']}", flush=True)
+            print(f"{run['id']}: taken from {row.get('reused_from') or args.results}", flush=True)
 
 
 # ---------------------------------------------------------------------------------- report

@@ -1,4 +1,4 @@
-"""``/health`` while hostile clients send what a probe of the server sent (issue 29).
+"""``/health`` while hostile clients send what a probe of the server sent.
 
 Run from the repository root:
 

@@ -415,7 +415,7 @@ def test_a_filter_on_a_missing_field_or_that_keeps_nothing_names_itself(tmp_path
         load_examples(source, keep=Where.parse("category=Pasta", "--eval-where"))
 
 
-# ------------------------------------------------------------------------ hostile inputs (issue 29, item 10)
+# ------------------------------------------------------------------------ hostile inputs
 def _finishes(call, seconds=60.0):
     """``call()``'s result or exception, or a failure if it is still running after ``seconds`` (a hang)."""
     import threading

@@ -1,5 +1,5 @@
 """Values that must not escape the one-line validator: each input a hostile or careless user sent, and
-the one line that now names the option (issue list of the command line and the Python API)."""
+the one line that names the option, on the command line and in the Python API."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The server against a hostile client, one test per defect a probe found (issue 29): each sends
+"""The server against a hostile client, one test per defect a probe found: each sends
 exactly the input the probe sent and checks the answer is a 4xx naming the problem (or the
 documented behaviour), with no internals, while ``/health`` keeps answering."""
 

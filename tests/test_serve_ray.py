@@ -116,7 +116,7 @@ def test_errors_are_those_of_one_server(ray_server):
     with pytest.raises(openai.UnprocessableEntityError) as err:
         c.completions.create(model="broken", prompt="x", max_tokens=2)
     assert "broken" in str(err.value)
-    with pytest.raises(openai.UnprocessableEntityError) as err:  # issue 29: a 503 carrying the actor's traceback
+    with pytest.raises(openai.UnprocessableEntityError) as err:  # not a 503 carrying the actor's traceback
         c.completions.create(model="deep", prompt="x", max_tokens=2)
     message = err.value.body["message"]
     assert "deep" in message and not any(leak in message for leak in ("pid=", "\x1b[", "Traceback", "ActorID")), message

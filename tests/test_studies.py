@@ -81,13 +81,28 @@ def test_recipe_study_takes_over_rows_measured_under_the_same_setup(tmp_path):
     from benchmarks import recipe_study
 
     args = argparse.Namespace(tasks="e2e,webnlg", arms="mlp-1e-3,mlp-3e-3-clip,lora", budgets="120,600", seeds="1",
-                              out=str(tmp_path), train_limit=None)
+                              out=str(tmp_path), train_limit=None, results=None)
     recipe_study.reuse(args, recipe_study.runs(args))
     rows = study.load_rows(tmp_path)
     assert sorted(rows) == ["e2e-lora-120-s1", "webnlg-lora-120-s1", "webnlg-mlp-1e-3-120-s1"]  # e2e ran mlp-1e-3 on seed 0 only
     assert rows["e2e-lora-120-s1"]["reused_from"] == "benchmarks/results/e2e-study.json#lr-lora-0.01-s1"
     assert set(rows["e2e-lora-120-s1"]["metrics"]) == {"bleu", "rouge_l"} and rows["e2e-lora-120-s1"]["seed"] == 1
     assert rows["webnlg-mlp-1e-3-120-s1"]["reused_from"] == "benchmarks/results/webnlg-study.json#prefix-s1"
+
+
+def test_recipe_study_resumes_from_the_rows_of_its_committed_results_file(tmp_path):
+    import argparse
+
+    from benchmarks import recipe_study
+
+    row = {"id": "sst2-lora-120-s0", "status": "ok", "metrics": {"accuracy": 90.0}, "final_loss": 0.3,
+           "changes": {"max_steps": 120, "seed": 0}}
+    results = tmp_path / "recipe-study.json"
+    results.write_text(json.dumps({"rows": [row]}))
+    args = argparse.Namespace(tasks="sst2", arms="lora,flat-3e-2", budgets="120", seeds="0", out=str(tmp_path / "out"),
+                              train_limit=None, results=str(results))
+    recipe_study.reuse(args, recipe_study.runs(args))
+    assert study.load_rows(tmp_path / "out") == {"sst2-lora-120-s0": row}  # flat-3e-2 on SST-2 is still to run
 
 
 @pytest.mark.slow  # about 20 s: two tasks, three arms, two budgets on a tiny model
