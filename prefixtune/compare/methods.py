@@ -271,6 +271,7 @@ def learning_rates(text: str | None, methods: list[Method]) -> dict[str, float]:
 
 
 def listing() -> str:
-    lines = [f"{'method':14}{'default lr':>11}  description"]
-    lines += [f"{m.name:14}{m.lr:>11.0e}  {m.describe}" for m in METHODS.values()]
+    width = max(len(name) for name in METHODS) + 2
+    lines = [f"{'method':{width}}{'default lr':>11}  description"]
+    lines += [f"{m.name:{width}}{m.lr:>11.0e}  {m.describe}" for m in METHODS.values()]
     return "\n".join(lines)
