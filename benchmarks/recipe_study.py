@@ -208,9 +208,18 @@ def report(args) -> str:
     if args.results:
         results = {"benchmark": "recipe_study", **common.header(__file__, None), "tasks": TASKS,
                    "arms": {k: dataclasses.asdict(v) for k, v in ARMS.items()},
-                   "rows": [{k: v for k, v in r.items() if k not in ("losses", "samples")} for r in rows]}
+                   "rows": [curated(r) for r in rows]}
         Path(args.results).write_text(json.dumps(results, indent=1) + "\n")
     return text
+
+
+def curated(row: dict) -> dict:
+    """A row as the results file keeps it: without per-step losses, generated texts (of each evaluation
+    set too) or the machine's checkpoint path; every score, summary and timing stays."""
+    out = {k: v for k, v in row.items() if k not in ("losses", "samples", "checkpoint")}
+    if "sets" in out:
+        out["sets"] = {name: {k: v for k, v in part.items() if k != "samples"} for name, part in out["sets"].items()}
+    return out
 
 
 def table(rows: list[dict], task: str, budget: int, arms: list[str]) -> list[str]:
