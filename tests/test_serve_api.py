@@ -306,7 +306,7 @@ def test_prefixes_are_added_and_removed_at_run_time(client, server, folders):
                  400, param="path")
     assert_error(http(server, "POST", "/v1/prefixes/gamma", raw=b"{", key=ADMIN), 400)
     status, body = http(server, "POST", "/v1/prefixes/gamma", {"path": inside}, key=ADMIN)
-    assert status == 200 and body["id"] == "gamma" and body["prefix_length"] == 4
+    assert status == 200 and body["id"] == "gamma" and body["prefix_length"] == 4 and body["kind"] == "kv"
     assert "gamma" in [m.id for m in client.models.list().data]
     assert client.completions.create(model="gamma", prompt="Hi", max_tokens=3).choices[0].finish_reason
     status, body = http(server, "DELETE", "/v1/prefixes/gamma", key=ADMIN)

@@ -78,8 +78,10 @@ class Entry:
 
     @property
     def shape(self) -> dict:
-        config = (self.encoder or self.host).config
-        return {"prefix_length": config.prefix_length, "layers": len((self.encoder or self.host).layers)}
+        """What the admin API says of the prefix: its kind, its key/value positions (a memory has none) and layers."""
+        prefix = self.encoder or self.host
+        length = prefix.config.prefix_length if prefix.kind == "kv" else 0
+        return {"kind": prefix.kind, "prefix_length": length, "layers": len(prefix.layers)}
 
 
 @dataclass
