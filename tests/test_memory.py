@@ -10,6 +10,7 @@ import torch
 from tiny import (ARCHS, ENCODERS, SEQ2SEQ, assert_same, tiny_encoder, tiny_model, tiny_seq2seq, tokens)
 
 from prefixtune import PrefixConfig, PrefixModel
+from prefixtune import memory as memory_module
 from prefixtune.memory import MemoryPrefix, folded, memory_term
 
 MEMORY = PrefixConfig(kind="memory")
@@ -177,10 +178,13 @@ def test_the_term_reads_each_query_head_s_key_value_group():
     assert torch.equal(term[:, :, :2], torch.zeros(1, 3, 2, 8)) and term[:, :, 2:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("per_head_rows", [0, 10**9], ids=["per-head", "per-group"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_the_term_is_phi_of_the_query_times_the_memory(rows):
+def test_the_term_is_phi_of_the_query_times_the_memory(rows, per_head_rows, monkeypatch):
     """Against the formula written out: ``((elu(q * s) + 1) / d) @ M`` per query head and its group's memory,
-    for one memory shared by every row and for one per row, on a query in either layout."""
+    for one memory shared by every row and for one per row, on a query in either layout, with the products
+    laid out per head (long inputs) and per key/value group (decoding), and its gradients the same both ways."""
+    monkeypatch.setattr(memory_module, "PER_HEAD_ROWS", per_head_rows)
     torch.manual_seed(0)
     batch, heads, groups, length, d, s = 3, 6, 2, 5, 8, 0.3
     memory = torch.randn(rows, groups, d, d)
@@ -188,6 +192,14 @@ def test_the_term_is_phi_of_the_query_times_the_memory(rows):
         phi = (torch.nn.functional.elu(query * s) + 1) / d  # [B, heads, T, d]
         expected = torch.stack([phi[:, h] @ memory[:, h // (heads // groups)] for h in range(heads)], dim=2)
         assert_same(memory_term(query, folded(memory), s), expected)
+    query = torch.randn(batch, heads, length, d, requires_grad=True)
+    folded_memory = folded(memory).requires_grad_()
+    memory_term(query, folded_memory, s).square().sum().backward()
+    monkeypatch.setattr(memory_module, "PER_HEAD_ROWS", 10**9 - per_head_rows)  # the other layout
+    other_query, other_memory = query.detach().requires_grad_(), folded_memory.detach().requires_grad_()
+    memory_term(other_query, other_memory, s).square().sum().backward()
+    assert_same(query.grad, other_query.grad)
+    assert_same(folded_memory.grad, other_memory.grad)
 
 
 def test_config_refuses_words_for_a_memory():
