@@ -100,14 +100,14 @@ def memory_term(query: torch.Tensor, memory: torch.Tensor, scaling: float) -> to
     """
     batch, heads, length, _ = query.shape
     phi = nn.functional.elu(query.transpose(1, 2) * scaling, inplace=True)  # [B, T, heads, head_dim]
-    memory = memory.to(query.dtype).expand(batch, -1, -1, -1)
     products = _per_head if batch * length >= PER_HEAD_ROWS else _per_group
-    return products(phi, memory)
+    return products(phi, memory.to(query.dtype))
 
 
 def _per_head(phi: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """:func:`memory_term`'s products, one per head: ``phi`` ``[B, T, heads, d]``, ``memory`` ``[B, kv_heads, d + 1, d]``."""
+    """:func:`memory_term`'s products, one per head: ``phi`` ``[B, T, heads, d]``, ``memory`` ``[B | 1, kv_heads, d + 1, d]``."""
     per_group = phi.shape[2] // memory.shape[1]
+    memory = memory.expand(phi.shape[0], -1, -1, -1)
     weight, bias = memory[..., :-1, :], memory[..., -1:, :]
     terms = [torch.baddbmm(bias[:, h // per_group], rows, weight[:, h // per_group])
              for h, rows in enumerate(phi.unbind(2))]  # [B, T, d] each, read in place
@@ -115,10 +115,15 @@ def _per_head(phi: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
 
 
 def _per_group(phi: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """:func:`memory_term`'s products, one per batch row and key/value group, over its tokens and query heads."""
+    """:func:`memory_term`'s products, one per key/value group over its tokens and query heads (and over the
+    batch's rows too when they share one memory, as in generation with one prefix)."""
     batch, length, heads, head_dim = phi.shape
     groups = memory.shape[1]
-    rows = phi.reshape(batch, length, groups, heads // groups, head_dim).transpose(1, 2)  # [B, kv, T, per, d]
-    term = torch.baddbmm(memory[..., -1:, :].flatten(0, 1), rows.reshape(batch * groups, -1, head_dim),
-                         memory[..., :-1, :].flatten(0, 1))
+    weight, bias = memory[..., :-1, :], memory[..., -1:, :]
+    if memory.shape[0] == 1:  # [kv_heads, B * T * per_group, d] through [kv_heads, d, d]
+        rows = phi.reshape(batch * length, groups, -1, head_dim).transpose(0, 1).reshape(groups, -1, head_dim)
+        term = torch.baddbmm(bias[0], rows, weight[0]).view(groups, batch, length, -1, head_dim)
+        return term.permute(1, 2, 0, 3, 4).reshape(batch, length, heads, head_dim)
+    rows = phi.reshape(batch, length, groups, -1, head_dim).transpose(1, 2)  # [B, kv_heads, T, per_group, d]
+    term = torch.baddbmm(bias.flatten(0, 1), rows.reshape(batch * groups, -1, head_dim), weight.flatten(0, 1))
     return term.view(batch, groups, length, -1, head_dim).transpose(1, 2).reshape(batch, length, heads, head_dim)
