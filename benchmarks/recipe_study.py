@@ -25,7 +25,9 @@ Run from the repository root::
     python -m benchmarks.recipe_study --workers 1 --threads 1           # stage 1, then the report
     python -m benchmarks.recipe_study --arms mlp-1e-3,flat-3e-2,lora --seeds 0,1,2   # stage 2
     python -m benchmarks.recipe_study --tasks e2e --arms flat-3e-2,lora --budgets 600 --seeds 0,1,2
-    python -m benchmarks.recipe_study --phase report
+    python -m benchmarks.recipe_study --phase report --doc docs/studies/recipe.md   # stage 1's tables in the page
+    python -m benchmarks.recipe_study --phase report --arms mlp-1e-3,flat-3e-2,lora --seeds 0,1,2 --budgets 120,600 \\
+        --doc docs/studies/recipe.md --section "stage 2"
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from benchmarks import common, study, webnlg_study
@@ -52,6 +55,10 @@ TASKS = {  # paths under --data-dir; the options of prefixtune compare that make
                  prompt_template="Review: {prompt}\nSentiment (0 negative, 1 positive):", max_length=128,
                  metrics="accuracy", max_new_tokens=2, init_text="sentiment classification:"),
 }
+CAPTIONS = {"e2e": ("E2E", "dev BLEU and ROUGE-L"),
+            "webnlg": ("WebNLG", "trained on 7 categories; seen and unseen dev inputs"),
+            "sst2": ("SST-2", "dev accuracy, 50 sentences")}
+"""How the report names each task and what its table holds."""
 EVAL_SAMPLE = {"e2e": None, "webnlg": True, "sst2": True}
 """Whether a task scores ``--eval-prompts`` inputs drawn with seed 0 (``True``) or the first ones
 (``None``): E2E keeps the E2E study's first 50 MRs, so that its rows carry over."""
@@ -193,18 +200,28 @@ def score(row: dict, part: str | None, metric: str) -> float:
     return (row["sets"][part] if part else row)["metrics"][metric]
 
 
+LEGEND = ("Mean ± sd over seeds; spike: the largest loss / running median after warmup, and in how many runs it "
+          "exceeded 2 (`-`: a row taken over from an earlier study, which did not record it); Δ: the arm minus "
+          f"`{REFERENCE}` on the task's first column, seed by seed (mean ± sd; better in how many seeds; `-` until "
+          f"`{REFERENCE}`'s row exists); a classification task's last line: the accuracy of always answering its "
+          "scored inputs' most common label.")
+
+
 def report(args) -> str:
+    """The tables of ``--tasks`` x ``--budgets`` for ``--arms`` over ``--seeds``: written to OUT/study.md, and
+    between the markers of ``--section`` in ``--doc`` when given; every row, of any seed, to ``--results``."""
     rows = [r for r in study.load_rows(Path(args.out)).values() if r.get("status") == "ok"]
-    lines = ["### The recipe study", "",
-             "Mean ± sd over seeds; spike: the largest loss / running median after warmup, and in how many runs it "
-             f"exceeded 2 (- where the row did not record it); Δ: the arm minus `{REFERENCE}` on the task's first "
-             "column, seed by seed (mean ± sd; better in how many seeds).", ""]
+    seeds = {int(seed) for seed in args.seeds.split(",")}
+    shown = [r for r in rows if r["changes"]["seed"] in seeds]
+    lines = [LEGEND, ""]
     for task in args.tasks.split(","):
-        for budget in sorted({r["changes"]["max_steps"] for r in rows if r["id"].startswith(f"{task}-")}):
-            lines += table(rows, task, budget, args.arms.split(","))
-    text = "\n".join(lines) + "\n"
+        for budget in (int(b) for b in args.budgets.split(",")):
+            lines += table(shown, task, budget, args.arms.split(","))
+    text = "\n".join(lines).strip() + "\n"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "study.md").write_text(text)
+    if getattr(args, "doc", None):
+        write_section(Path(args.doc), args.section, text)
     if args.results:
         results = {"benchmark": "recipe_study", **common.header(__file__, None), "tasks": TASKS,
                    "arms": {k: dataclasses.asdict(v) for k, v in ARMS.items()},
@@ -213,19 +230,41 @@ def report(args) -> str:
     return text
 
 
+def write_section(doc: Path, section: str, text: str) -> None:
+    """Replace what lies between ``<!-- SECTION: begin -->`` and ``<!-- SECTION: end -->`` in ``doc``."""
+    begin, end = f"<!-- {section}: begin -->", f"<!-- {section}: end -->"
+    page = doc.read_text()
+    if begin not in page or end not in page:
+        raise SystemExit(f"--doc {doc}: no lines {begin!r} and {end!r} to write section {section!r} between")
+    head, rest = page.split(begin, 1)
+    doc.write_text(f"{head}{begin}\n\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
 def curated(row: dict) -> dict:
     """A row as the results file keeps it: without per-step losses, generated texts (of each evaluation
     set too) or the machine's checkpoint path; every score, summary and timing stays."""
     out = {k: v for k, v in row.items() if k not in ("losses", "samples", "checkpoint")}
+    if "samples" in row and "accuracy" in row.get("metrics", {}):
+        out["label_counts"] = label_counts(row)
     if "sets" in out:
         out["sets"] = {name: {k: v for k, v in part.items() if k != "samples"} for name, part in out["sets"].items()}
     return out
 
 
+def label_counts(row: dict) -> dict[str, int]:
+    """How often each label is the answer among a classification row's scored inputs."""
+    if "label_counts" in row:
+        return row["label_counts"]
+    return dict(Counter(sample["references"][0] for sample in row["samples"]))
+
+
 def table(rows: list[dict], task: str, budget: int, arms: list[str]) -> list[str]:
     cols = columns(task)
     mine = {arm: [r for r in rows if r["id"].startswith(f"{task}-{arm}-{budget}-s")] for arm in arms}
-    lines = [f"{task}, {budget} steps:", "", "| arm | seeds | " + " | ".join(c[0] for c in cols)
+    if not any(mine.values()):
+        return []
+    name, holds = CAPTIONS[task]
+    lines = [f"**{name}, {budget} steps** ({holds}):", "", "| arm | seeds | " + " | ".join(c[0] for c in cols)
              + f" | train loss | spike | Δ {cols[0][0]} |", "|---|---|" + "---|" * (len(cols) + 3)]
     label, part, metric = cols[0]
     reference = {r["changes"]["seed"]: score(r, part, metric) for r in mine.get(REFERENCE, [])}
@@ -240,6 +279,11 @@ def table(rows: list[dict], task: str, budget: int, arms: list[str]) -> list[str
         cells = [format_mean_sd([score(r, s, m) for r in got]) for _, s, m in cols]
         lines.append(f"| {arm} | {len(got)} | " + " | ".join(cells)
                      + f" | {format_mean_sd([r['final_loss'] for r in got], 3)} | {spike} | {delta} |")
+    counted = [label_counts(r) for got in mine.values() for r in got
+               if metric == "accuracy" and ("samples" in r or "label_counts" in r)]
+    if counted:
+        most, total = max(counted[0].values()), sum(counted[0].values())
+        lines.append(f"| *always the most common label* | | {100 * most / total:.1f} |" + " |" * (len(cols) + 2))
     return lines + [""]
 
 
@@ -253,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-limit", type=int, default=None, help="first N training rows (a smoke run; "
                         "earlier studies' rows are then not taken over)")
     parser.add_argument("--eval-prompts", type=int, default=50, help="dev inputs scored (per set on WebNLG)")
+    parser.add_argument("--doc", default=None, help="a Markdown page whose section --section the report's tables "
+                        "replace (docs/studies/recipe.md)")
+    parser.add_argument("--section", default="stage 1", help="the name in the page's markers "
+                        "<!-- NAME: begin --> and <!-- NAME: end -->")
     args = parser.parse_args(argv)
     check(args)
     if args.phase == "run" and not args.worker:

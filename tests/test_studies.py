@@ -121,5 +121,38 @@ def test_recipe_study_runs_each_task_and_records_spike_ratios(model_dir, tmp_pat
     assert set(rows["e2e-flat-3e-2-7-s0"]["metrics"]) == {"bleu", "rouge_l"}
     assert rows["e2e-flat-3e-2-7-s0"]["spike_ratio"] > 0 and rows["e2e-flat-3e-2-3-s0"]["spike_ratio"] is None
     text = (out / "study.md").read_text()
-    assert "sst2, 7 steps:" in text and "| mlp-3e-3-clip | 1 |" in text and "| lora | 1 |" in text
+    assert "**SST-2, 7 steps**" in text and "| mlp-3e-3-clip | 1 |" in text and "| lora | 1 |" in text
+    assert "| *always the most common label* | | 100.0 |" in text or "| *always the most common label* | | 50.0 |" in text
     assert len(json.loads((tmp_path / "recipe.json").read_text())["rows"]) == 12
+
+
+def test_recipe_study_report_writes_its_tables_into_the_page_between_the_markers(tmp_path):
+    import argparse
+
+    from benchmarks import recipe_study
+
+    def row(arm, seed, accuracy):
+        return {"id": f"sst2-{arm}-120-s{seed}", "status": "ok", "metrics": {"accuracy": accuracy}, "final_loss": 0.3,
+                "changes": {"max_steps": 120, "seed": seed}, "spike_ratio": 1.2, "spike": False,
+                "samples": [{"references": [label]} for label in "1110"]}
+
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    for r in (row("lora", 0, 75.0), row("lora", 1, 50.0), row("flat-3e-2", 0, 25.0), row("flat-3e-2", 1, 75.0)):
+        (out / "runs" / f"{r['id']}.json").write_text(json.dumps(r))
+    doc = tmp_path / "page.md"
+    doc.write_text("# Page\n\n<!-- stage 1: begin -->\nold table\n<!-- stage 1: end -->\n\n## Reading\n")
+    results = tmp_path / "results.json"
+    args = argparse.Namespace(out=str(out), tasks="sst2", arms="flat-3e-2,lora", budgets="120", seeds="0",
+                              doc=str(doc), section="stage 1", results=str(results))
+    recipe_study.report(args)
+    page = doc.read_text()
+    assert "old table" not in page and page.startswith("# Page\n\n<!-- stage 1: begin -->\n\nMean ± sd")
+    assert page.endswith("<!-- stage 1: end -->\n\n## Reading\n")
+    assert "| flat-3e-2 | 1 | 25.0 |" in page and "-50.00 (0/1)" in page  # seed 0 only: the stage's seeds
+    assert "| *always the most common label* | | 75.0 |" in page
+    saved = json.loads(results.read_text())["rows"]
+    assert len(saved) == 4 and all(r["label_counts"] == {"1": 3, "0": 1} and "samples" not in r for r in saved)
+    args.section = "stage 2"
+    with pytest.raises(SystemExit, match="stage 2: begin"):
+        recipe_study.report(args)
