@@ -3,7 +3,8 @@
 Stage 1 (screen, seed 0) runs :data:`STAGE1` on E2E, WebNLG and SST-2 at 120 steps of batch 8: today's
 default (the MLP at 3e-3, clipped at 1.0), the MLP at 1e-3 unclipped, the default with 10 % warmup,
 the MLP with width-scaled (muP) rates at two base rates, the flat prefix at two rates and from real
-words, a flat prefix beside LoRA, the memory prefix at two rates, and LoRA r=8, the reference;
+words, a flat prefix beside LoRA, the memory prefix at two rates, LoRA r=8, the reference, and the
+base model untrained, the floor (no training, so its row costs one evaluation);
 stage 2 (confirm) runs the two best prefix arms and LoRA over seeds 0, 1 and 2 (and E2E at 600
 steps); the report gives, per task, each arm's mean ± sd over seeds, its final training loss,
 its largest loss / running-median ratio (``prefixtune.spikes``) and its paired difference to
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -93,9 +95,10 @@ ARMS = {
     "memory-1e-2": Arm("prefix-memory", 1e-2),
     "lora": Arm("lora", 1e-2),
     "full": Arm("full", 5e-5),
+    "base": Arm("base", 0.0),
 }
 STAGE1 = ("mlp-3e-3-clip", "mlp-1e-3", "mlp-3e-3-clip-warm10pct", "mup-1e-2", "mup-3e-2", "flat-1e-2", "flat-3e-2",
-          "flat-words-3e-2", "flat-lora-1e-2", "memory-3e-3", "memory-1e-2", "lora")
+          "flat-words-3e-2", "flat-lora-1e-2", "memory-3e-3", "memory-1e-2", "lora", "base")
 """The screen's arms (the default of ``--arms``)."""
 REFERENCE = "lora"
 """The arm every other is compared with, seed by seed."""
@@ -201,7 +204,8 @@ def score(row: dict, part: str | None, metric: str) -> float:
 
 
 LEGEND = ("Mean ± sd over seeds; spike: the largest loss / running median after warmup, and in how many runs it "
-          "exceeded 2 (`-`: a row taken over from an earlier study, which did not record it); Δ: the arm minus "
+          "exceeded 2 (`-`: a row taken over from an earlier study, which did not record it, or `base`, which "
+          "does not train); Δ: the arm minus "
           f"`{REFERENCE}` on the task's first column, seed by seed (mean ± sd; better in how many seeds; `-` until "
           f"`{REFERENCE}`'s row exists); a classification task's last line: the accuracy of always answering its "
           "scored inputs' most common label.")
@@ -258,6 +262,14 @@ def label_counts(row: dict) -> dict[str, int]:
     return dict(Counter(sample["references"][0] for sample in row["samples"]))
 
 
+def train_loss(rows: list[dict]) -> str:
+    """The rows' final training loss, mean ± sd (``-`` for an arm that does not train, as ``base``)."""
+    losses = [r.get("final_loss") for r in rows]
+    if any(loss is None or math.isnan(loss) for loss in losses):
+        return "-"
+    return format_mean_sd(losses, 3)
+
+
 def table(rows: list[dict], task: str, budget: int, arms: list[str]) -> list[str]:
     cols = columns(task)
     mine = {arm: [r for r in rows if r["id"].startswith(f"{task}-{arm}-{budget}-s")] for arm in arms}
@@ -278,7 +290,7 @@ def table(rows: list[dict], task: str, budget: int, arms: list[str]) -> list[str
         delta = f"{format_mean_sd(d['diffs'], 2, sign=True)} ({better}/{d['n']})" if d["n"] and arm != REFERENCE else "-"
         cells = [format_mean_sd([score(r, s, m) for r in got]) for _, s, m in cols]
         lines.append(f"| {arm} | {len(got)} | " + " | ".join(cells)
-                     + f" | {format_mean_sd([r['final_loss'] for r in got], 3)} | {spike} | {delta} |")
+                     + f" | {train_loss(got)} | {spike} | {delta} |")
     counted = [label_counts(r) for got in mine.values() for r in got
                if metric == "accuracy" and ("samples" in r or "label_counts" in r)]
     if counted:
