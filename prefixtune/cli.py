@@ -113,7 +113,11 @@ def _command(name: str):
 
 
 def _quiet_logging() -> None:
+    """The command line speaks in its own words: libraries below it say errors only. bitsandbytes, imported
+    with PEFT, otherwise warns on every run of a CPU with bf16 instructions that it could not fetch a kernel
+    from the Hub and suggests ``trust_remote_code``, which prefixtune never sets for the user."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -203,3 +203,15 @@ def test_eval_group_by_scores_each_value_on_its_own_inputs_with_all_their_refere
     assert re.search(r"^with prefix, all\s", shown, flags=re.M) and re.search(r"^  A\s", shown, flags=re.M)
     assert main(["eval", "--model", model_dir, "--prefix", str(out), "--data", str(data), "--group-by", "topic"]) == 2
     assert "--group-by names field 'topic'" in capsys.readouterr().err
+
+
+def test_the_command_line_keeps_bitsandbytes_to_its_errors():
+    """bitsandbytes (imported with PEFT) warns on CPUs with bf16 instructions that it could not fetch a kernel
+    from the Hub and suggests trust_remote_code; the command line shows its errors only."""
+    import logging
+
+    from prefixtune import cli
+
+    cli._quiet_logging()
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert not bnb.isEnabledFor(logging.WARNING) and bnb.isEnabledFor(logging.ERROR)
