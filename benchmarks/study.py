@@ -4,9 +4,13 @@ A study is a list of runs, each ``{"id", "method", "lr", "changes"}``: one
 ``prefixtune.compare.runner.run_method`` call (the code of ``prefixtune compare``) on the
 study's base configuration with ``changes`` applied. Each run's row is written to
 ``OUT/runs/ID.json`` as soon as it finishes, and a run whose row exists is not run again, so a
-study resumes where it stopped. ``--workers N`` shares the runs among N processes of this
-machine; ``--shard I/N`` runs every N-th run from the I-th (counted from 0), so N machines
-with the same OUT folder (or their row files copied together afterwards) share a study.
+study resumes where it stopped. A process claims a run before it starts it (``OUT/claims/ID``,
+holding its process id, gone when the row is written): ``--workers N`` processes of this machine
+then each take the next unclaimed run, so a long run never leaves another worker idle, and two
+commands with overlapping plans and the same OUT folder never run one run twice. A claim whose
+process is gone (a run killed part-way) is taken over. ``--shard I/N`` runs every N-th run from
+the I-th (counted from 0), so N machines with the same OUT folder (or their row files copied
+together afterwards) share a study.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -46,7 +51,8 @@ def shard(text: str | None) -> tuple[int, int]:
 
 def execute(runs: list[dict], config_of: Callable[[dict], CompareConfig], out: Path, part: tuple[int, int],
             drop_losses: bool = False) -> None:
-    """Run this part's runs that have no row yet, in this process, one row file each."""
+    """Run this part's runs that have no row yet and that no other live process has claimed, in this
+    process, one row file each."""
     from prefixtune.compare.runner import run_method
 
     index, count = part
@@ -54,39 +60,76 @@ def execute(runs: list[dict], config_of: Callable[[dict], CompareConfig], out: P
     folder.mkdir(parents=True, exist_ok=True)
     for i, run in enumerate(runs):
         target = folder / f"{run['id']}.json"
-        if i % count != index or target.exists():
+        if i % count != index or target.exists() or not claim(out, run["id"]):
             continue
-        cfg = dataclasses.replace(config_of(run), **run["changes"])
-        start = time.perf_counter()
-        row = run_method(cfg, run["method"], run["lr"], out / "checkpoints" / run["id"])
-        row.update(id=run["id"], changes=run["changes"], wall_seconds=time.perf_counter() - start)
-        row.pop("losses", None) if drop_losses else None
-        target.write_text(json.dumps(row, indent=1))
+        try:
+            if target.exists():  # finished by another process between the check and the claim
+                continue
+            cfg = dataclasses.replace(config_of(run), **run["changes"])
+            start = time.perf_counter()
+            row = run_method(cfg, run["method"], run["lr"], out / "checkpoints" / run["id"])
+            row.update(id=run["id"], changes=run["changes"], wall_seconds=time.perf_counter() - start)
+            row.pop("losses", None) if drop_losses else None
+            target.write_text(json.dumps(row, indent=1))
+        finally:
+            (out / "claims" / run["id"]).unlink(missing_ok=True)
         scores = " ".join(f"{k} {v:.1f}" for k, v in row.get("metrics", {}).items())
-        print(f"[{index}] {run['id']}: {row['status']} {row.get('reason', '')} {scores} "
+        print(f"[{os.getpid()}] {run['id']}: {row['status']} {row.get('reason', '')} {scores} "
               f"loss {row.get('final_loss', float('nan')):.3f} ({row['wall_seconds']:.0f} s)", flush=True)
+
+
+def claim(out: Path, run_id: str) -> bool:
+    """Whether this process may run ``run_id``: it has claimed it, or taken over the claim of a process
+    that is gone. ``O_EXCL`` makes the first claim atomic among processes of one machine."""
+    path = out / "claims" / run_id
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if _alive(path.read_text().strip()):
+            return False
+        path.write_text(str(os.getpid()))  # the claimant died: its run is this process's now
+        return True
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process ``pid`` (as a claim file holds it) runs on this machine."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def run_phase(runs: list[dict], args, module: str, config_of: Callable[[dict], CompareConfig]) -> None:
     """The runs of ``--shard`` (all by default), in this process or in ``args.workers`` processes that
-    rerun ``python -m module`` with ``--worker I/N --plan PLAN`` and this command's own arguments."""
+    rerun ``python -m module`` with ``--worker I/N --plan PLAN`` and this command's own arguments, each
+    taking the next run nobody has claimed."""
     part = shard(getattr(args, "shard", None))
     if args.workers <= 1:
         execute(runs, config_of, Path(args.out), part, args.drop_losses)
         return
     mine = [run for i, run in enumerate(runs) if i % part[1] == part[0]]
-    plan = Path(args.out) / "plan.json"
+    plan = Path(args.out) / f"plan-{os.getpid()}.json"  # one per command: two commands may share OUT
     plan.parent.mkdir(parents=True, exist_ok=True)
     plan.write_text(json.dumps(mine))
     workers = [subprocess.Popen([sys.executable, "-m", module, *sys.argv[1:], "--worker", f"{i}/{args.workers}",
                                  "--plan", str(plan)]) for i in range(args.workers)]
     for worker in workers:
         worker.wait()
+    plan.unlink(missing_ok=True)
 
 
 def worker(args, config_of: Callable[[dict], CompareConfig]) -> None:
-    """A ``--workers`` process: its share of the plan its parent wrote."""
-    execute(json.loads(Path(args.plan).read_text()), config_of, Path(args.out), shard(args.worker), args.drop_losses)
+    """A ``--workers`` process: the runs of the plan its parent wrote that nobody has claimed."""
+    execute(json.loads(Path(args.plan).read_text()), config_of, Path(args.out), (0, 1), args.drop_losses)
 
 
 def run_study(args, module: str, runs: Callable[[], list[dict]], config_of: Callable[[dict], CompareConfig],

@@ -1,7 +1,11 @@
 """The study scripts (benchmarks.webnlg_study, benchmarks.recipe_study) end to end on a tiny model and a
 few steps: their plans, resumable rows and reports. The real studies are hours of CPU; these are smoke runs."""
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from conftest import DATA
@@ -156,3 +160,50 @@ def test_recipe_study_report_writes_its_tables_into_the_page_between_the_markers
     args.section = "stage 2"
     with pytest.raises(SystemExit, match="stage 2: begin"):
         recipe_study.report(args)
+
+
+
+@dataclasses.dataclass
+class _Config:
+    seed: int = 0
+
+
+def _fake_runs(monkeypatch, ran: list):
+    """Three runs, with ``run_method`` replaced by one that records the run and returns a row."""
+    from prefixtune.compare import runner
+
+    def run_method(cfg, method, lr, checkpoint):
+        ran.append(method)
+        return {"status": "ok", "metrics": {}, "final_loss": 1.0}
+
+    monkeypatch.setattr(runner, "run_method", run_method)
+    return [{"id": name, "method": name, "lr": 1e-2, "changes": {}} for name in ("a", "b", "c")]
+
+
+def test_a_study_skips_a_run_a_live_process_has_claimed_and_takes_over_a_dead_ones(tmp_path, monkeypatch):
+    ran: list = []
+    runs = _fake_runs(monkeypatch, ran)
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        (claims / "a").write_text(str(live.pid))  # another worker is running "a"
+        (claims / "b").write_text(str(dead.pid))  # "b"'s worker was killed part-way
+        study.execute(runs, lambda run: _Config(), tmp_path, (0, 1))
+        assert ran == ["b", "c"] and sorted(study.load_rows(tmp_path)) == ["b", "c"]
+        assert sorted(p.name for p in claims.iterdir()) == ["a"]  # a claim goes when its row is written
+        assert not study.claim(tmp_path, "a")
+    finally:
+        live.kill()
+        live.wait()
+    assert study.claim(tmp_path, "a") and (claims / "a").read_text() == str(os.getpid())  # its claimant is gone
+
+
+def test_two_commands_over_one_out_folder_run_each_run_once(tmp_path, monkeypatch):
+    ran: list = []
+    runs = _fake_runs(monkeypatch, ran)
+    study.execute(runs, lambda run: _Config(), tmp_path, (0, 1))
+    study.execute(runs, lambda run: _Config(), tmp_path, (0, 1))
+    assert ran == ["a", "b", "c"]
