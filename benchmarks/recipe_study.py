@@ -19,8 +19,9 @@ with its clipping and warmup.
 Rows that earlier studies measured under exactly the same setup (``benchmarks/results/
 e2e-study.json``, ``webnlg-study.json``) are taken over rather than run again (:func:`reuse`);
 they say so in ``reused_from``. So are the rows already in this study's own results file
-(``--results``), so that a fresh checkout continues a study run in slices from its committed rows. Every other run is one ``prefixtune.compare.runner.run_method``
-call; rows are resumable and can be shared among processes and machines (:mod:`benchmarks.study`).
+(``--results``), so that a fresh checkout continues a study run in slices from its committed rows.
+Every other run is one ``prefixtune.compare.runner.run_method`` call; rows are resumable and can be
+shared among processes and machines (:mod:`benchmarks.study`).
 Run from the repository root::
 
     python -m benchmarks.recipe_study --workers 1 --threads 1           # stage 1, then the report

@@ -89,7 +89,7 @@ def memory_term(query: torch.Tensor, memory: torch.Tensor, scaling: float) -> to
     (:data:`PER_HEAD_ROWS`): over long inputs, a product per head on strided views of the features
     (no copy of the queries or of their gradients, one ``stack`` for the result); over few rows
     (decoding), one product per key/value group, whose regrouping copies are small and whose
-    operation count is a third.
+    operations are as many as the groups, not the heads.
 
     Args:
         query: ``[B, heads, T, head_dim]``, as the attention function receives it.
@@ -105,7 +105,9 @@ def memory_term(query: torch.Tensor, memory: torch.Tensor, scaling: float) -> to
 
 
 def _per_head(phi: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """:func:`memory_term`'s products, one per head: ``phi`` ``[B, T, heads, d]``, ``memory`` ``[B | 1, kv_heads, d + 1, d]``."""
+    """:func:`memory_term`'s products, one per head.
+
+    ``phi``: ``[B, T, heads, d]``; ``memory``: ``[B | 1, kv_heads, d + 1, d]`` (weight rows, then the bias)."""
     per_group = phi.shape[2] // memory.shape[1]
     memory = memory.expand(phi.shape[0], -1, -1, -1)
     weight, bias = memory[..., :-1, :], memory[..., -1:, :]
