@@ -25,10 +25,11 @@ shared among processes and machines (:mod:`benchmarks.study`).
 Run from the repository root::
 
     python -m benchmarks.recipe_study --workers 1 --threads 1           # stage 1, then the report
-    python -m benchmarks.recipe_study --arms mlp-1e-3,flat-3e-2,lora --seeds 0,1,2   # stage 2
-    python -m benchmarks.recipe_study --tasks e2e --arms flat-3e-2,lora --budgets 600 --seeds 0,1,2
+    python -m benchmarks.recipe_study --arms mup-3e-2,memory-1e-2,flat-lora-1e-2,lora --seeds 0,1,2   # stage 2
+    python -m benchmarks.recipe_study --tasks e2e --arms mup-3e-2,lora --budgets 600 --seeds 0,1,2
     python -m benchmarks.recipe_study --phase report --doc docs/studies/recipe.md   # stage 1's tables in the page
-    python -m benchmarks.recipe_study --phase report --arms mlp-1e-3,flat-3e-2,lora --seeds 0,1,2 --budgets 120,600 \\
+    python -m benchmarks.recipe_study --phase report --arms mup-3e-2,memory-1e-2,flat-lora-1e-2,lora \\
+        --seeds 0,1,2 --budgets 120,600 \\
         --doc docs/studies/recipe.md --section "stage 2"
 """
 
@@ -293,10 +294,10 @@ def table(rows: list[dict], task: str, budget: int, arms: list[str]) -> list[str
         cells = [format_mean_sd([score(r, s, m) for r in got]) for _, s, m in cols]
         lines.append(f"| {arm} | {len(got)} | " + " | ".join(cells)
                      + f" | {train_loss(got)} | {spike} | {delta} |")
-    counted = [label_counts(r) for got in mine.values() for r in got
-               if metric == "accuracy" and ("samples" in r or "label_counts" in r)]
-    if counted:
-        most, total = max(counted[0].values()), sum(counted[0].values())
+    scored = next((r for got in mine.values() for r in got if "samples" in r or "label_counts" in r), None)
+    if metric == "accuracy" and scored is not None:  # every row scores the same inputs: one row's labels
+        counts = label_counts(scored)
+        most, total = max(counts.values()), sum(counts.values())
         lines.append(f"| *always the most common label* | | {100 * most / total:.1f} |" + " |" * (len(cols) + 2))
     return lines + [""]
 

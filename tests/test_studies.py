@@ -126,7 +126,7 @@ def test_recipe_study_runs_each_task_and_records_spike_ratios(model_dir, tmp_pat
     assert rows["e2e-flat-3e-2-7-s0"]["spike_ratio"] > 0 and rows["e2e-flat-3e-2-3-s0"]["spike_ratio"] is None
     text = (out / "study.md").read_text()
     assert "**SST-2, 7 steps**" in text and "| mlp-3e-3-clip | 1 |" in text and "| lora | 1 |" in text
-    assert "| *always the most common label* | | 100.0 |" in text or "| *always the most common label* | | 50.0 |" in text
+    assert "| *always the most common label* | | 50.0 |" in text  # the two sentences drawn: one of each label
     assert len(json.loads((tmp_path / "recipe.json").read_text())["rows"]) == 12
 
 
