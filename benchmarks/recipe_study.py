@@ -1,12 +1,12 @@
 """The recipe study: which prefix recipe should ``prefixtune train`` default to, judged on three tasks.
 
-Stage 1 (screen, seed 0) runs :data:`STAGE1` on E2E, WebNLG and SST-2 at 120 steps of batch 8: today's
-default (the MLP at 3e-3, clipped at 1.0), the MLP at 1e-3 unclipped, the default with 10 % warmup,
+Stage 1 (screen, seed 0) runs :data:`STAGE1` on E2E, WebNLG and SST-2 at 120 steps of batch 8: the
+paper's MLP at 3e-3, clipped at 1.0, the MLP at 1e-3 unclipped, the first with 10 % warmup,
 the MLP with width-scaled (muP) rates at three base rates, the flat prefix at two rates and from real
 words, a flat prefix beside LoRA, the memory prefix at two rates, LoRA r=8, the reference, and the
 base model untrained, the floor (no training, so its row costs one evaluation);
 stage 2 (confirm) runs the two best prefix arms and LoRA over seeds 0, 1 and 2 (and E2E at 600
-steps); the report gives, per task, each arm's mean ± sd over seeds, its final training loss,
+steps); stage 3 made :data:`CHOSEN` ``prefixtune train``'s defaults (``prefixtune.recipe``); the report gives, per task, each arm's mean ± sd over seeds, its final training loss,
 its largest loss / running-median ratio (``prefixtune.spikes``) and its paired difference to
 LoRA seed by seed.
 
@@ -84,7 +84,7 @@ class Arm:
 
 
 ARMS = {
-    "mlp-3e-3-clip": Arm("prefix", 3e-3, max_grad_norm=1.0),  # prefixtune train's defaults
+    "mlp-3e-3-clip": Arm("prefix", 3e-3, max_grad_norm=1.0),  # the paper's MLP, clipped (configs/e2e-cpu.yaml)
     "mlp-1e-3": Arm("prefix", 1e-3),
     "mlp-3e-3-clip-warm10pct": Arm("prefix", 3e-3, max_grad_norm=1.0, warmup=0.1),
     "mup-1e-2": Arm("prefix-mup", 1e-2),  # the MLP's matrices at lr / 512 (PrefixConfig.reparam_lr="width")
@@ -100,6 +100,8 @@ ARMS = {
     "full": Arm("full", 5e-5),
     "base": Arm("base", 0.0),
 }
+CHOSEN = "mup-3e-2"
+"""The arm stage 3 adopted: ``prefixtune train``'s defaults (``prefixtune.recipe``; tests/test_recipe.py holds them equal)."""
 STAGE1 = ("mlp-3e-3-clip", "mlp-1e-3", "mlp-3e-3-clip-warm10pct", "mup-1e-2", "mup-3e-2", "mup-1e-1", "flat-1e-2",
           "flat-3e-2", "flat-words-3e-2", "flat-lora-1e-2", "memory-3e-3", "memory-1e-2", "lora", "base")
 """The screen's arms (the default of ``--arms``)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from . import options
+from . import options, recipe
 from .data import filters
 
 INITS = ("random", "text")
@@ -73,11 +73,12 @@ class PrefixConfig:
             can be folded away afterwards with ``PrefixModel.materialize``.
         reparam_hidden_size: Width of the embedding and of the MLP's hidden layer
             (the paper's ``mid_dim``, 512).
-        reparam_lr: ``"same"``: every MLP parameter trains at the learning rate. ``"width"``: the
-            MLP's two weight matrices train at the rate divided by ``reparam_hidden_size`` (their
-            fan-in), the embedding and the biases at the rate, as muP sets Adam's rates (Yang et
-            al. 2021): each weight's step moves an output by the rate times the sum of its
-            ``width`` inputs, so the division keeps the MLP's steps the size a flat prefix's are.
+        reparam_lr: ``"width"`` (the default): the MLP's two weight matrices train at the rate
+            divided by ``reparam_hidden_size`` (their fan-in), the embedding and the biases at the
+            rate, as muP sets Adam's rates (Yang et al. 2021): each weight's step moves an output
+            by the rate times the sum of its ``width`` inputs, so the division keeps the MLP's
+            steps the size a flat prefix's are, and one rate suits both (:mod:`prefixtune.recipe`).
+            ``"same"``: every MLP parameter trains at the learning rate, as in the paper.
         dropout: Dropout on the prefix key/values while training (the paper's
             ``prefix_dropout``). Has no effect in eval mode.
         init: ``"random"``, or ``"text"`` to start from the frozen model's own
@@ -111,9 +112,9 @@ class PrefixConfig:
     reparameterize: bool = option_field(True, "produce the prefix through the paper's MLP (--no-reparameterize: train it directly)")
     reparam_hidden_size: int = option_field(512, "width of the reparameterization MLP (the paper's mid_dim)", ge=1,
                                             le=MAX_POSITIONS)
-    reparam_lr: str = option_field("same", "same: the MLP trains at --lr | width: its weight matrices at --lr divided by "
-                                   "--reparam-hidden-size (muP), its embedding and biases at --lr",
-                                   choices=("same", "width"))
+    reparam_lr: str = option_field("width", "width: the MLP's weight matrices train at --lr divided by "
+                                   "--reparam-hidden-size (muP), its embedding and biases at --lr | same: the whole MLP "
+                                   "at --lr (the paper's; take a rate near 1e-3)", choices=("same", "width"))
     dropout: float = option_field(0.0, "dropout on the prefix key/values while training", option="prefix_dropout", ge=0, lt=1)
     init: str | None = option_field(None, "random, or text: start from the model's activations for --init-text (default: text "
                             "when --init-text is given)", choices=INITS)
@@ -219,7 +220,8 @@ class StepOptions(Checked):
     weight_decay: float = option_field(0.0, "AdamW weight decay", ge=0)
     schedule: str = option_field("linear", "learning-rate decay after warmup", choices=("linear", "cosine", "constant"))
     warmup_steps: int = option_field(10, "steps of linear warmup from 0 to the peak learning rate", ge=0)
-    max_grad_norm: float = option_field(1.0, "clip the gradient of what trains to this norm (0 = no clipping)", ge=0)
+    max_grad_norm: float = option_field(0.0, "clip the gradient of what trains to this norm (0 = no clipping, the default: "
+                                        "at short budgets clipping slows prefix tuning most, docs/training.md)", ge=0)
     precision: str = option_field("fp32", "fp32, or bf16/fp16 autocast where the device supports it",
                           choices=("fp32", "bf16", "fp16"))
     seed: int = option_field(0, "seed for initialization, data order, dropout and sampled subsets", ge=0, le=MAX_SEED)
@@ -238,7 +240,10 @@ class TrainConfig(StepOptions, DataOptions, TaskOption):
     train_where: str | None = option_field(None, TRAIN_WHERE)
     eval_where: str | None = option_field(None, EVAL_WHERE)
     prefix_config: PrefixConfig = option_field(help="the prefix (each of its fields is an option)", factory=PrefixConfig)
-    lr: float = option_field(3e-3, "peak AdamW learning rate", ge=0)
+    lr: float | None = option_field(None, f"peak AdamW learning rate (default: {recipe.RATES['mlp-width']:g} for a kv prefix "
+                                    f"through the MLP at --reparam-lr width, {recipe.RATES['flat']:g} flat, "
+                                    f"{recipe.RATES['mlp-same']:g} through the MLP at --reparam-lr same; "
+                                    f"{recipe.RATES['memory']:g} for a memory prefix)", ge=0)
     epochs: float = option_field(1.0, "passes over the training data (ignored when --max-steps is set)", gt=0)
     max_steps: int | None = option_field(None, "optimizer steps to run (overrides --epochs)", ge=1)
     micro_batch_size: int | None = option_field(None, "examples per forward pass (default: the whole batch); accumulates "
@@ -255,6 +260,10 @@ class TrainConfig(StepOptions, DataOptions, TaskOption):
                                            "evaluation during training (default: 8 on the built-in demo, else 50; "
                                            "the final evaluation decodes them all)", ge=1)
     resume: bool = option_field(False, "continue from OUTPUT_DIR/checkpoint after a crash or Ctrl-C")
+
+    def learning_rate(self) -> float:
+        """``lr``, or the rate that suits how the prefix is built (:func:`prefixtune.recipe.default_lr`)."""
+        return self.lr if self.lr is not None else recipe.default_lr(self.prefix_config)
 
     def evaluations_every(self) -> int:
         """Steps between evaluations during training: ``eval_every``, or by default every

@@ -182,7 +182,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     if cfg.gradient_checkpointing:
         pm.activation_checkpointing_enable()
     total = total_steps(cfg, len(rows))
-    optimizer, scheduler = optimizer_for(pm.parameter_groups(), cfg.lr, cfg, total)
+    optimizer, scheduler = optimizer_for(pm.parameter_groups(), cfg.learning_rate(), cfg, total)
     runner = dist.prepare(pm, optimizer)  # what forward passes call: `pm`, or the FSDP-sharded model around it;
     # under DeepSpeed ZeRO-3 `pm` itself, its base partitioned
     state = TrainState()
@@ -194,7 +194,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     if dist.is_main:
         _make_folder(out)
         _forget_after(out / "metrics.jsonl", state.step)  # a fresh run starts a fresh log
-        options.dump(dataclasses.replace(cfg, resume=False), out / "config.yaml")  # replaying it starts afresh
+        options.dump(dataclasses.replace(cfg, resume=False, lr=cfg.learning_rate()), out / "config.yaml")  # replaying it
+        # starts afresh, at the rate this run used
     run = TrainingRun(RunContext(cfg, pm, runner, tokenizer, out, dist), (optimizer, scheduler), (rows, eval_examples),
                       state, total, callbacks)
     run.train()
@@ -468,7 +469,7 @@ def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
     if not saved.is_file():
         return
     before = options.to_flat(options.build(TrainConfig, {}, str(saved)))
-    now = options.to_flat(cfg)
+    now = options.to_flat(dataclasses.replace(cfg, lr=cfg.learning_rate()))  # as config.yaml records it
     for name in now:
         if name not in RESUME_CHANGES and now[name] != before[name]:
             raise TrainingError(f"--resume: {'--' + name.replace('_', '-')} is {now[name]!r} here but "

@@ -160,5 +160,6 @@ def test_width_scaled_rates_put_the_mlp_matrices_at_the_rate_over_the_width():
     assert sorted(map(id, grouped)) == sorted(map(id, pm.trainable_parameters()))
     optimizer, _ = optimizer_for(groups, 3e-2, TrainConfig(warmup_steps=0), 10)
     assert [g["lr"] for g in optimizer.param_groups] == [3e-2, 3e-2 / 16]
-    same = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, reparam_hidden_size=16))
+    assert PrefixConfig().reparam_lr == "width"  # the default (prefixtune.recipe)
+    same = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=3, reparam_hidden_size=16, reparam_lr="same"))
     assert [g["lr_scale"] for g in same.parameter_groups()] == [1.0]

@@ -33,8 +33,6 @@ class CompareConfig(StepOptions, DataOptions):
     max_steps: int = option_field(120, "optimizer steps per method (the same for every method)", ge=1)
     lr: str | None = option_field(None, "peak learning rates: one number for every method, or method=value pairs such as "
                           "'prefix=1e-2,lora=1e-2' (the rest keep their defaults, see --list-methods)")
-    max_grad_norm: float = option_field(0.0, "clip each method's gradient to this norm (0 = no clipping, the default: at "
-                                "short budgets clipping slows prefix tuning most, see docs/training.md)")
     train_limit: int | None = option_field(None, "use only the first N training rows", ge=1)
     train_sample: int | None = option_field(None, "train on N rows drawn at random (seeded by --seed) from the training "
                                     "data: the paper's low-data setting", ge=1)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..base_models import load_model
 from ..options import split_list
+from ..recipe import RATES
 from ..train import language_model_loss
 from .config import CompareConfig
 
@@ -198,25 +199,22 @@ def _qlora_load(cfg: CompareConfig, device: torch.device):
 # ----------------------------------------------------------------------------- the table
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("base", "base model (untuned)", 0.0, None, "the frozen model as it is: the floor"),
-    # 1e-3: at 3e-3 without clipping the MLP's first full-rate AdamW steps blew the random-init prefix up
-    # (quick run: loss 3.5 -> 9.3 at step 3; docs/studies/e2e.md); 1e-3 trained (quick: BLEU 43.4)
-    Method("prefix", "prefix tuning (prefixtune)", 1e-3, _prefix("random"),
+    # the rates of prefixtune train's rule (prefixtune.recipe): the MLP at one rate blew up at 3e-3 without
+    # clipping (quick run: loss 3.5 -> 9.3 at step 3; docs/studies/e2e.md), and trained at 1e-3
+    Method("prefix", "prefix tuning (prefixtune)", RATES["mlp-same"], _prefix("random"),
            "prefixtune's prefix, MLP-reparameterized (width --reparam-hidden-size), random init"),
-    # 3e-2: best of {1e-2, 3e-2, 1e-1} on E2E, and level with LoRA at 1e-2 over five seeds (docs/studies/e2e.md)
-    Method("prefix-flat", "prefix tuning, flat (prefixtune)", 3e-2, _prefix("random", reparameterize=False),
+    Method("prefix-flat", "prefix tuning, flat (prefixtune)", RATES["flat"], _prefix("random", reparameterize=False),
            "prefixtune's prefix trained directly, without the MLP (P-Tuning v2 style), random init"),
     Method("prefix-words", "prefix tuning, init from words (prefixtune)", 3e-3, _prefix("text"),
            "prefixtune's prefix initialized from the activations of --init-text (the paper's 'real words')"),
     Method("prefix-flat-words", "prefix tuning, flat, init from words (prefixtune)", 1e-2,
            _prefix("text", reparameterize=False),
            "prefixtune's prefix trained directly, starting from the activations of --init-text"),
-    # 3e-3: the memory moves each head's output by about the rate per step (prefixtune.memory); the recipe
-    # study sweeps 1e-3 to 1e-2 (docs/studies/recipe.md)
-    Method("prefix-memory", "memory prefix (prefixtune)", 3e-3, _prefix("random", reparameterize=False, kind="memory"),
+    Method("prefix-memory", "memory prefix (prefixtune)", RATES["memory"],
+           _prefix("random", reparameterize=False, kind="memory"),
            "prefixtune's memory prefix: a term on each head's output outside the softmax (PrefixMemory-Tuning), "
            "starting at zero"),
-    # 3e-2: muP keeps the MLP's steps the size of a flat prefix's, whose rate is 3e-2 (docs/studies/e2e.md)
-    Method("prefix-mup", "prefix tuning, MLP at width-scaled rates (prefixtune)", 3e-2,
+    Method("prefix-mup", "prefix tuning, MLP at width-scaled rates (prefixtune)", RATES["mlp-width"],
            _prefix("random", reparam_lr="width"),
            "prefixtune's MLP prefix with its weight matrices at the rate / --reparam-hidden-size (muP), random init"),
     Method("prefix-lora", "flat prefix + LoRA (prefixtune)", 1e-2, _prefix("random", reparameterize=False, lora=True),

@@ -232,7 +232,9 @@ def _legacy_weights(path: Path) -> dict:
     from ..messages import first_line
 
     try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on the pickle protocol: the refusal below says what matters
+            warnings.simplefilter("ignore")
+            weights = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         raise ValueError(f"{path}: not loaded: it holds more than tensors, or is not a torch file "
                          f"({first_line(err, 120)}); save the adapter "
