@@ -226,6 +226,7 @@ def report(args) -> str:
     for task in args.tasks.split(","):
         for budget in (int(b) for b in args.budgets.split(",")):
             lines += table(shown, task, budget, args.arms.split(","))
+            lines += differences(shown, task, budget, args.arms.split(","))
     text = "\n".join(lines).strip() + "\n"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "study.md").write_text(text)
@@ -301,6 +302,34 @@ def table(rows: list[dict], task: str, budget: int, arms: list[str]) -> list[str
         counts = label_counts(scored)
         most, total = max(counts.values()), sum(counts.values())
         lines.append(f"| *always the most common label* | | {100 * most / total:.1f} |" + " |" * (len(cols) + 2))
+    return lines + [""]
+
+
+def differences(rows: list[dict], task: str, budget: int, arms: list[str]) -> list[str]:
+    """Each arm minus :data:`REFERENCE` on every column of the task, seed by seed: ``mean ± sd``, the
+    standard error of the mean in brackets, and in how many seeds the arm is better. Shown where some arm
+    has two or more seeds paired with the reference's (a screen's single seed says all in its table)."""
+    cols = columns(task)
+    mine = {arm: [r for r in rows if r["id"].startswith(f"{task}-{arm}-{budget}-s")] for arm in arms}
+    reference = mine.get(REFERENCE, [])
+    cells = {}
+    for arm, got in mine.items():
+        if arm == REFERENCE or not got:
+            continue
+        cells[arm] = [paired({r["changes"]["seed"]: score(r, s, m) for r in got},
+                             {r["changes"]["seed"]: score(r, s, m) for r in reference}) | {"metric": m} for _, s, m in cols]
+    if not any(d["n"] >= 2 for row in cells.values() for d in row):
+        return []
+    lines = [f"Paired differences to `{REFERENCE}`, {budget} steps: mean ± sd (standard error) over the seeds both "
+             "have; better in how many:", "", "| arm | seeds | " + " | ".join(c[0] for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for arm, row in cells.items():
+        shown_cells = []
+        for d in row:
+            better = d["n"] - d["above"] if lower_is_better(d["metric"]) else d["above"]
+            error = f" ({d['sd'] / math.sqrt(d['n']):.2f})" if d["n"] >= 2 else ""
+            shown_cells.append(f"{format_mean_sd(d['diffs'], 2, sign=True)}{error} {better}/{d['n']}" if d["n"] else "-")
+        lines.append(f"| {arm} | {row[0]['n']} | " + " | ".join(shown_cells) + " |")
     return lines + [""]
 
 

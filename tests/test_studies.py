@@ -155,6 +155,11 @@ def test_recipe_study_report_writes_its_tables_into_the_page_between_the_markers
     assert page.endswith("<!-- stage 1: end -->\n\n## Reading\n")
     assert "| flat-3e-2 | 1 | 25.0 |" in page and "-50.00 (0/1)" in page  # seed 0 only: the stage's seeds
     assert "| *always the most common label* | | 75.0 |" in page
+    assert "Paired differences" not in page  # one seed: the table's Δ column says it all
+    args.seeds = "0,1"
+    two = recipe_study.report(args)  # flat - lora: -50 and +25, mean -12.5, sd 53.03, SE 37.50
+    assert "| flat-3e-2 | 2 | -12.50 ± 53.03 (37.50) 1/2 |" in two
+    args.seeds = "0"
     saved = json.loads(results.read_text())["rows"]
     assert len(saved) == 4 and all(r["label_counts"] == {"1": 3, "0": 1} and "samples" not in r for r in saved)
     args.section = "stage 2"
