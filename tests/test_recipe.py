@@ -5,6 +5,7 @@ import yaml
 
 from benchmarks.recipe_study import ARMS, CHOSEN
 from prefixtune import options
+from prefixtune.compare.config import CompareConfig
 from prefixtune.compare.methods import METHODS
 from prefixtune.config import PrefixConfig, TrainConfig
 from prefixtune.recipe import RATES, default_lr, parameterization
@@ -33,6 +34,7 @@ def test_prefixtune_train_defaults_are_the_arm_the_recipe_study_chose():
     assert cfg.learning_rate() == arm.lr == 3e-2
     assert (cfg.max_grad_norm, cfg.warmup_steps, cfg.batch_size) == (arm.max_grad_norm, arm.warmup, 8) == (0.0, 10, 8)
     assert cfg.schedule == "linear" and cfg.weight_decay == 0.0
+    assert method.name in CompareConfig().methods.split(",")  # compare's default table shows it
 
 
 def test_a_run_records_the_rate_it_used_and_resumes_at_it(model_dir, data_files, tmp_path):

@@ -21,7 +21,7 @@ class CompareConfig(StepOptions, DataOptions):
     eval_data: str | None = option_field(None, "held-out data scored after training (default: the demo's held-out set)")
     output_dir: str = option_field("runs/compare", "where compare.md, compare.json, compare.png and each method's folder go",
                                    min_length=1)
-    methods: str = option_field("base,prefix,peft-prefix,prompt,lora,adapter,full,qlora",
+    methods: str = option_field("base,prefix-mup,prefix,peft-prefix,prompt,lora,adapter,full,qlora",
                         "comma-separated methods (see --list-methods); 'base' scores the untuned model")
     seeds: tuple[int, ...] | None = option_field(None, "run every method once per seed, e.g. 0,1,2 (the methods of a seed "
                                          "share its data order); the table gives the mean ± sd over seeds and the "

@@ -214,7 +214,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            _prefix("random", reparameterize=False, kind="memory"),
            "prefixtune's memory prefix: a term on each head's output outside the softmax (PrefixMemory-Tuning), "
            "starting at zero"),
-    Method("prefix-mup", "prefix tuning, MLP at width-scaled rates (prefixtune)", RATES["mlp-width"],
+    Method("prefix-mup", "prefix tuning, train's default (prefixtune)", RATES["mlp-width"],
            _prefix("random", reparam_lr="width"),
            "prefixtune's MLP prefix with its weight matrices at the rate / --reparam-hidden-size (muP), random init"),
     Method("prefix-lora", "flat prefix + LoRA (prefixtune)", 1e-2, _prefix("random", reparameterize=False, lora=True),
