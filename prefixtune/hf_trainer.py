@@ -15,9 +15,15 @@ head and the LoRA adapter where they train, and the trainer's own state files; n
 parameters, and ``PrefixModel.from_pretrained`` and ``prefixtune eval/generate/serve --prefix``
 read a checkpoint folder as they read any prefix.
 
+It also gives the trainer's optimizer the rates the prefixes ask for: with ``reparam_lr="width"``
+(the default) the MLP's two weight matrices train at the trainer's rate divided by the MLP's width,
+as ``prefixtune train`` trains them (``PrefixModel.parameter_groups``); a trainer left to itself
+would train the whole MLP at one rate.
+
 It works on the trainer instance, whatever its class (``Trainer``, ``SFTTrainer``, a subclass of
 either): it overrides the three methods through which a ``Trainer`` writes and reads model
-weights (``_save``, ``_load_from_checkpoint``, ``_load_best_model``).
+weights (``_save``, ``_load_from_checkpoint``, ``_load_best_model``) and the one that makes its
+optimizer (``create_optimizer``; an optimizer handed to the trainer is left as it is).
 """
 
 from __future__ import annotations
@@ -53,7 +59,14 @@ def prefix_model(model) -> PrefixModel:
 
 
 class PrefixCheckpoints:
-    """The ``Trainer`` methods that write and read model weights, for a ``PrefixModel``."""
+    """The ``Trainer`` methods that write and read model weights, and make its optimizer, for a ``PrefixModel``."""
+
+    def create_optimizer(self, *args, **kwargs):
+        given = self.optimizer is not None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if not given:  # before the scheduler is made from it, and before any step
+            scale_rates(optimizer, prefix_model(self.model).parameter_groups())
+        return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -82,3 +95,22 @@ def load_into(pm: PrefixModel, directory) -> None:
                          f"{target.reparameterized})")
     with torch.no_grad():
         target.load_state_dict(theirs)
+
+
+def scale_rates(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
+    """Split each of ``optimizer``'s parameter groups by the rate multipliers of ``groups``
+    (``PrefixModel.parameter_groups``): a part at multiplier ``s`` keeps its group's settings (weight decay,
+    betas) at ``s`` times its rate. Nothing changes where every multiplier is 1."""
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    if all(s == 1.0 for s in scale.values()):
+        return
+    split = []
+    for group in optimizer.param_groups:
+        settings = {k: v for k, v in group.items() if k != "params"}
+        by_scale: dict[float, list] = {}
+        for param in group["params"]:
+            by_scale.setdefault(scale.get(id(param), 1.0), []).append(param)
+        split += [{**settings, "params": params, "lr": settings["lr"] * s} for s, params in by_scale.items()]
+    optimizer.param_groups.clear()
+    for group in split:
+        optimizer.add_param_group(group)

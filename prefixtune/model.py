@@ -145,7 +145,8 @@ class PrefixModel(nn.Module):
             logging.getLogger("prefixtune").warning(
                 "prefixtune: this Trainer saves the PrefixModel's trainable tensors only (not the frozen base); "
                 "call prefixtune.hf_trainer.use_prefix_checkpoints(trainer) to save prefix folders that "
-                "PrefixModel.from_pretrained and prefixtune eval/generate/serve read")
+                "PrefixModel.from_pretrained and prefixtune eval/generate/serve read, and to train the prefix's "
+                "MLP at the rates prefixtune train gives it")
         trains = {id(p) for p in self.trainable_parameters()}
         names = {name for name, p in self.named_parameters() if id(p) in trains}
         return type(full)((k, v) for k, v in full.items() if k in names)

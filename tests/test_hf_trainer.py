@@ -101,6 +101,24 @@ def test_a_trainer_without_the_line_saves_what_trains_says_so_once_and_resumes(m
     torch.testing.assert_close(_kv(resumed_pm), _kv(pm), atol=1e-6, rtol=1e-5)
 
 
+def test_the_trainer_trains_the_mlp_matrices_at_the_rate_over_the_width(model_dir, data_files, tmp_path):
+    """With ``use_prefix_checkpoints`` the trainer's optimizer takes the prefix's rate multipliers (the default
+    ``reparam_lr="width"``): AdamW's first step moves each weight by about its rate, so the MLP's matrices move
+    by about lr / 16 and its embedding by about lr. Without the line, the whole MLP moves by about lr."""
+    moved = {}
+    for line in (True, False):
+        trainer, pm = _trainer(model_dir, data_files, tmp_path / str(line), prefix_checkpoints=line, max_steps=1,
+                               warmup_steps=0, lr_scheduler_type="constant", save_strategy="no")
+        mlp = pm.prefixes[pm.active].mlp
+        before = [p.detach().clone() for p in (pm.prefixes[pm.active].embedding.weight, mlp[0].weight, mlp[2].weight)]
+        trainer.train()
+        after = (pm.prefixes[pm.active].embedding.weight, mlp[0].weight, mlp[2].weight)
+        moved[line] = [(a - b).abs().max().item() for a, b in zip(after, before)]
+    assert moved[True][0] == pytest.approx(1e-2, rel=1e-3)
+    assert moved[True][1] == pytest.approx(1e-2 / 16, rel=1e-3) and moved[True][2] == pytest.approx(1e-2 / 16, rel=1e-3)
+    assert moved[False] == pytest.approx([1e-2] * 3, rel=1e-3)
+
+
 def test_a_memory_prefix_through_trainer_checkpoints_gives_the_same_logits(model_dir, data_files, tmp_path):
     trainer, pm = _trainer(model_dir, data_files, tmp_path / "mem", config=PrefixConfig(kind="memory"),
                            max_steps=2)
