@@ -24,6 +24,9 @@ from __future__ import annotations
 
 RATES = {"flat": 3e-2, "mlp-width": 3e-2, "mlp-same": 1e-3, "memory": 1e-2}
 """Peak AdamW rate per parameterization (:func:`parameterization`)."""
+NAMES = {"flat": "a flat key/value prefix", "mlp-width": "a key/value prefix through the MLP at width-scaled rates",
+         "mlp-same": "a key/value prefix through the MLP at one rate", "memory": "a memory prefix"}
+"""How the log names each parameterization."""
 
 
 def parameterization(prefix) -> str:
@@ -38,3 +41,9 @@ def parameterization(prefix) -> str:
 def default_lr(prefix) -> float:
     """The peak rate ``prefixtune train`` uses for the ``PrefixConfig`` ``prefix`` when ``--lr`` is not given."""
     return RATES[parameterization(prefix)]
+
+
+def describe(prefix) -> str:
+    """The log's line for a run that takes the default rate: the rate, and what it is the default for."""
+    row = parameterization(prefix)
+    return f"--lr not given: {RATES[row]:g}, the default for {NAMES[row]} (docs/training.md, 'The default recipe')"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, checkpoint, curves, data, demo, distributed, evaluate, options, progress, spikes
+from . import artifacts, checkpoint, curves, data, demo, distributed, evaluate, options, progress, recipe, spikes
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig
 from .data import filters
@@ -182,6 +182,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     if cfg.gradient_checkpointing:
         pm.activation_checkpointing_enable()
     total = total_steps(cfg, len(rows))
+    if cfg.lr is None:
+        log.info(recipe.describe(prefix_config))
     optimizer, scheduler = optimizer_for(pm.parameter_groups(), cfg.learning_rate(), cfg, total)
     runner = dist.prepare(pm, optimizer)  # what forward passes call: `pm`, or the FSDP-sharded model around it;
     # under DeepSpeed ZeRO-3 `pm` itself, its base partitioned

@@ -37,11 +37,13 @@ def test_prefixtune_train_defaults_are_the_arm_the_recipe_study_chose():
     assert method.name in CompareConfig().methods.split(",")  # compare's default table shows it
 
 
-def test_a_run_records_the_rate_it_used_and_resumes_at_it(model_dir, data_files, tmp_path):
+def test_a_run_records_the_rate_it_used_and_resumes_at_it(model_dir, data_files, tmp_path, caplog):
     flat = dict(model=model_dir, data=str(data_files / "train.jsonl"), output_dir=str(tmp_path / "run"),
                 prefix_length=3, reparam_hidden_size=16, batch_size=4, max_steps=2, save_every=1, max_length=64,
                 prefix_kind="memory")
-    train(options.from_flat(TrainConfig, flat))
+    with caplog.at_level("INFO", logger="prefixtune"):
+        train(options.from_flat(TrainConfig, flat))
+    assert "--lr not given: 0.01, the default for a memory prefix" in caplog.text
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["lr"] == 1e-2
     train(options.from_flat(TrainConfig, {**flat, "max_steps": 3, "resume": True}))  # no --lr: the same run
