@@ -56,7 +56,7 @@ def test_every_method_trains_and_is_measured(model_dir, tmp_path):
     out = tmp_path / "out"
     assert json.loads((out / "compare.json").read_text())["rows"][1]["method"] == "prefix"
     table = (out / "compare.md").read_text()
-    assert "| prefix tuning (prefixtune) |" in table and "Houlsby" in table
+    assert "| prefix tuning, the paper's MLP (prefixtune) |" in table and "Houlsby" in table
     assert (out / "compare.png").stat().st_size > 0
     assert (out / "prefix" / "checkpoint" / "prefix.safetensors").is_file()
 
@@ -164,7 +164,7 @@ def test_command_line(model_dir, tmp_path, capsys):
                      "--batch-size", "2", "--train-limit", "8", "--eval-prompts", "2", "--max-new-tokens", "4",
                      "--no-isolate", "--quiet", "--output-dir", str(tmp_path / "cli")])
     out = capsys.readouterr().out
-    assert code == 0 and "prefix tuning (prefixtune)" in out and (tmp_path / "cli" / "compare.md").is_file()
+    assert code == 0 and "prefix tuning, the paper's MLP (prefixtune)" in out and (tmp_path / "cli" / "compare.md").is_file()
     assert cli.main(["compare", "--methods", "dora"]) == 2
     assert "unknown method" in capsys.readouterr().err
 

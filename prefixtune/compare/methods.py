@@ -201,7 +201,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("base", "base model (untuned)", 0.0, None, "the frozen model as it is: the floor"),
     # the rates of prefixtune train's rule (prefixtune.recipe): the MLP at one rate blew up at 3e-3 without
     # clipping (quick run: loss 3.5 -> 9.3 at step 3; docs/studies/e2e.md), and trained at 1e-3
-    Method("prefix", "prefix tuning (prefixtune)", RATES["mlp-same"], _prefix("random"),
+    Method("prefix", "prefix tuning, the paper's MLP (prefixtune)", RATES["mlp-same"], _prefix("random"),
            "prefixtune's prefix, MLP-reparameterized (width --reparam-hidden-size), random init"),
     Method("prefix-flat", "prefix tuning, flat (prefixtune)", RATES["flat"], _prefix("random", reparameterize=False),
            "prefixtune's prefix trained directly, without the MLP (P-Tuning v2 style), random init"),
