@@ -202,7 +202,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # the rates of prefixtune train's rule (prefixtune.recipe): the MLP at one rate blew up at 3e-3 without
     # clipping (quick run: loss 3.5 -> 9.3 at step 3; docs/studies/e2e.md), and trained at 1e-3
     Method("prefix", "prefix tuning, the paper's MLP (prefixtune)", RATES["mlp-same"], _prefix("random"),
-           "prefixtune's prefix, MLP-reparameterized (width --reparam-hidden-size), random init"),
+           "prefixtune's prefix through the paper's MLP (width --reparam-hidden-size), every parameter at the one "
+           "rate, random init"),
     Method("prefix-flat", "prefix tuning, flat (prefixtune)", RATES["flat"], _prefix("random", reparameterize=False),
            "prefixtune's prefix trained directly, without the MLP (P-Tuning v2 style), random init"),
     Method("prefix-words", "prefix tuning, init from words (prefixtune)", 3e-3, _prefix("text"),
@@ -216,7 +217,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "starting at zero"),
     Method("prefix-mup", "prefix tuning, train's default (prefixtune)", RATES["mlp-width"],
            _prefix("random", reparam_lr="width"),
-           "prefixtune's MLP prefix with its weight matrices at the rate / --reparam-hidden-size (muP), random init"),
+           "prefixtune's MLP prefix with its weight matrices at the rate / --reparam-hidden-size (muP), random init: "
+           "prefixtune train's default"),
     Method("prefix-lora", "flat prefix + LoRA (prefixtune)", 1e-2, _prefix("random", reparameterize=False, lora=True),
            "prefixtune's flat prefix trained beside LoRA (--lora-r, --lora-targets) on the same model",
            needs=("peft",)),
