@@ -6,9 +6,10 @@ the MLP with width-scaled (muP) rates at three base rates, the flat prefix at tw
 words, a flat prefix beside LoRA, the memory prefix at two rates, LoRA r=8, the reference, and the
 base model untrained, the floor (no training, so its row costs one evaluation);
 stage 2 (confirm) runs the two best prefix arms and LoRA over seeds 0, 1 and 2 (and E2E at 600
-steps); stage 3 made :data:`CHOSEN` ``prefixtune train``'s defaults (``prefixtune.recipe``); the report gives, per task, each arm's mean ± sd over seeds, its final training loss,
-its largest loss / running-median ratio (``prefixtune.spikes``) and its paired difference to
-LoRA seed by seed.
+steps); stage 3 made :data:`CHOSEN` ``prefixtune train``'s defaults (``prefixtune.recipe``); the
+report gives, per task, each arm's mean ± sd over seeds, its final training loss, its largest loss /
+running-median ratio (``prefixtune.spikes``) and its paired difference to LoRA seed by seed, on
+every column where seeds are paired.
 
 Tasks (:data:`TASKS`): E2E (the first 50 distinct dev inputs, BLEU and ROUGE-L), WebNLG
 (trained on 7 of its 10 categories, scored on 50 dev inputs of the 7 and of the 3 held out, as
@@ -101,7 +102,8 @@ ARMS = {
     "base": Arm("base", 0.0),
 }
 CHOSEN = "mup-3e-2"
-"""The arm stage 3 adopted: ``prefixtune train``'s defaults (``prefixtune.recipe``; tests/test_recipe.py holds them equal)."""
+"""The arm stage 3 adopted: ``prefixtune train``'s defaults (``prefixtune.recipe``; tests/test_recipe.py holds
+them equal)."""
 STAGE1 = ("mlp-3e-3-clip", "mlp-1e-3", "mlp-3e-3-clip-warm10pct", "mup-1e-2", "mup-3e-2", "mup-1e-1", "flat-1e-2",
           "flat-3e-2", "flat-words-3e-2", "flat-lora-1e-2", "memory-3e-3", "memory-1e-2", "lora", "base")
 """The screen's arms (the default of ``--arms``)."""
@@ -276,24 +278,39 @@ def train_loss(rows: list[dict]) -> str:
     return format_mean_sd(losses, 3)
 
 
+def by_arm(rows: list[dict], task: str, budget: int, arms: list[str]) -> dict[str, list[dict]]:
+    """Each arm's rows of ``task`` at ``budget`` steps (one per seed)."""
+    return {arm: [r for r in rows if r["id"].startswith(f"{task}-{arm}-{budget}-s")] for arm in arms}
+
+
+def by_seed(rows: list[dict], part: str | None, metric: str) -> dict[int, float]:
+    """``{seed: score}`` of one arm's rows on one column."""
+    return {r["changes"]["seed"]: score(r, part, metric) for r in rows}
+
+
+def better(difference: dict, metric: str) -> int:
+    """In how many seeds of a :func:`paired` difference the arm beats the reference (lower TER is better)."""
+    return difference["n"] - difference["above"] if lower_is_better(metric) else difference["above"]
+
+
 def table(rows: list[dict], task: str, budget: int, arms: list[str]) -> list[str]:
     cols = columns(task)
-    mine = {arm: [r for r in rows if r["id"].startswith(f"{task}-{arm}-{budget}-s")] for arm in arms}
+    mine = by_arm(rows, task, budget, arms)
     if not any(mine.values()):
         return []
     name, holds = CAPTIONS[task]
     lines = [f"**{name}, {budget} steps** ({holds}):", "", "| arm | seeds | " + " | ".join(c[0] for c in cols)
              + f" | train loss | spike | Δ {cols[0][0]} |", "|---|---|" + "---|" * (len(cols) + 3)]
     label, part, metric = cols[0]
-    reference = {r["changes"]["seed"]: score(r, part, metric) for r in mine.get(REFERENCE, [])}
+    reference = by_seed(mine.get(REFERENCE, []), part, metric)
     for arm, got in mine.items():
         if not got:
             continue
         ratios = [r["spike_ratio"] for r in got if r.get("spike_ratio") is not None]
         spike = f"{max(ratios):.2f} ({sum(bool(r.get('spike')) for r in got)})" if ratios else "-"
-        d = paired({r["changes"]["seed"]: score(r, part, metric) for r in got}, reference)
-        better = d["n"] - d["above"] if lower_is_better(metric) else d["above"]
-        delta = f"{format_mean_sd(d['diffs'], 2, sign=True)} ({better}/{d['n']})" if d["n"] and arm != REFERENCE else "-"
+        d = paired(by_seed(got, part, metric), reference)
+        delta = (f"{format_mean_sd(d['diffs'], 2, sign=True)} ({better(d, metric)}/{d['n']})"
+                 if d["n"] and arm != REFERENCE else "-")
         cells = [format_mean_sd([score(r, s, m) for r in got]) for _, s, m in cols]
         lines.append(f"| {arm} | {len(got)} | " + " | ".join(cells)
                      + f" | {train_loss(got)} | {spike} | {delta} |")
@@ -310,14 +327,13 @@ def differences(rows: list[dict], task: str, budget: int, arms: list[str]) -> li
     standard error of the mean in brackets, and in how many seeds the arm is better. Shown where some arm
     has two or more seeds paired with the reference's (a screen's single seed says all in its table)."""
     cols = columns(task)
-    mine = {arm: [r for r in rows if r["id"].startswith(f"{task}-{arm}-{budget}-s")] for arm in arms}
+    mine = by_arm(rows, task, budget, arms)
     reference = mine.get(REFERENCE, [])
     cells = {}
     for arm, got in mine.items():
         if arm == REFERENCE or not got:
             continue
-        cells[arm] = [paired({r["changes"]["seed"]: score(r, s, m) for r in got},
-                             {r["changes"]["seed"]: score(r, s, m) for r in reference}) | {"metric": m} for _, s, m in cols]
+        cells[arm] = [paired(by_seed(got, s, m), by_seed(reference, s, m)) | {"metric": m} for _, s, m in cols]
     if not any(d["n"] >= 2 for row in cells.values() for d in row):
         return []
     lines = [f"Paired differences to `{REFERENCE}`, {budget} steps: mean ± sd (standard error) over the seeds both "
@@ -326,9 +342,9 @@ def differences(rows: list[dict], task: str, budget: int, arms: list[str]) -> li
     for arm, row in cells.items():
         shown_cells = []
         for d in row:
-            better = d["n"] - d["above"] if lower_is_better(d["metric"]) else d["above"]
             error = f" ({d['sd'] / math.sqrt(d['n']):.2f})" if d["n"] >= 2 else ""
-            shown_cells.append(f"{format_mean_sd(d['diffs'], 2, sign=True)}{error} {better}/{d['n']}" if d["n"] else "-")
+            shown_cells.append(f"{format_mean_sd(d['diffs'], 2, sign=True)}{error} {better(d, d['metric'])}/{d['n']}"
+                               if d["n"] else "-")
         lines.append(f"| {arm} | {row[0]['n']} | " + " | ".join(shown_cells) + " |")
     return lines + [""]
 

@@ -161,6 +161,9 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
         callbacks: Each is called with ``(step, loss)`` after every optimizer step.
     """
     _validate(cfg)
+    if cfg.lr is None:  # the rate the prefix takes (prefixtune.recipe), from here on as if given: config.yaml
+        log.info(recipe.describe(cfg.prefix_config))  # records it, and --resume compares with it
+        cfg = dataclasses.replace(cfg, lr=cfg.learning_rate())
     out = Path(cfg.output_dir)
     resume_from = _resume_point(cfg, out)
     dist = distributed.setup(cfg.device)
@@ -182,9 +185,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     if cfg.gradient_checkpointing:
         pm.activation_checkpointing_enable()
     total = total_steps(cfg, len(rows))
-    if cfg.lr is None:
-        log.info(recipe.describe(prefix_config))
-    optimizer, scheduler = optimizer_for(pm.parameter_groups(), cfg.learning_rate(), cfg, total)
+    optimizer, scheduler = optimizer_for(pm.parameter_groups(), cfg.lr, cfg, total)
     runner = dist.prepare(pm, optimizer)  # what forward passes call: `pm`, or the FSDP-sharded model around it;
     # under DeepSpeed ZeRO-3 `pm` itself, its base partitioned
     state = TrainState()
@@ -196,8 +197,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     if dist.is_main:
         _make_folder(out)
         _forget_after(out / "metrics.jsonl", state.step)  # a fresh run starts a fresh log
-        options.dump(dataclasses.replace(cfg, resume=False, lr=cfg.learning_rate()), out / "config.yaml")  # replaying it
-        # starts afresh, at the rate this run used
+        options.dump(dataclasses.replace(cfg, resume=False), out / "config.yaml")  # replaying it starts afresh
     run = TrainingRun(RunContext(cfg, pm, runner, tokenizer, out, dist), (optimizer, scheduler), (rows, eval_examples),
                       state, total, callbacks)
     run.train()
@@ -471,7 +471,7 @@ def _check_same_run(cfg: TrainConfig, saved: Path) -> None:
     if not saved.is_file():
         return
     before = options.to_flat(options.build(TrainConfig, {}, str(saved)))
-    now = options.to_flat(dataclasses.replace(cfg, lr=cfg.learning_rate()))  # as config.yaml records it
+    now = options.to_flat(cfg)
     for name in now:
         if name not in RESUME_CHANGES and now[name] != before[name]:
             raise TrainingError(f"--resume: {'--' + name.replace('_', '-')} is {now[name]!r} here but "

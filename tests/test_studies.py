@@ -167,7 +167,6 @@ def test_recipe_study_report_writes_its_tables_into_the_page_between_the_markers
         recipe_study.report(args)
 
 
-
 @dataclasses.dataclass
 class _Config:
     seed: int = 0
