@@ -12,6 +12,7 @@ from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.arch import ModelShape
 from prefixtune.artifacts import read_prefix, write_prefix
 from prefixtune.cli import main
+from prefixtune.compare.methods import _peft_prefix_notes, peft_generates_with_prefix
 from prefixtune.peft.interop import (
     PEFT_CONFIG,
     PEFT_KEY,
@@ -68,6 +69,29 @@ def test_exported_prefix_gives_peft_the_same_logits(arch, tmp_path):
     with torch.no_grad():  # the prefix matters: without it the logits differ clearly
         x, _ = _batch()
         assert (pm(x).logits - tiny_model(arch)(x).logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_generate_with_an_exported_prefix_is_what_compare_says(arch, tmp_path):
+    """From PEFT 0.22 PEFT's ``generate`` applies an exported prefix and decodes the tokens prefixtune does;
+    before, it does not (mostly the base model's tokens). compare's PEFT note (``peft_generates_with_prefix``)
+    must say which."""
+    pm = PrefixModel(tiny_model(arch))
+    generator = torch.Generator().manual_seed(0)  # large enough to change every tiny family's greedy tokens
+    pm.set_prefix_key_values([(10 * torch.randn(k.shape, generator=generator), 10 * torch.randn(v.shape, generator=generator))
+                              for k, v in pm.key_values_for_tokens(tokens(1, 5, seed=5)[0])])
+    pm.save_prefix(tmp_path / "prefix")
+    export_peft(tmp_path / "prefix", tmp_path / "peft", base_model="tiny/" + arch)
+    peft_model = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "peft").eval()
+    x, mask = _batch()
+    greedy = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        theirs = peft_model.generate(input_ids=x, **greedy)
+        ours = pm.generate(x, **greedy)
+        base = tiny_model(arch).generate(x, **greedy)
+    assert not torch.equal(ours, base)  # the prefix changes what is decoded
+    assert torch.equal(theirs, ours) is peft_generates_with_prefix()
+    assert bool(_peft_prefix_notes(None)) is not peft_generates_with_prefix()
 
 
 def test_exported_reparameterized_prefix_is_folded(tmp_path):

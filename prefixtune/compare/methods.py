@@ -122,13 +122,30 @@ def _peft_prefix_config(cfg):
                                    prefix_projection=True, encoder_hidden_size=cfg.reparam_hidden_size)
 
 
+PEFT_GENERATES_WITH_PREFIX = "0.22"
+"""The first PEFT whose ``generate`` applies a prefix-tuning adapter under transformers 5: before it, PEFT handed
+the prefix over as ``past_key_values`` and transformers' own cache won. ``tests/test_interop.py`` holds this to the
+installed PEFT's behaviour."""
+
+
+def peft_generates_with_prefix() -> bool:
+    """Whether the installed PEFT's ``generate`` applies its prefix (:data:`PEFT_GENERATES_WITH_PREFIX`)."""
+    import peft
+    from packaging.version import Version
+
+    return Version(peft.__version__) >= Version(PEFT_GENERATES_WITH_PREFIX)
+
+
 def _peft_prefix_notes(cfg) -> list[str]:
     import peft
     import transformers
 
+    if peft_generates_with_prefix():
+        return []
     return [f"PEFT {peft.__version__} with transformers {transformers.__version__}: the training forward applies the "
             "prefix, but in generate transformers passes its own cache, which wins over PEFT's past_key_values "
-            "prefix, so the generations are the base model's; compare its training loss instead"]
+            f"prefix, so the generations are the base model's (PEFT {PEFT_GENERATES_WITH_PREFIX} applies it); "
+            "compare its training loss instead"]
 
 
 def _prompt_config(cfg):
