@@ -96,6 +96,38 @@ def test_each_row_of_a_mixed_batch_generates_as_it_does_alone(name):
         assert torch.equal(mixed[row], alone[0]), (row, prefix)
 
 
+@pytest.mark.parametrize("names", [["mem", "mem"], ["mem", "kv", None]])
+def test_beam_search_with_a_memory_gives_each_row_what_it_gives_alone(names):
+    """Beam search and ``num_return_sequences`` repeat each row; its memory (one for every row, or one per row)
+    goes with it."""
+    pm = _both(tiny_model("llama"))
+    x = tokens(len(names), 6)
+    beam = dict(num_beams=3, num_return_sequences=2, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                pad_token_id=0)
+    prefix = names[0] if len(set(names)) == 1 else names
+    batched = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), prefix=prefix, **beam)
+    for row, name in enumerate(names):
+        alone = pm.generate(input_ids=x[row:row + 1], attention_mask=torch.ones_like(x[row:row + 1]), prefix=name,
+                            **beam)
+        assert torch.equal(batched[2 * row:2 * row + 2], alone), (row, name)
+    assert not torch.equal(batched, pm.generate(input_ids=x, attention_mask=torch.ones_like(x), prefix=None, **beam))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_without_gradients_the_memory_per_query_head_gives_the_grouped_memorys_logits(name):
+    """Without gradients each site's memory is repeated for its query heads once per call
+    (``PrefixBatch.memory_at``); with them the term reads the key/value groups' memories."""
+    pm = _both(tiny_model(name))
+    x = tokens(2, 5)
+    grouped = pm(input_ids=x, prefix="mem").logits
+    with torch.no_grad():
+        batch = pm.prefix_batch("mem", 2)
+        per_head = pm(input_ids=x, prefix=batch).logits
+    heads, kv_heads = pm.model.config.num_attention_heads, pm.model.config.num_key_value_heads
+    assert heads > kv_heads and all(m.shape[1] == heads for m in batch.per_head.values()) and batch.per_head
+    assert_same(per_head, grouped)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt_neox"])
 def test_decoding_with_the_cache_gives_what_the_full_forward_gives(name):
     """The term depends on the current query alone: each step's scores equal a forward over all tokens."""

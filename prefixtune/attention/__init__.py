@@ -83,7 +83,7 @@ def _make_attention(base: str):
             return stock_kernel(base, module)(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
         output, weights = _with_key_values(base, module, prefix, site, query, key, value, attention_mask, kwargs)
-        memory = prefix.memory_at(site.index)
+        memory = prefix.memory_at(site.index, heads=query.shape[1])
         if memory is None:
             return output, weights
         prefix.routes.setdefault(site.index, STOCK)
