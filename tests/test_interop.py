@@ -78,8 +78,9 @@ def test_peft_generate_with_an_exported_prefix_is_what_compare_says(arch, tmp_pa
     must say which."""
     pm = PrefixModel(tiny_model(arch))
     generator = torch.Generator().manual_seed(0)  # large enough to change every tiny family's greedy tokens
-    pm.set_prefix_key_values([(10 * torch.randn(k.shape, generator=generator), 10 * torch.randn(v.shape, generator=generator))
-                              for k, v in pm.key_values_for_tokens(tokens(1, 5, seed=5)[0])])
+    shapes = [(k.shape, v.shape) for k, v in pm.key_values_for_tokens(tokens(1, 5, seed=5)[0])]
+    pm.set_prefix_key_values([(10 * torch.randn(k, generator=generator), 10 * torch.randn(v, generator=generator))
+                              for k, v in shapes])
     pm.save_prefix(tmp_path / "prefix")
     export_peft(tmp_path / "prefix", tmp_path / "peft", base_model="tiny/" + arch)
     peft_model = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "peft").eval()
