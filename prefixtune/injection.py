@@ -91,11 +91,24 @@ def generation_hooks(model: nn.Module, family: arch.Family, batch: PrefixBatch, 
 
     modules = [unwrap_adapters(model)] + ([model.get_encoder()] if family.encoder_decoder else [])
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in modules]
+    head = unwrap_adapters(model).get_output_embeddings()
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(_contiguous_input))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _contiguous_input(module: nn.Module, args: tuple):
+    """The LM head's input as one block. ``generate`` hands it the last position of each row, a strided
+    slice; for a frozen weight torch's ``matmul`` then runs one product per row against the whole weight
+    (a batched product over the weight expanded, reading it once per row) where a weight that trains
+    would fold the rows into one product. Copying ``[B, 1, hidden]`` is nothing beside that."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def checkpointing(model: nn.Module, kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False) -> None:

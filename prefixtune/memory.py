@@ -80,6 +80,51 @@ per head takes about 2.4x the time of one decoding token and 0.6x at 8 x 128 and
 near 512 rows; with the backward pass per head wins at 8 x 512 and not below."""
 
 
+def add_memory_term(output: torch.Tensor, query: torch.Tensor, memory: torch.Tensor, scaling: float,
+                    scratch: dict) -> torch.Tensor:
+    """``output + φ(q)ᵀ M``: the attention's output ``[B, T, heads, head_dim]`` with the memory's term.
+
+    A decoding step (one query per row, no gradients) adds it in place (:func:`_add_decoding_term_`);
+    everything else goes through :func:`memory_term`. ``scratch`` keeps the decoding step's feature buffer
+    from layer to layer and step to step (the call's ``PrefixBatch.features``)."""
+    batch, heads, length, head_dim = query.shape
+    if length == 1 and not torch.is_grad_enabled() and output.is_contiguous():
+        return _add_decoding_term_(output, query, memory.to(query.dtype), scaling, scratch)
+    return output + memory_term(query, memory, scaling)
+
+
+def _add_decoding_term_(output: torch.Tensor, query: torch.Tensor, memory: torch.Tensor, scaling: float,
+                        scratch: dict) -> torch.Tensor:
+    """One query per row, added into ``output`` where it lies: ``elu(q · scaling)`` goes into a buffer whose
+    last column is ones, laid out for one batched product per key/value group, which then multiplies
+    ``[elu(q · scaling), 1]`` by the :func:`folded` memory ``[M'; 1ᵀM']``.
+
+    Between two layers a CPU streams megabytes of weights, so each of a decoding step's small operations
+    starts from a cold cache and costs tens of microseconds whatever its size: what counts is how many
+    there are. So the scale goes into ``elu`` (``elu(x·s)`` is ``elu`` with ``scale = input_scale = s``,
+    ``alpha = 1/s``), the bias into the product, and the product lands in ``output`` itself when each row
+    has its own memory or the batch is one row; one memory shared by several rows takes one more, the
+    addition. The memory is read per key/value group, as trained, never repeated per query head."""
+    batch, heads, _, head_dim = query.shape
+    groups = memory.shape[1]
+    per_group = heads // groups
+    per_row = memory.shape[0] == batch  # then the products run over (row, group): output's own layout
+    key = (per_row, batch, heads, groups, query.dtype, query.device)
+    if key not in scratch:
+        shape = (batch * groups, per_group, head_dim + 1) if per_row else (groups, batch * per_group, head_dim + 1)
+        scratch[key] = torch.ones(shape, dtype=query.dtype, device=query.device)
+    features = scratch[key]
+    phi = features[..., :-1].view(batch, groups, per_group, head_dim) if per_row else \
+        features[..., :-1].view(groups, batch, per_group, head_dim).transpose(0, 1)
+    torch.ops.aten.elu.out(query.reshape(batch, groups, per_group, head_dim), 1 / scaling, scaling, scaling, out=phi)
+    if per_row:
+        output.view(batch * groups, per_group, head_dim).baddbmm_(features, memory.flatten(0, 1))
+    else:
+        term = torch.bmm(features, memory[0]).view(groups, batch, per_group, head_dim)
+        output.view(batch, groups, per_group, head_dim).add_(term.transpose(0, 1))
+    return output
+
+
 def memory_term(query: torch.Tensor, memory: torch.Tensor, scaling: float) -> torch.Tensor:
     """``φ(q)ᵀ M`` for every query head, in the attention output's layout ``[B, T, heads, head_dim]``.
 

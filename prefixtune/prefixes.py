@@ -55,24 +55,17 @@ class PrefixBatch:
     in_cache: frozenset[int] = frozenset()
     routes: dict[int, str] = field(default_factory=dict)
     memory: list[torch.Tensor | None] = field(default_factory=list)
-    per_head: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Filled by :meth:`memory_at` without gradients: each site's memory repeated for its query heads."""
+    features: dict = field(default_factory=dict)
+    """Filled by a decoding step's memory term (:func:`prefixtune.memory.add_memory_term`): its feature
+    buffer, made once per ``generate`` call."""
 
     @property
     def batch_size(self) -> int:
         return self.offsets.shape[0]
 
-    def memory_at(self, site: int, heads: int | None = None) -> torch.Tensor | None:
-        """The rows' memories at ``site`` (``None``: no row has one there). Without gradients (``generate``,
-        which reuses one batch for every step), given the query ``heads``, each key/value head's memory
-        repeated for the query heads of its group, made once per call: a decoding step's term then reads
-        the queries where they lie, with no regrouping copy in front of its product or after it."""
-        memory = self.memory[site] if self.memory else None
-        if memory is None or heads is None or memory.shape[1] == heads or torch.is_grad_enabled():
-            return memory
-        if site not in self.per_head:
-            self.per_head[site] = memory.repeat_interleave(heads // memory.shape[1], dim=1)
-        return self.per_head[site]
+    def memory_at(self, site: int) -> torch.Tensor | None:
+        """The rows' memories at ``site`` (``None``: no row has one there)."""
+        return self.memory[site] if self.memory else None
 
     @property
     def kv_layers(self) -> frozenset[int]:
@@ -95,14 +88,14 @@ class PrefixBatch:
 
         return replace(self, key_values=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.key_values],
                        valid=[rep(v) for v in self.valid], offsets=rep(self.offsets),
-                       memory=[m if m is None or m.shape[0] == 1 else rep(m) for m in self.memory], per_head={})
+                       memory=[m if m is None or m.shape[0] == 1 else rep(m) for m in self.memory], features={})
 
     def cast(self, dtype: torch.dtype) -> "PrefixBatch":
         """The same prefix in ``dtype``: done once per ``generate`` call, so that a bf16/fp16 model
         does not convert the float32 prefix again in every layer at every decoding step."""
         return replace(self, key_values=[None if kv is None else (kv[0].to(dtype), kv[1].to(dtype))
                                          for kv in self.key_values],
-                       memory=[None if m is None else m.to(dtype) for m in self.memory], per_head={})
+                       memory=[None if m is None else m.to(dtype) for m in self.memory], features={})
 
 
 def repeat_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -152,3 +152,19 @@ def test_the_cache_buffer_keeps_its_tokens_and_little_unused_room():
         used, capacity = keys.shape[2], layer.capacity
         assert capacity - used <= max(MIN_CAPACITY, used // 4), (used, capacity)
     assert layer.get_seq_length() == 7 + 699
+
+
+def test_the_lm_head_gets_one_block_so_a_frozen_weight_is_read_once():
+    """``generate`` slices each row's last position for the LM head; with the weights frozen, as a wrapped model's
+    are, torch's matmul multiplies a strided slice row by row against the whole weight. The head gets a copy in
+    one block; the hook is gone after the call."""
+    model = tiny_model("llama")
+    pm = PrefixModel.wrap(model, PrefixConfig(prefix_length=L_P))
+    seen = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))  # after ours
+    x = tokens(3, 5)
+    pm.generate(input_ids=x, attention_mask=torch.ones_like(x), **GREEDY)
+    assert len(seen) == GREEDY["max_new_tokens"] and all(seen)
+    assert not head._forward_pre_hooks
+    handle.remove()

@@ -11,7 +11,7 @@ from tiny import (ARCHS, ENCODERS, SEQ2SEQ, assert_same, tiny_encoder, tiny_mode
 
 from prefixtune import PrefixConfig, PrefixModel
 from prefixtune import memory as memory_module
-from prefixtune.memory import MemoryPrefix, folded, memory_term
+from prefixtune.memory import MemoryPrefix, add_memory_term, folded, memory_term
 
 MEMORY = PrefixConfig(kind="memory")
 KV = PrefixConfig(prefix_length=3, reparameterize=False, init_std=0.5)
@@ -111,21 +111,6 @@ def test_beam_search_with_a_memory_gives_each_row_what_it_gives_alone(names):
                             **beam)
         assert torch.equal(batched[2 * row:2 * row + 2], alone), (row, name)
     assert not torch.equal(batched, pm.generate(input_ids=x, attention_mask=torch.ones_like(x), prefix=None, **beam))
-
-
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
-def test_without_gradients_the_memory_per_query_head_gives_the_grouped_memorys_logits(name):
-    """Without gradients each site's memory is repeated for its query heads once per call
-    (``PrefixBatch.memory_at``); with them the term reads the key/value groups' memories."""
-    pm = _both(tiny_model(name))
-    x = tokens(2, 5)
-    grouped = pm(input_ids=x, prefix="mem").logits
-    with torch.no_grad():
-        batch = pm.prefix_batch("mem", 2)
-        per_head = pm(input_ids=x, prefix=batch).logits
-    heads, kv_heads = pm.model.config.num_attention_heads, pm.model.config.num_key_value_heads
-    assert heads > kv_heads and all(m.shape[1] == heads for m in batch.per_head.values()) and batch.per_head
-    assert_same(per_head, grouped)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt_neox"])
@@ -232,6 +217,31 @@ def test_the_term_is_phi_of_the_query_times_the_memory(rows, per_head_rows, monk
     memory_term(other_query, other_memory, s).square().sum().backward()
     assert_same(query.grad, other_query.grad)
     assert_same(folded_memory.grad, other_memory.grad)
+
+
+@pytest.mark.parametrize("batch,rows", [(3, 1), (3, 3), (1, 1)], ids=["shared", "per-row", "one-row"])
+def test_a_decoding_step_adds_in_place_the_term_memory_term_gives(batch, rows):
+    """One query per row, no gradients (``generate``): the term goes into the output where it lies, with the
+    numbers of the general path, for one memory shared by the rows, one per row, and a single row, each query
+    head reading its key/value group's memory; the buffer kept in ``scratch`` serves the next step. With
+    gradients, or several queries, a new tensor."""
+    torch.manual_seed(0)
+    heads, groups, d, s = 6, 2, 8, 0.3
+    memory = folded(torch.randn(rows, groups, d, d))
+    scratch = {}
+    for _ in range(2):
+        query = torch.randn(batch, 1, heads, d).transpose(1, 2)  # [B, heads, 1, d], as attention gets it
+        output = torch.randn(batch, 1, heads, d)
+        expected = output + memory_term(query, memory, s)
+        with torch.no_grad():
+            added = add_memory_term(output, query, memory, s, scratch)
+        assert added is output and len(scratch) == 1
+        torch.testing.assert_close(added, expected, rtol=1e-6, atol=1e-6)
+    output = torch.randn(batch, 1, heads, d)
+    assert add_memory_term(output, query, memory, s, scratch) is not output  # gradients on: autograd's tensors
+    with torch.no_grad():
+        query, output = torch.randn(batch, heads, 2, d), torch.randn(batch, 2, heads, d)
+        assert add_memory_term(output, query, memory, s, scratch) is not output
 
 
 def test_config_refuses_words_for_a_memory():

@@ -42,7 +42,7 @@ from ..arch import ATTENTION_IMPLEMENTATIONS
 from ..prefixes import PrefixBatch
 from .kernels import autocast, grouped_sdpa, padded_query_causal, stock_kernel
 from .masks import extend_mask
-from ..memory import memory_term
+from ..memory import add_memory_term
 from .policy import DEFAULT_POLICY, GROUPED, PAD, STOCK, AttentionPolicy
 
 __all__ = ["KWARG", "SITE_ATTR", "AttentionPolicy", "Site", "extend_mask", "implementation_name"]
@@ -83,11 +83,11 @@ def _make_attention(base: str):
             return stock_kernel(base, module)(module, query, key, value, attention_mask, **kwargs)
         scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
         output, weights = _with_key_values(base, module, prefix, site, query, key, value, attention_mask, kwargs)
-        memory = prefix.memory_at(site.index, heads=query.shape[1])
+        memory = prefix.memory_at(site.index)
         if memory is None:
             return output, weights
         prefix.routes.setdefault(site.index, STOCK)
-        return output + memory_term(query, memory, scaling), weights  # outside the softmax: o + φ(q)ᵀ M
+        return add_memory_term(output, query, memory, scaling, prefix.features), weights  # o + φ(q)ᵀ M
 
     prefix_attention.__name__ = f"prefixtune_{base}_attention"
     return prefix_attention
