@@ -68,7 +68,8 @@ class MemoryPrefix(nn.Module):
 def folded(memory: torch.Tensor) -> torch.Tensor:
     """``memory`` (``[..., head_dim, head_dim]``) as :func:`memory_term` reads it: ``M' = M / head_dim`` with its
     column sums ``1ᵀM'`` as one more row, ``[..., head_dim + 1, head_dim]``. Made once per call (a prefix's
-    layout), so that a decoding step's term is two operations on the query, not four."""
+    layout), so that the constant part of ``φ`` costs no operation of its own: the products' bias, or, in a
+    decoding step, one more row of the product."""
     scaled = memory / memory.shape[-1]
     return torch.cat([scaled, scaled.sum(-2, keepdim=True)], dim=-2)
 
@@ -100,8 +101,7 @@ def _add_decoding_term_(output: torch.Tensor, query: torch.Tensor, memory: torch
     ``[elu(q · scaling), 1]`` by the :func:`folded` memory ``[M'; 1ᵀM']``.
 
     Between two layers a CPU streams megabytes of weights, so each of a decoding step's small operations
-    starts from a cold cache and costs tens of microseconds whatever its size: what counts is how many
-    there are. So the scale goes into ``elu`` (``elu(x·s)`` is ``elu`` with ``scale = input_scale = s``,
+    starts from a cold cache and costs far more than its arithmetic: what counts is how many there are. So the scale goes into ``elu`` (``elu(x·s)`` is ``elu`` with ``scale = input_scale = s``,
     ``alpha = 1/s``), the bias into the product, and the product lands in ``output`` itself when each row
     has its own memory or the batch is one row; one memory shared by several rows takes one more, the
     addition. The memory is read per key/value group, as trained, never repeated per query head."""
@@ -134,8 +134,9 @@ def memory_term(query: torch.Tensor, memory: torch.Tensor, scaling: float) -> to
     products. Two ways to lay out the products give the same numbers and suit different sizes
     (:data:`PER_HEAD_ROWS`): over long inputs, a product per head on strided views of the features
     (no copy of the queries or of their gradients, one ``stack`` for the result); over few rows
-    (decoding), one product per key/value group, whose regrouping copies are small and whose
-    operations are as many as the groups, not the heads.
+    (short inputs), one product per key/value group, whose regrouping copies are small and whose
+    operations are as many as the groups, not the heads. A decoding step without gradients takes
+    :func:`add_memory_term`'s shorter way.
 
     Args:
         query: ``[B, heads, T, head_dim]``, as the attention function receives it.
