@@ -119,6 +119,18 @@ def paired_ratio(times: dict, top: str, bottom: str) -> float | None:
     return statistics.median(a / b for a, b in zip(times[top], times[bottom]))
 
 
+def ratio_text(ratio: float | None) -> str:
+    """A paired ratio as the tables print it: ``0.97x``, or ``-`` where an arm was missing."""
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def print_arm_rows(arms: dict, name_width: int, cells) -> None:
+    """One line per arm of a results table: its name, then ``cells(row)`` (its measured columns), or
+    ``FAILED`` and the error of an arm that could not run."""
+    for name, row in arms.items():
+        print(f"{name:<{name_width}}" + (f"{'FAILED':>15}  {row['error']}" if "error" in row else cells(row)))
+
+
 def build_each(builders: dict) -> tuple[dict, dict]:
     """Call each arm builder: ``({name: built}, {name: error line})``; a failing arm does not stop the others."""
     arms, failed = {}, {}

@@ -44,17 +44,8 @@ from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.base_models import load_model
 
 from .arms import HIDDEN, PREFIX_LENGTH, peft_prefix_model, prefix_config
-from .common import (
-    build_each,
-    first_line,
-    paired_ratio,
-    random_tokens,
-    rotated,
-    settings,
-    start,
-    sync,
-    write_json,
-)
+from .common import (build_each, first_line, paired_ratio, print_arm_rows, random_tokens, ratio_text, rotated,
+                     settings, start, sync, write_json)
 
 NUM_MIXED = 8
 ARMS = ("plain", "prefixtune", "memory", "peft", "mixed", "sequential")
@@ -247,12 +238,8 @@ def summarize(times: dict, failed: dict, outputs: dict, tokens_per_call: int, ar
 def print_table(batch_size: int, prompt_len: int, new_tokens: int, summary: dict) -> None:
     print(f"\nbatch={batch_size}  prompt_len={prompt_len}  new_tokens={new_tokens} per row")
     print(f"{'arm':<12}{'median s/call':>15}{'new tok/s':>12}{'vs plain':>10}")
-    for name, row in summary["arms"].items():
-        if "error" in row:
-            print(f"{name:<12}{'FAILED':>15}  {row['error']}")
-            continue
-        ratio = "-" if row["vs_plain"] is None else f"{row['vs_plain']:.2f}x"
-        print(f"{name:<12}{row['median_s']:>15.3f}{row['tokens_per_s']:>12.1f}{ratio:>10}")
+    print_arm_rows(summary["arms"], 12,
+                   lambda row: f"{row['median_s']:>15.3f}{row['tokens_per_s']:>12.1f}{ratio_text(row['vs_plain']):>10}")
     if "sequential" in summary["arms"]:
         print(f"(sequential: {NUM_MIXED} calls at batch 1, one prefix each; seconds are the {NUM_MIXED} together)")
         ratio = summary["mixed_vs_sequential"]

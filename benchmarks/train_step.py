@@ -24,15 +24,8 @@ from pathlib import Path
 from prefixtune.base_models import load_model
 
 from . import arms as arm_defs
-from .common import (
-    first_line,
-    paired_ratio,
-    random_tokens,
-    rotated,
-    settings,
-    start,
-    write_json,
-)
+from .common import (first_line, paired_ratio, print_arm_rows, random_tokens, ratio_text, rotated, settings, start,
+                     write_json)
 
 DEFAULT_ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
 RATIOS = (("prefixtune", "peft"), ("prefixtune_gc", "prefixtune"), ("prefixtune", "prefixtune_pad"),
@@ -125,12 +118,8 @@ def summarize(times: dict, failed: dict, taken: dict) -> dict:
 def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
     print(f"\nseq_len={seq_len}  batch={batch_size}")
     print(f"{'arm':<22}{'median s/step':>15}{'vs floor':>10}  routes")
-    for name, row in summary["arms"].items():
-        if "error" in row:
-            print(f"{name:<22}{'FAILED':>15}  {row['error']}")
-            continue
-        ratio = "-" if row["vs_floor"] is None else f"{row['vs_floor']:.2f}x"
-        print(f"{name:<22}{row['median_s']:>15.3f}{ratio:>10}  {','.join(row['routes'] or ['-'])}")
+    print_arm_rows(summary["arms"], 22, lambda row: f"{row['median_s']:>15.3f}{ratio_text(row['vs_floor']):>10}  "
+                                                    f"{','.join(row['routes'] or ['-'])}")
     for label, ratio in summary["ratios"].items():
         if ratio is not None:
             print(f"{label}: {ratio:.3f}x")
