@@ -126,6 +126,26 @@ def test_decoding_with_the_cache_gives_what_the_full_forward_gives(name):
         assert_same(scores, full[:, x.shape[1] - 1 + step])
 
 
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ))
+def test_an_encoder_decoder_decodes_with_its_memory_what_the_full_forward_gives(name):
+    """Decoding steps add the term to the decoder's self- and cross-attention in place; each step's scores
+    equal a forward over the whole decoded sequence with gradients on, which takes the general path (the
+    end-of-sequence column, held off by ``min_new_tokens``, aside)."""
+    pm = PrefixModel.wrap(tiny_seq2seq(name), MEMORY, name="mem")
+    _randomize(pm, "mem", std=0.5)
+    x = tokens(2, 7)
+    out = pm.generate(input_ids=x, prefix="mem", max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                      pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    full = pm(input_ids=x, decoder_input_ids=out.sequences[:, :-1], prefix="mem").logits.detach()
+    with torch.no_grad():
+        base = pm(input_ids=x, decoder_input_ids=out.sequences[:, :-1], prefix=None).logits
+    assert len(out.scores) == 4
+    for step, scores in enumerate(out.scores):
+        kept = torch.isfinite(scores)
+        assert_same(scores[kept], full[:, step][kept])
+    assert not torch.allclose(full, base, atol=1e-4)
+
+
 def test_only_the_memory_trains_and_the_base_stays_bit_identical():
     pm = PrefixModel.wrap(tiny_model("llama"), MEMORY).train()
     base = {k: v.clone() for k, v in pm.model.state_dict().items()}
