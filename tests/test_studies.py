@@ -88,7 +88,8 @@ def test_recipe_study_takes_over_rows_measured_under_the_same_setup(tmp_path):
                               out=str(tmp_path), train_limit=None, results=None)
     recipe_study.reuse(args, recipe_study.runs(args))
     rows = study.load_rows(tmp_path)
-    assert sorted(rows) == ["e2e-lora-120-s1", "webnlg-lora-120-s1", "webnlg-mlp-1e-3-120-s1"]  # e2e ran mlp-1e-3 on seed 0 only
+    assert sorted(rows) == ["e2e-lora-120-s1", "e2e-mlp-1e-3-120-s1", "webnlg-lora-120-s1", "webnlg-mlp-1e-3-120-s1"]
+    assert rows["e2e-mlp-1e-3-120-s1"]["reused_from"] == "benchmarks/results/e2e-study.json#lr-prefix-0.001-s1"
     assert rows["e2e-lora-120-s1"]["reused_from"] == "benchmarks/results/e2e-study.json#lr-lora-0.01-s1"
     assert set(rows["e2e-lora-120-s1"]["metrics"]) == {"bleu", "rouge_l"} and rows["e2e-lora-120-s1"]["seed"] == 1
     assert rows["webnlg-mlp-1e-3-120-s1"]["reused_from"] == "benchmarks/results/webnlg-study.json#prefix-s1"
