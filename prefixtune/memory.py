@@ -88,8 +88,7 @@ def add_memory_term(output: torch.Tensor, query: torch.Tensor, memory: torch.Ten
     A decoding step (one query per row, no gradients) adds it in place (:func:`_add_decoding_term_`);
     everything else goes through :func:`memory_term`. ``scratch`` keeps the decoding step's feature buffer
     from layer to layer and step to step (the call's ``PrefixBatch.features``)."""
-    batch, heads, length, head_dim = query.shape
-    if length == 1 and not torch.is_grad_enabled() and output.is_contiguous():
+    if query.shape[2] == 1 and not torch.is_grad_enabled() and output.is_contiguous():
         return _add_decoding_term_(output, query, memory.to(query.dtype), scaling, scratch)
     return output + memory_term(query, memory, scaling)
 
@@ -101,14 +100,15 @@ def _add_decoding_term_(output: torch.Tensor, query: torch.Tensor, memory: torch
     ``[elu(q · scaling), 1]`` by the :func:`folded` memory ``[M'; 1ᵀM']``.
 
     Between two layers a CPU streams megabytes of weights, so each of a decoding step's small operations
-    starts from a cold cache and costs far more than its arithmetic: what counts is how many there are. So the scale goes into ``elu`` (``elu(x·s)`` is ``elu`` with ``scale = input_scale = s``,
-    ``alpha = 1/s``), the bias into the product, and the product lands in ``output`` itself when each row
-    has its own memory or the batch is one row; one memory shared by several rows takes one more, the
-    addition. The memory is read per key/value group, as trained, never repeated per query head."""
+    starts from a cold cache and costs far more than its arithmetic: what counts is how many there are.
+    So the scale goes into ``elu`` (``elu(x·s)`` is ``elu`` with ``scale = input_scale = s``, ``alpha = 1/s``),
+    the bias into the product, and the product lands in ``output`` itself when each row has its own memory
+    or the batch is one row; one memory shared by several rows takes one more, the addition. The memory is
+    read per key/value group, as trained, never repeated per query head."""
     batch, heads, _, head_dim = query.shape
     groups = memory.shape[1]
     per_group = heads // groups
-    per_row = memory.shape[0] == batch  # then the products run over (row, group): output's own layout
+    per_row = memory.shape[0] > 1 or batch == 1  # then the products run over (row, group): output's own layout
     key = (per_row, batch, heads, groups, query.dtype, query.device)
     if key not in scratch:
         shape = (batch * groups, per_group, head_dim + 1) if per_row else (groups, batch * per_group, head_dim + 1)

@@ -262,6 +262,10 @@ def test_a_decoding_step_adds_in_place_the_term_memory_term_gives(batch, rows):
     with torch.no_grad():
         query, output = torch.randn(batch, heads, 2, d), torch.randn(batch, 2, heads, d)
         assert add_memory_term(output, query, memory, s, scratch) is not output
+        if batch > 1:  # memories for some rows only: refused, never read as one shared memory
+            with pytest.raises(RuntimeError):
+                add_memory_term(torch.randn(batch, 1, heads, d), torch.randn(batch, heads, 1, d),
+                                folded(torch.randn(batch - 1, groups, d, d)), s, {})
 
 
 def test_config_refuses_words_for_a_memory():
