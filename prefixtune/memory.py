@@ -109,7 +109,7 @@ def _add_decoding_term_(output: torch.Tensor, query: torch.Tensor, memory: torch
     groups = memory.shape[1]
     per_group = heads // groups
     per_row = memory.shape[0] > 1 or batch == 1  # then the products run over (row, group): output's own layout
-    key = (per_row, batch, heads, groups, query.dtype, query.device)
+    key = (per_row, batch, heads, groups, head_dim, query.dtype, query.device)
     if key not in scratch:
         shape = (batch * groups, per_group, head_dim + 1) if per_row else (groups, batch * per_group, head_dim + 1)
         scratch[key] = torch.ones(shape, dtype=query.dtype, device=query.device)

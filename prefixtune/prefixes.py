@@ -57,7 +57,8 @@ class PrefixBatch:
     memory: list[torch.Tensor | None] = field(default_factory=list)
     features: dict = field(default_factory=dict)
     """Filled by a decoding step's memory term (:func:`prefixtune.memory.add_memory_term`): its feature
-    buffer, made once per ``generate`` call."""
+    buffers, one per batch size, layout and dtype (the key says which), made once per ``generate`` call and
+    shared by the copies :meth:`expand_rows` and :meth:`cast` make, as ``routes`` is."""
 
     @property
     def batch_size(self) -> int:
@@ -88,14 +89,14 @@ class PrefixBatch:
 
         return replace(self, key_values=[None if kv is None else (rep(kv[0]), rep(kv[1])) for kv in self.key_values],
                        valid=[rep(v) for v in self.valid], offsets=rep(self.offsets),
-                       memory=[m if m is None or m.shape[0] == 1 else rep(m) for m in self.memory], features={})
+                       memory=[m if m is None or m.shape[0] == 1 else rep(m) for m in self.memory])
 
     def cast(self, dtype: torch.dtype) -> "PrefixBatch":
         """The same prefix in ``dtype``: done once per ``generate`` call, so that a bf16/fp16 model
         does not convert the float32 prefix again in every layer at every decoding step."""
         return replace(self, key_values=[None if kv is None else (kv[0].to(dtype), kv[1].to(dtype))
                                          for kv in self.key_values],
-                       memory=[None if m is None else m.to(dtype) for m in self.memory], features={})
+                       memory=[None if m is None else m.to(dtype) for m in self.memory])
 
 
 def repeat_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
