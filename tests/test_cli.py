@@ -116,7 +116,8 @@ def test_prompt_longer_than_max_length_fails_when_asked(model_dir, tmp_path, cap
     (["generate"], "exactly one of --prompt TEXT or --input FILE"),
     (["train", "--config", "nope.yaml"], "--config nope.yaml: no such file"),
 ])
-def test_bad_arguments_end_in_one_clear_line(capsys, argv, message, model_dir):
+def test_bad_arguments_end_in_one_clear_line(capsys, argv, message, model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # default --output-dir runs/prefix: not the one README's `prefixtune train` leaves here
     assert main([*argv, "--model", model_dir]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
