@@ -435,7 +435,12 @@ def _forget_after(metrics_file: Path, step: int) -> None:
 
 
 def _validate(cfg: TrainConfig) -> None:
-    """What the config cannot check itself: whether the metrics can run here (METEOR needs Java)."""
+    """What the config cannot check itself, before anything else is looked at: that the data files are there
+    (a missing one is named even when the output folder would be refused too), and whether the metrics can run
+    here (METEOR needs Java)."""
+    for source in (cfg.data, cfg.eval_data):
+        if source:
+            data.check_source(source)
     if cfg.task != "classification":
         check_available(options.split_list(cfg.metrics))
 

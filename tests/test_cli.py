@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from prefixtune.artifacts import WEIGHTS_FILE
 from prefixtune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +122,17 @@ def test_bad_arguments_end_in_one_clear_line(capsys, argv, message, model_dir, t
     assert main([*argv, "--model", model_dir]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_missing_data_file_is_named_before_the_output_folder_is_refused(tmp_path, capsys, model_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / WEIGHTS_FILE).write_bytes(b"")  # a folder train refuses without --resume
+    assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(out), "--model", model_dir]) == 2
+    err = capsys.readouterr().err
+    assert "missing.jsonl: file not found" in err and "already holds" not in err
+    assert main(["train", "--output-dir", str(out), "--model", model_dir]) == 1  # the data fine: the folder is named
+    assert "already holds a prefix" in capsys.readouterr().err
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):

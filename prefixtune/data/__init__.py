@@ -24,13 +24,13 @@ from .example import DataError, Example
 from .filters import Where
 from .load import load_examples, select
 from .location import VARIABLE, NoDataRoot, root
-from .readers import FILE_TYPES
+from .readers import FILE_TYPES, check_source
 from .references import group_references, partition
 from .templates import check_template, prompt_text
 from .tokens import IGNORE, eos_id, prompt_ids, tokenize
 
 __all__ = [
     "FILE_TYPES", "IGNORE", "VARIABLE", "BatchOrder", "DataError", "Example", "NoDataRoot", "Where", "batches",
-    "check_template", "collate", "eos_id", "group_references", "label_names", "load_examples", "partition",
+    "check_source", "check_template", "collate", "eos_id", "group_references", "label_names", "load_examples", "partition",
     "prompt_ids", "prompt_text", "root", "select", "tokenize", "tokenize_classes",
 ]

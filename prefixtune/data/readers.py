@@ -29,18 +29,25 @@ def records(source: str, split: str) -> Iterator[tuple[str, dict]]:
 
     Something that looks like a path but does not exist is "file not found", never a Hub lookup.
     """
-    path = Path(source).expanduser()
-    _refuse_special(path, source)
+    path = check_source(source)
     if path.is_file():
-        suffix = path.suffix.lower()
         readers = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records,
                    ".tsv": _tsv_records, ".parquet": _parquet_records}
-        if suffix not in readers:
-            raise DataError(f"{source}: unsupported file type {suffix!r} (use one of {', '.join(FILE_TYPES)})")
-        return readers[suffix](path, source)
-    if not path.is_dir() and _looks_like_path(source):
-        raise DataError(f"{source}: file not found")
+        return readers[path.suffix.lower()](path, source)
     return _hub_records(source, split)
+
+
+def check_source(source: str) -> Path:
+    """``source`` as a path, once what :func:`records` would refuse on opening it is ruled out (a file that is
+    missing, of a type no reader takes, or not a regular file): cheap, so that a run can check its data before
+    it looks at anything else. A ``datasets`` name passes; the Hub answers for it when it is read."""
+    path = Path(source).expanduser()
+    _refuse_special(path, source)
+    if path.is_file() and path.suffix.lower() not in FILE_TYPES:
+        raise DataError(f"{source}: unsupported file type {path.suffix.lower()!r} (use one of {', '.join(FILE_TYPES)})")
+    if not path.exists() and _looks_like_path(source):
+        raise DataError(f"{source}: file not found")
+    return path
 
 
 def _refuse_special(path: Path, source: str) -> None:
