@@ -243,13 +243,13 @@ def test_the_term_is_phi_of_the_query_times_the_memory(rows, per_head_rows, monk
 def test_a_decoding_step_adds_in_place_the_term_memory_term_gives(batch, rows):
     """One query per row, no gradients (``generate``): the term goes into the output where it lies, with the
     numbers of the general path, for one memory shared by the rows, one per row, and a single row, each query
-    head reading its key/value group's memory; the buffer kept in ``scratch`` serves the next step. With
-    gradients, or several queries, a new tensor."""
+    head reading its key/value group's memory; the buffers kept in ``scratch`` serve the next layer (another
+    memory) and step. With gradients, or several queries, a new tensor."""
     torch.manual_seed(0)
     heads, groups, d, s = 6, 2, 8, 0.3
-    memory = folded(torch.randn(rows, groups, d, d))
     scratch = {}
-    for _ in range(2):
+    for _ in range(3):
+        memory = folded(torch.randn(rows, groups, d, d))
         query = torch.randn(batch, 1, heads, d).transpose(1, 2)  # [B, heads, 1, d], as attention gets it
         output = torch.randn(batch, 1, heads, d)
         expected = output + memory_term(query, memory, s)
