@@ -85,9 +85,15 @@ def generation_hooks(model: nn.Module, family: arch.Family, batch: PrefixBatch, 
 
     The hooks sit on the transformers model inside PEFT's wrappers (PEFT's ``generate`` calls it,
     not its own ``forward``), and on an encoder-decoder's encoder, which ``generate`` runs once,
-    directly."""
+    directly. Beam search and ``num_return_sequences`` call every step with the rows repeated: the repeated
+    prefix is made at the first step and kept, not made again at each."""
+    repeated = {}  # rows -> the batch with its rows repeated to that many
+
     def hook(module, hook_args, hook_kwargs):
-        return hook_args, call_kwargs(batch, hook_kwargs, family, device)
+        count = rows(hook_kwargs)
+        if count not in repeated:
+            repeated[count] = batch.expand_rows(count)
+        return hook_args, call_kwargs(repeated[count], hook_kwargs, family, device)
 
     modules = [unwrap_adapters(model)] + ([model.get_encoder()] if family.encoder_decoder else [])
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in modules]

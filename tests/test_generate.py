@@ -44,6 +44,25 @@ def test_beam_search_continues_as_the_plain_model_after_p(arch):
     assert torch.equal(got, expected)
 
 
+def test_beam_search_repeats_the_prefix_rows_once_per_call(monkeypatch):
+    """Every step of beam search hands the model the rows repeated: the prefix is repeated to match at the first
+    step only, for a key/value prefix and a memory alike."""
+    from prefixtune import prefixes
+
+    made = []
+    repeat = prefixes.repeat_rows
+    monkeypatch.setattr(prefixes, "repeat_rows", lambda t, rows: made.append(rows) or repeat(t, rows))
+    x = tokens(2, 5, seed=3)
+    for config in (PrefixConfig(prefix_length=L_P, reparameterize=False), PrefixConfig(kind="memory")):
+        pm = PrefixModel.wrap(tiny_model("llama"), config)
+        made.clear()
+        pm.prefix_batch("default", 2).expand_rows(6)
+        once = list(made)
+        made.clear()
+        pm.generate(input_ids=x, attention_mask=torch.ones_like(x), **dict(GREEDY, num_beams=3))
+        assert once and made == once
+
+
 def test_left_padded_generate_matches_unpadded_rows():
     model = tiny_model("llama")
     p = tokens(1, L_P, seed=1)[0]
