@@ -21,8 +21,6 @@ memory prefix puts nothing in the cache and shifts no position.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
@@ -88,47 +86,11 @@ def add_memory_term(output: torch.Tensor, query: torch.Tensor, memory: torch.Ten
     """``output + φ(q)ᵀ M``: the attention's output ``[B, T, heads, head_dim]`` with the memory's term.
 
     A decoding step (one query per row, no gradients) adds it in place (:func:`_add_decoding_term_`);
-    everything else goes through :func:`memory_term`. ``scratch`` keeps the decoding step's buffers
+    everything else goes through :func:`memory_term`. ``scratch`` keeps the decoding step's feature buffer
     from layer to layer and step to step (the call's ``PrefixBatch.features``)."""
-    if memory.dtype != query.dtype:
-        memory = memory.to(query.dtype)
     if query.shape[2] == 1 and not torch.is_grad_enabled() and output.is_contiguous():
-        return _add_decoding_term_(output, query, memory, scaling, scratch)
+        return _add_decoding_term_(output, query, memory.to(query.dtype), scaling, scratch)
     return output + memory_term(query, memory, scaling)
-
-
-class _DecodingPlan(NamedTuple):
-    """The buffers of a decoding step's term and the views it writes through, made once per ``generate``
-    call and layout (:func:`_decoding_plan`), so that a step builds no view but the two of its own inputs."""
-
-    features: torch.Tensor
-    """``[elu(q · scaling), 1]``, grouped for one batched product per key/value group: ``[B * kv_heads,
-    per_group, head_dim + 1]`` per row, ``[kv_heads, B * per_group, head_dim + 1]`` for a shared memory."""
-    phi: torch.Tensor
-    """``features`` without the ones, as ``[B, kv_heads, per_group, head_dim]``: where ``elu`` writes."""
-    grouped: tuple[int, ...]
-    """``(B, kv_heads, per_group, head_dim)``: the query and the output seen per key/value group."""
-    rows: tuple[int, ...]
-    """``(B * kv_heads, per_group, head_dim)``: the output as the per-row products write it."""
-    term: torch.Tensor | None
-    """A shared memory's product, ``[kv_heads, B * per_group, head_dim]`` (``None`` per row)."""
-    term_grouped: torch.Tensor | None
-    """``term`` as ``[B, kv_heads, per_group, head_dim]``, added to the output."""
-
-
-def _decoding_plan(per_row: bool, query: torch.Tensor, groups: int) -> _DecodingPlan:
-    batch, heads, _, head_dim = query.shape
-    per_group = heads // groups
-    grouped, rows = (batch, groups, per_group, head_dim), (batch * groups, per_group, head_dim)
-    new = dict(dtype=query.dtype, device=query.device)
-    if per_row:
-        features = torch.ones(batch * groups, per_group, head_dim + 1, **new)
-        return _DecodingPlan(features, features[..., :-1].view(grouped), grouped, rows, None, None)
-    features = torch.ones(groups, batch * per_group, head_dim + 1, **new)
-    term = torch.empty(groups, batch * per_group, head_dim, **new)
-    shared = (groups, batch, per_group, head_dim)
-    return _DecodingPlan(features, features[..., :-1].view(shared).transpose(0, 1), grouped, rows, term,
-                         term.view(shared).transpose(0, 1))
 
 
 def _add_decoding_term_(output: torch.Tensor, query: torch.Tensor, memory: torch.Tensor, scaling: float,
@@ -138,23 +100,28 @@ def _add_decoding_term_(output: torch.Tensor, query: torch.Tensor, memory: torch
     ``[elu(q · scaling), 1]`` by the :func:`folded` memory ``[M'; 1ᵀM']``.
 
     Between two layers a CPU streams megabytes of weights, so each of a decoding step's small operations
-    starts from a cold cache and costs far more than its arithmetic: what counts is how many there are,
-    views included. So the scale goes into ``elu`` (``elu(x·s)`` is ``elu`` with ``scale = input_scale = s``,
-    ``alpha = 1/s``), the bias into the product, the product lands in ``output`` itself when each row has its
-    own memory or the batch is one row, and the buffers and their views are made once (:class:`_DecodingPlan`);
-    one memory shared by several rows takes one more operation, the addition. The memory is read per
-    key/value group, as trained, never repeated per query head."""
-    per_row = memory.shape[0] > 1 or query.shape[0] == 1  # then the products run over (row, group): output's own layout
-    key = (per_row, *query.shape, memory.shape[1], query.dtype, query.device)
-    plan = scratch.get(key)
-    if plan is None:
-        plan = scratch[key] = _decoding_plan(per_row, query, memory.shape[1])
-    torch.ops.aten.elu.out(query.reshape(plan.grouped), 1 / scaling, scaling, scaling, out=plan.phi)
+    starts from a cold cache and costs far more than its arithmetic: what counts is how many there are.
+    So the scale goes into ``elu`` (``elu(x·s)`` is ``elu`` with ``scale = input_scale = s``, ``alpha = 1/s``),
+    the bias into the product, and the product lands in ``output`` itself when each row has its own memory
+    or the batch is one row; one memory shared by several rows takes one more, the addition. The memory is
+    read per key/value group, as trained, never repeated per query head."""
+    batch, heads, _, head_dim = query.shape
+    groups = memory.shape[1]
+    per_group = heads // groups
+    per_row = memory.shape[0] > 1 or batch == 1  # then the products run over (row, group): output's own layout
+    key = (per_row, batch, heads, groups, head_dim, query.dtype, query.device)
+    if key not in scratch:
+        shape = (batch * groups, per_group, head_dim + 1) if per_row else (groups, batch * per_group, head_dim + 1)
+        scratch[key] = torch.ones(shape, dtype=query.dtype, device=query.device)
+    features = scratch[key]
+    phi = features[..., :-1].view(batch, groups, per_group, head_dim) if per_row else \
+        features[..., :-1].view(groups, batch, per_group, head_dim).transpose(0, 1)
+    torch.ops.aten.elu.out(query.reshape(batch, groups, per_group, head_dim), 1 / scaling, scaling, scaling, out=phi)
     if per_row:
-        output.view(plan.rows).baddbmm_(plan.features, memory.flatten(0, 1))
+        output.view(batch * groups, per_group, head_dim).baddbmm_(features, memory.flatten(0, 1))
     else:
-        torch.bmm(plan.features, memory[0], out=plan.term)
-        output.view(plan.grouped).add_(plan.term_grouped)
+        term = torch.bmm(features, memory[0]).view(groups, batch, per_group, head_dim)
+        output.view(batch, groups, per_group, head_dim).add_(term.transpose(0, 1))
     return output
 
 

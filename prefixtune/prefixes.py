@@ -56,9 +56,9 @@ class PrefixBatch:
     routes: dict[int, str] = field(default_factory=dict)
     memory: list[torch.Tensor | None] = field(default_factory=list)
     features: dict = field(default_factory=dict)
-    """Filled by a decoding step's memory term (:func:`prefixtune.memory.add_memory_term`): its buffers and
-    their views, one set per batch size, layout and dtype (the key says which), made once per ``generate`` call
-    and shared by the layers and by the copies :meth:`expand_rows` and :meth:`cast` make, as ``routes`` is."""
+    """Filled by a decoding step's memory term (:func:`prefixtune.memory.add_memory_term`): its feature
+    buffers, one per batch size, layout and dtype (the key says which), made once per ``generate`` call and
+    shared by the copies :meth:`expand_rows` and :meth:`cast` make, as ``routes`` is."""
 
     @property
     def batch_size(self) -> int:
