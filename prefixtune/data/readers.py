@@ -18,7 +18,6 @@ from pathlib import Path
 from .. import hub
 from .example import DataError
 
-FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 FIELD_LIMIT = 2**31 - 1
 """Largest CSV/TSV field read (the ``csv`` module's own default, 128 KiB, refuses long documents);
 ``--max-length`` decides how much of a field is used."""
@@ -31,9 +30,7 @@ def records(source: str, split: str) -> Iterator[tuple[str, dict]]:
     """
     path = check_source(source)
     if path.is_file():
-        readers = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records,
-                   ".tsv": _tsv_records, ".parquet": _parquet_records}
-        return readers[path.suffix.lower()](path, source)
+        return READERS[path.suffix.lower()](path, source)
     return _hub_records(source, split)
 
 
@@ -168,6 +165,13 @@ def _parquet_records(path: Path, name: str) -> Iterator[tuple[str, dict]]:
         for record in batch.to_pylist():
             number += 1
             yield f"{name}:#{number}", record
+
+
+READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records, ".tsv": _tsv_records,
+           ".parquet": _parquet_records}
+"""The reader of each file type, by suffix."""
+FILE_TYPES = tuple(READERS)
+"""The file types a source may have (:func:`check_source` refuses any other)."""
 
 
 def _hub_records(source: str, split: str) -> Iterator[tuple[str, dict]]:
