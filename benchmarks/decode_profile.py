@@ -6,7 +6,8 @@ Run from the repository root:
 
 One profiled ``generate`` call per arm (after one unprofiled warm-up call each) on the bundled
 SmolLM2-135M-Instruct, random 32-token prompts: ``plain`` (the model's own ``generate``) and
-``prefixtune`` (the prefix of ``benchmarks/arms.py``, MLP folded with ``materialize()``). Prints
+``prefixtune`` (the prefix of ``benchmarks/arms.py``, MLP folded with ``materialize()``), or with
+``--prefix-kind memory`` the memory prefix of ``benchmarks.generate``'s ``memory`` arm. Prints
 each arm's summed self CPU time and the ops whose self time differs most between the arms, with
 their call counts. One call per arm: read the differences of ops that only one arm runs, or runs
 a different number of times (``aten::cat``, the attention kernel), not small differences in
@@ -26,6 +27,7 @@ from prefixtune.base_models import load_model
 
 from .arms import prefix_config
 from .common import random_tokens, settings, start, write_json
+from .generate import memory_arm
 from .profiling import as_json, op_times, print_op_table
 
 
@@ -35,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--prefix-kind", choices=("kv", "memory"), default="kv",
+                        help="the prefixed arm: the key/value prefix (default) or a memory prefix")
     parser.add_argument("--json", type=Path, help="also write every op's totals here")
     return parser.parse_args(argv)
 
@@ -43,12 +47,16 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     header = start(__file__, argv, args.threads)
     plain = load_model()[0].eval()
-    wrapped = PrefixModel.wrap(load_model()[0], prefix_config()).eval()
-    wrapped.materialize()
+    if args.prefix_kind == "memory":
+        wrapped = memory_arm(load_model()[0])[1]
+    else:
+        wrapped = PrefixModel.wrap(load_model()[0], prefix_config()).eval()
+        wrapped.materialize()
     ids = random_tokens(plain.config.vocab_size, args.batch_size, 32)
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=2,
               min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens)
-    arms = {"plain": lambda: plain.generate(**kw), "prefixtune": lambda: wrapped.generate(**kw)}
+    arms = {"plain": lambda: plain.generate(**kw),
+            "memory" if args.prefix_kind == "memory" else "prefixtune": lambda: wrapped.generate(**kw)}
     with torch.inference_mode():
         for call in arms.values():
             call()
