@@ -4,7 +4,8 @@ A results file must say how to get it again: :func:`start` returns its header, t
 (``python -m benchmarks.NAME ...``), the machine and the code version, and every ``--json``
 file begins with it. Arms are compared interleaved (:func:`rotated`: every round runs every
 arm, the order shifted by one), so that a machine that slows down or speeds up during a run
-moves every arm alike, and ratios are medians of per-round pairs (:func:`paired_ratio`).
+moves every arm alike, and ratios are medians of per-round pairs (:func:`paired_ratio`), given with
+the interval a bootstrap of the rounds puts around them (:func:`ratio_interval`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import shlex
 import statistics
 import subprocess
@@ -119,9 +121,29 @@ def paired_ratio(times: dict, top: str, bottom: str) -> float | None:
     return statistics.median(a / b for a, b in zip(times[top], times[bottom]))
 
 
+def ratio_interval(times: dict, top: str, bottom: str, level: float = 0.95, draws: int = 2000) -> list[float] | None:
+    """A ``level`` bootstrap interval of :func:`paired_ratio`: the rounds drawn again with replacement
+    ``draws`` times, each draw's median ratio, and the middle ``level`` of those medians (``None`` if
+    either arm is missing). On a shared machine one round's ratio can be off by several percent, and one
+    run's median by about one; a ratio is read against a target only with its interval, which says how
+    far this run can tell them apart. The draws use a fixed seed: the same times give the same interval."""
+    if top not in times or bottom not in times:
+        return None
+    ratios = [a / b for a, b in zip(times[top], times[bottom])]
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios))) for _ in range(draws))
+    tail = int(draws * (1 - level) / 2)
+    return [medians[tail], medians[-tail - 1]]
+
+
 def ratio_text(ratio: float | None) -> str:
     """A paired ratio as the tables print it: ``0.97x``, or ``-`` where an arm was missing."""
     return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def interval_text(interval: list[float] | None) -> str:
+    """A :func:`ratio_interval` as the tables print it: ``0.951-0.990``, or ``-``."""
+    return "-" if interval is None else f"{interval[0]:.3f}-{interval[1]:.3f}"
 
 
 def print_arm_rows(arms: dict, name_width: int, cells) -> None:

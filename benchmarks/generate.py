@@ -25,13 +25,17 @@ Each arm has its own model instance (``mixed`` and ``sequential`` get identical 
 from the same seed). Arms are interleaved (each repeat runs every arm once, rotating the
 order) on the same prompts; the table shows median seconds per call (for ``sequential``:
 its eight calls together), new tokens per second, and the median of the per-repeat ratios
-of throughput to ``plain``. The first (warm-up) outputs are compared with ``plain``'s to
-show whether a prefix changed anything. ``--json PATH`` writes the results.
+of throughput to ``plain``, with its 95 % bootstrap interval over the repeats
+(``benchmarks.common.ratio_interval``). The first (warm-up) outputs are compared with ``plain``'s to
+show whether a prefix changed anything. ``--json PATH`` writes the results, every call's seconds
+included; ``--summarize PATH`` prints the tables of such a file again (intervals included) without
+running anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -44,8 +48,8 @@ from prefixtune import PrefixConfig, PrefixModel
 from prefixtune.base_models import load_model
 
 from .arms import HIDDEN, PREFIX_LENGTH, peft_prefix_model, prefix_config
-from .common import (build_each, first_line, paired_ratio, print_arm_rows, random_tokens, ratio_text, rotated,
-                     settings, start, sync, write_json)
+from .common import (build_each, first_line, interval_text, paired_ratio, print_arm_rows, random_tokens,
+                     ratio_interval, ratio_text, rotated, settings, start, sync, write_json)
 
 NUM_MIXED = 8
 ARMS = ("plain", "prefixtune", "memory", "peft", "mixed", "sequential")
@@ -62,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cpu count)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--summarize", type=Path, metavar="PATH",
+                        help="print the tables of a results file written by --json (from its per-call seconds) "
+                        "and run nothing")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
                         help="arms to run (default: all); e.g. --arms plain prefixtune for more repeats of the "
                         "ratio that matters in the same time")
@@ -219,6 +226,7 @@ def summarize(times: dict, failed: dict, outputs: dict, tokens_per_call: int, ar
                 "median_s": median,
                 "tokens_per_s": tokens_per_call / median,
                 "vs_plain": paired_speedup(times, name, "plain"),
+                "vs_plain_95": None if name == "plain" else ratio_interval(times, "plain", name),  # plain's s / arm's s
                 "times_s": times[name],
             }
         elif name in failed:
@@ -237,9 +245,10 @@ def summarize(times: dict, failed: dict, outputs: dict, tokens_per_call: int, ar
 
 def print_table(batch_size: int, prompt_len: int, new_tokens: int, summary: dict) -> None:
     print(f"\nbatch={batch_size}  prompt_len={prompt_len}  new_tokens={new_tokens} per row")
-    print(f"{'arm':<12}{'median s/call':>15}{'new tok/s':>12}{'vs plain':>10}")
+    print(f"{'arm':<12}{'median s/call':>15}{'new tok/s':>12}{'vs plain':>10}{'95% interval':>15}")
     print_arm_rows(summary["arms"], 12,
-                   lambda row: f"{row['median_s']:>15.3f}{row['tokens_per_s']:>12.1f}{ratio_text(row['vs_plain']):>10}")
+                   lambda row: f"{row['median_s']:>15.3f}{row['tokens_per_s']:>12.1f}{ratio_text(row['vs_plain']):>10}"
+                               f"{interval_text(row.get('vs_plain_95')):>15}")
     if "sequential" in summary["arms"]:
         print(f"(sequential: {NUM_MIXED} calls at batch 1, one prefix each; seconds are the {NUM_MIXED} together)")
         ratio = summary["mixed_vs_sequential"]
@@ -249,8 +258,28 @@ def print_table(batch_size: int, prompt_len: int, new_tokens: int, summary: dict
     sys.stdout.flush()
 
 
+def summarize_saved(path: Path) -> None:
+    """Print the tables of a ``--json`` results file again, from the per-call seconds it holds (a curated
+    file's ``runs`` one after another)."""
+    saved = json.loads(path.read_text())
+    for run in saved.get("runs", [saved]):
+        if "batch_size" not in run or "args" not in run:
+            raise SystemExit(f"{path}: not a results file of benchmarks.generate (no batch_size and args)")
+        print(f"\n{run.get('command', '')}  (code {run.get('code_version')})")
+        for batch_size, done in run["batch_size"].items():
+            arms = done["arms"]
+            times = {name: row["times_s"] for name, row in arms.items() if "times_s" in row}
+            failed = {name: row["error"] for name, row in arms.items() if "error" in row}
+            summary = summarize(times, failed, {}, done["new_tokens_per_call"], list(arms))
+            print_table(int(batch_size), run["args"]["prompt_len"], run["args"]["new_tokens"],
+                        {**summary, "checks": done["checks"]})
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.summarize:
+        summarize_saved(args.summarize)
+        return
     results = start(__file__, argv, args.threads)
     print(f"warmup={args.warmup} repeats={args.repeats} prefix_length={PREFIX_LENGTH} hidden={HIDDEN} "
           f"greedy, min_new_tokens=max_new_tokens={args.new_tokens}")

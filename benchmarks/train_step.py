@@ -10,7 +10,8 @@ One step is forward + backward on a random token batch of the bundled SmolLM2-13
 after 3/4 of its length, as batches of real text are. Each arm has its own model instance.
 Arms are interleaved (each repeat runs every arm once, rotating the order) and on the same
 batch; the table shows median seconds/step, the median of the per-repeat ratios to the floor,
-and the attention routes each prefixed arm took. ``--json PATH`` writes the results.
+and the attention routes each prefixed arm took; then paired ratios between arms (``RATIOS``), each
+with its 95 % bootstrap interval over the repeats. ``--json PATH`` writes the results.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from pathlib import Path
 from prefixtune.base_models import load_model
 
 from . import arms as arm_defs
-from .common import (first_line, paired_ratio, print_arm_rows, random_tokens, ratio_text, rotated, settings, start,
-                     write_json)
+from .common import (first_line, interval_text, paired_ratio, print_arm_rows, random_tokens, ratio_interval, ratio_text,
+                     rotated, settings, start, write_json)
 
 DEFAULT_ARMS = ("floor", "prefixtune", "prefixtune_logits", "peft")
 RATIOS = (("prefixtune", "peft"), ("prefixtune_gc", "prefixtune"), ("prefixtune", "prefixtune_pad"),
@@ -112,7 +113,8 @@ def summarize(times: dict, failed: dict, taken: dict) -> dict:
                           "routes": taken.get(name), "times_s": times[name]}
         elif name in failed:
             rows[name] = {"error": failed[name]}
-    return {"arms": rows, "ratios": {f"{top}/{bottom}": paired_ratio(times, top, bottom) for top, bottom in RATIOS}}
+    return {"arms": rows, "ratios": {f"{top}/{bottom}": paired_ratio(times, top, bottom) for top, bottom in RATIOS},
+            "ratios_95": {f"{top}/{bottom}": ratio_interval(times, top, bottom) for top, bottom in RATIOS}}
 
 
 def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
@@ -122,7 +124,7 @@ def print_table(seq_len: int, batch_size: int, summary: dict) -> None:
                                                     f"{','.join(row['routes'] or ['-'])}")
     for label, ratio in summary["ratios"].items():
         if ratio is not None:
-            print(f"{label}: {ratio:.3f}x")
+            print(f"{label}: {ratio:.3f}x (95% interval {interval_text(summary['ratios_95'][label])})")
     print(flush=True)
 
 
