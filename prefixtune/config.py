@@ -9,7 +9,9 @@ and are read back without any pickle. The command line is generated from them
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import options, recipe
 from .data import filters
@@ -314,8 +316,25 @@ class EvalConfig(DataOptions, TaskOption):
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (:func:`options.check`)."""
         yield from filters.problems(self, "eval_where")
+        yield from output_problems(self.output, data=self.data)
         if self.group_by is not None and self.task == "classification":
             yield "group_by", "scores generation tasks; --task classification reports its accuracy overall"
+
+
+def output_problems(output: str | None, **inputs: str | None):
+    """``--output`` is written when the run is done: an empty name, a folder, or a file the run reads
+    (``inputs``: option name -> path) would lose the results or the input, so they are refused first."""
+    if output is None:
+        return
+    path = Path(output)
+    if not output.strip():
+        yield "output", "must name a file, got an empty string"
+    elif path.is_dir():
+        yield "output", f"{output} is a folder: give the name of a file to write"
+    elif path.exists():
+        for option, source in inputs.items():
+            if source and Path(source).is_file() and os.path.samefile(source, path):
+                yield "output", f"{output} is the --{option.replace('_', '-')} file: writing it would replace what this reads"
 
 
 @dataclass
@@ -330,3 +349,7 @@ class GenerateConfig(DataOptions, TaskOption):
     temperature: float = option_field(1.0, "sampling temperature (with --do-sample)", gt=0)
     top_p: float = option_field(1.0, "nucleus sampling mass (with --do-sample)", gt=0, le=1)
     seed: int = option_field(0, "seed for sampling", ge=0, le=MAX_SEED)
+
+    def problems(self):
+        """``(option, message)`` for each rule between options that is broken (:func:`options.check`)."""
+        yield from output_problems(self.output, input=self.input)

@@ -84,3 +84,34 @@ def test_a_prefix_larger_than_the_machine_is_refused_before_it_is_allocated(monk
                                          r"machine's 0.0 GiB"):
         PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=60000, reparameterize=False))
     PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=10, reparameterize=False))  # a small one fits
+
+
+def test_what_a_command_would_write_over_is_refused_and_kept(tmp_path, capsys, monkeypatch):
+    """Outputs never land on the run's own input, a folder, the current folder (an empty name) or a
+    prefix or adapter already there; an empty ``--host`` (which binds every interface) is refused too."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / "folder").mkdir()
+    kept = {name: tmp_path / "kept" / name for name in ("adapter_config.json", "prefix_config.json")}
+    for path in kept.values():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("mine")
+    cases = [
+        (["generate", "--input", "data.jsonl", "--output", str(data)], "--output: " + str(data) + " is the --input file"),
+        (["eval", "--data", str(data), "--output", "./data.jsonl"], "--output: ./data.jsonl is the --data file"),
+        (["eval", "--data", "data.jsonl", "--output", "folder"], "--output: folder is a folder"),
+        (["generate", "--prompt", "hi", "--output", ""], "--output: must name a file"),
+        (["serve", "--host", ""], "--host: must name an address"),
+        (["export-peft", "missing", "kept"], "PEFT_DIR: kept already holds adapter_config.json"),
+        (["export-peft", "missing", ""], "PEFT_DIR: must name a folder"),
+        (["import-peft", "missing", "kept"], "OUT: kept already holds prefix_config.json"),
+    ]
+    for argv, message in cases:
+        model = ["--model", "m"] if argv[0] in ("generate", "eval", "serve") else []  # refused before it is looked for
+        assert main([argv[0], *model, *argv[1:]]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert data.read_text() == '{"prompt": "a", "completion": "b"}\n'
+    assert all(path.read_text() == "mine" for path in kept.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "folder", "kept"]

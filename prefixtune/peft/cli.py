@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 PREFIX_HELP = "folder of a saved prefix (a training run's --output-dir)"
@@ -12,7 +13,7 @@ PEFT_HELP = "folder of a PEFT prefix-tuning adapter"
 def _command(summary: str, description: str, source: tuple[str, str, str], target: tuple[str, str, str],
              base_help: str, convert: str, written: str) -> SimpleNamespace:
     """A command that reads ``source`` and writes ``target`` (each ``(dest, METAVAR, help)``) with
-    ``interop.<convert>(source, target, base_model=...)``."""
+    ``interop.<convert>(source, target, base_model=...)``, which writes ``interop.WRITTEN[convert]`` there."""
     def add_arguments(parser) -> None:
         for dest, metavar, help_text in (source, target):
             parser.add_argument(dest, metavar=metavar, help=help_text)
@@ -21,11 +22,22 @@ def _command(summary: str, description: str, source: tuple[str, str, str], targe
     def run(args) -> int:
         from . import interop
 
+        _refuse_to_overwrite(getattr(args, target[0]), target[1], interop.WRITTEN[convert])
         path = getattr(interop, convert)(getattr(args, source[0]), getattr(args, target[0]), base_model=args.base_model)
         print(f"{written} written to {path}")
         return 0
 
     return SimpleNamespace(SUMMARY=summary, DESCRIPTION=description, add_arguments=add_arguments, run=run)
+
+
+def _refuse_to_overwrite(folder: str, metavar: str, files: tuple[str, ...]) -> None:
+    """A conversion writes into a folder of its own: an empty name (the current folder) or a folder that
+    already holds what it would write (a trained prefix, someone's adapter) is refused, so nothing is lost."""
+    if not folder.strip():
+        raise ValueError(f"{metavar}: must name a folder, got an empty string")
+    there = [name for name in files if (Path(folder) / name).exists()]
+    if there:
+        raise ValueError(f"{metavar}: {folder} already holds {', '.join(there)}; remove it or choose another folder")
 
 
 EXPORT = _command(

@@ -37,13 +37,15 @@ from pathlib import Path
 import torch
 
 from .. import arch
-from ..artifacts import read_json, read_prefix, write_prefix, write_safetensors
+from ..artifacts import CONFIG_FILE, WEIGHTS_FILE, read_json, read_prefix, write_prefix, write_safetensors
 from ..config import PrefixConfig
 from . import lora
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_LEGACY = "adapter_model.bin"
+WRITTEN = {"export_peft": (PEFT_CONFIG, PEFT_WEIGHTS), "import_peft": (CONFIG_FILE, WEIGHTS_FILE)}
+"""The files each conversion writes into its target folder (which the commands refuse to overwrite)."""
 PEFT_KEY = "prompt_embeddings"
 _PREFIX_META = {"format", "prefix", "layers", "base", "reparameterization_saved"}
 

@@ -58,6 +58,8 @@ class ServeConfig(Checked):
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken."""
+        if not self.host.strip():  # uvicorn would bind every interface
+            yield "host", "must name an address (127.0.0.1: this machine only; 0.0.0.0: every interface), got an empty string"
         if self.dtype is not None and not _is_dtype(self.dtype):
             yield "dtype", f"must be auto or a torch dtype (float32, bfloat16, float16), got {self.dtype!r}"
         if self.prefix_host_cache_mb and self.device == "cpu":
