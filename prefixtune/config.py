@@ -31,6 +31,9 @@ MAX_POSITIONS = 1 << 16
 """The longest prefix and the widest MLP a config accepts (65,536): longer than any supported model's context."""
 MAX_SEED = (1 << 63) - 1
 """The largest seed torch, Python's ``random`` and NumPy all take."""
+MAX_LR = 1000.0
+"""The largest learning rate an option takes: far above any rate that trains (Adam moves each weight by
+about the rate per step), and far below float32's range, where the optimizer could not hold it."""
 
 
 def device_problem(name: str) -> str | None:
@@ -245,7 +248,7 @@ class TrainConfig(StepOptions, DataOptions, TaskOption):
     lr: float | None = option_field(None, f"peak AdamW learning rate (default: {recipe.RATES['mlp-width']:g} for a kv prefix "
                                     f"through the MLP at --reparam-lr width, {recipe.RATES['flat']:g} flat, "
                                     f"{recipe.RATES['mlp-same']:g} through the MLP at --reparam-lr same; "
-                                    f"{recipe.RATES['memory']:g} for a memory prefix)", ge=0)
+                                    f"{recipe.RATES['memory']:g} for a memory prefix)", ge=0, le=MAX_LR)
     epochs: float = option_field(1.0, "passes over the training data (ignored when --max-steps is set)", gt=0)
     max_steps: int | None = option_field(None, "optimizer steps to run (overrides --epochs)", ge=1)
     micro_batch_size: int | None = option_field(None, "examples per forward pass (default: the whole batch); accumulates "

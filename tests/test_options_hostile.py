@@ -17,6 +17,9 @@ from prefixtune.options import OptionError
     (["train", "--seed", str(2 ** 70)], "--seed: must be at most"),
     (["train", "--lr", "inf"], "--lr: must be a finite number, got inf"),
     (["train", "--lr", "nan"], "--lr: must be a finite number"),
+    (["train", "--lr", "1e39"], "--lr: must be at most 1000.0"),  # beyond float32: the optimizer could not hold it
+    (["compare", "--lr", "prefix=-1"], "--lr: prefix's rate must be above 0 and at most 1000, got -1"),
+    (["compare", "--lr", "inf"], "rate must be above 0 and at most 1000, got inf"),
     (["train", "--layers", "0,0"], "--layers: names 0 more than once"),
     (["train", "--output-dir", ""], "--output-dir: must not be empty"),
     (["eval", "--device", "cuda:x"], "--device: must be auto, cpu, cuda"),

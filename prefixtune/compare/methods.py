@@ -275,7 +275,7 @@ def learning_rates(text: str | None, methods: list[Method]) -> dict[str, float]:
     except ValueError:
         value = None
     if value is not None:
-        return {m.name: (0.0 if m.build is None else value) for m in methods}
+        return _checked({m.name: (0.0 if m.build is None else value) for m in methods}, methods)
     for part in split_list(text):
         name, sep, number = part.partition("=")
         if not sep or name.strip() not in METHODS:
@@ -284,6 +284,18 @@ def learning_rates(text: str | None, methods: list[Method]) -> dict[str, float]:
             rates[name.strip()] = float(number)
         except ValueError:
             raise ValueError(f"--lr: {number!r} is not a number (in {part!r})") from None
+    return _checked(rates, methods)
+
+
+def _checked(rates: dict[str, float], methods: list[Method]) -> dict[str, float]:
+    """``rates``, once each method that trains has one above 0 and at most ``MAX_LR`` (what ``train --lr``
+    takes), so that a bad rate stops the comparison before any method runs instead of failing every row."""
+    from ..config import MAX_LR
+
+    for method in methods:
+        rate = rates[method.name]
+        if method.build is not None and not 0 < rate <= MAX_LR:
+            raise ValueError(f"--lr: {method.name}'s rate must be above 0 and at most {MAX_LR:g}, got {rate:g}")
     return rates
 
 
