@@ -88,6 +88,10 @@ def _meta(directory: Path) -> dict:
     if not isinstance(meta, dict) or not {"state", "param_groups", "scheduler"} <= set(meta):
         raise ValueError(f"{Path(directory) / STATE_FILE}: the checkpoint is damaged (its state is incomplete); "
                          f"remove {directory} to start again from step 0")
+    step = meta["state"].get("step") if isinstance(meta["state"], dict) else None
+    if type(step) is not int or step < 0:  # a resumed run counts on from it and cuts the log back to it
+        raise ValueError(f"{Path(directory) / STATE_FILE}: the checkpoint is damaged (its step is {step!r}, not a "
+                         f"count of steps); remove {directory} to start again from step 0")
     return meta
 
 

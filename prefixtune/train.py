@@ -191,6 +191,9 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     state = TrainState()
     if resume_from:
         state = TrainState(**checkpoint.load_state(resume_from))
+        if state.step > total:
+            raise ValueError(f"--max-steps: the checkpoint in {resume_from} is at step {state.step}, past the {total} "
+                             f"steps of this run; give more steps to go on from it")
         checkpoint.restore(resume_from, optimizer, scheduler, rng=not isinstance(dist, distributed.Processes))
         log.info("resumed from %s at step %d of %d", resume_from, state.step, total)
     dist.seed(cfg.seed, state.step)

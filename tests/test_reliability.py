@@ -136,6 +136,27 @@ def test_a_damaged_optimizer_checkpoint_is_one_line_on_resume(model_dir, data_fi
     assert "optimizer.safetensors: the checkpoint is damaged" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_checkpoint_step_that_is_no_count_or_past_the_run_is_refused_and_the_log_kept(model_dir, data_files,
+                                                                                     tmp_path, capsys):
+    """A resumed run counts on from the checkpoint's step and cuts its log back to it: a step that is not a
+    count (negative, text) or lies past ``--max-steps`` is refused before the log or config.yaml change."""
+    assert _train(model_dir, data_files, tmp_path, "--max-steps", "2") == 0
+    state_file = tmp_path / "checkpoint" / "trainer_state.json"
+    saved = state_file.read_text()
+    kept = {name: (tmp_path / name).read_bytes() for name in ("metrics.jsonl", "config.yaml")}
+    for step, argv, message in ((-5, ("--max-steps", "3"), "its step is -5, not a count of steps"),
+                                ("x", ("--max-steps", "3"), "its step is 'x', not a count of steps"),
+                                (2, ("--max-steps", "1"), "is at step 2, past the 1 steps of this run")):
+        meta = json.loads(saved)
+        meta["state"]["step"] = step
+        state_file.write_text(json.dumps(meta))
+        capsys.readouterr()
+        assert _train(model_dir, data_files, tmp_path, *argv, "--resume") == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+        assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+
+
 # ------------------------------------------------------------------ prefixes checked at load
 def _saved_prefix(tmp_path, change):
     pm = PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=2, reparameterize=False))
