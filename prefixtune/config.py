@@ -31,9 +31,9 @@ MAX_POSITIONS = 1 << 16
 """The longest prefix and the widest MLP a config accepts (65,536): longer than any supported model's context."""
 MAX_SEED = (1 << 63) - 1
 """The largest seed torch, Python's ``random`` and NumPy all take."""
-MAX_LR = 1000.0
-"""The largest learning rate an option takes: far above any rate that trains (Adam moves each weight by
-about the rate per step), and far below float32's range, where the optimizer could not hold it."""
+MAX_LR = 1e30
+"""The largest learning rate an option takes: float32, where the optimizer keeps its rates, holds no more
+than about 3.4e38. Rates far above any that trains stay allowed: they diverge, and training stops on it."""
 
 
 def device_problem(name: str) -> str | None:

@@ -17,9 +17,9 @@ from prefixtune.options import OptionError
     (["train", "--seed", str(2 ** 70)], "--seed: must be at most"),
     (["train", "--lr", "inf"], "--lr: must be a finite number, got inf"),
     (["train", "--lr", "nan"], "--lr: must be a finite number"),
-    (["train", "--lr", "1e39"], "--lr: must be at most 1000.0"),  # beyond float32: the optimizer could not hold it
-    (["compare", "--lr", "prefix=-1"], "--lr: prefix's rate must be above 0 and at most 1000, got -1"),
-    (["compare", "--lr", "inf"], "rate must be above 0 and at most 1000, got inf"),
+    (["train", "--lr", "1e39"], "--lr: must be at most 1e+30"),  # beyond float32: the optimizer could not hold it
+    (["compare", "--lr", "prefix=-1"], "--lr: prefix's rate must be above 0 and at most 1e+30, got -1"),
+    (["compare", "--lr", "inf"], "rate must be above 0 and at most 1e+30, got inf"),
     (["train", "--layers", "0,0"], "--layers: names 0 more than once"),
     (["train", "--output-dir", ""], "--output-dir: must not be empty"),
     (["eval", "--device", "cuda:x"], "--device: must be auto, cpu, cuda"),
@@ -67,6 +67,13 @@ def test_an_output_dir_holding_a_prefix_is_not_overwritten(model_dir, data_files
     assert main(argv) == 1
     assert f"--output-dir {out} already holds a prefix" in capsys.readouterr().err
     assert (out / "prefix.safetensors").read_bytes() == b"a prefix someone kept"
+    (out / "prefix.safetensors").unlink()
+    for name in ("config.yaml", "metrics.jsonl", "curves.png"):  # a run's other files, or a user's of that name
+        (out / name).write_text("mine")
+        assert main(argv) == 1
+        assert f"--output-dir {out} already holds {name} and no checkpoint" in capsys.readouterr().err
+        assert (out / name).read_text() == "mine" and sorted(p.name for p in out.iterdir()) == [name]
+        (out / name).unlink()
 
 
 def test_an_output_dir_that_is_a_file_is_named(model_dir, data_files, tmp_path, capsys):
