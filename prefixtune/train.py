@@ -448,11 +448,6 @@ def _validate(cfg: TrainConfig) -> None:
         check_available(options.split_list(cfg.metrics))
 
 
-RUN_FILES = (artifacts.WEIGHTS_FILE, artifacts.CONFIG_FILE, "config.yaml", "metrics.jsonl", "curves.png", "eval.json")
-"""The files a run writes into ``--output-dir`` besides its checkpoint: a fresh run refuses a folder holding any of
-them (an earlier run's, or a user's own file of that name), which it would write over."""
-
-
 def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     """The checkpoint to resume from, or ``None`` for a fresh run into a folder that holds no earlier run:
     a fresh run never writes over a checkpoint or a prefix without ``--resume``."""
@@ -464,11 +459,9 @@ def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
     if not cfg.resume and found is not None:
         raise TrainingError(f"--output-dir {out} already holds a training checkpoint: pass --resume to continue it, "
                             "or choose another --output-dir")
-    earlier = [name for name in RUN_FILES if (out / name).exists()] if not cfg.resume else []
-    if earlier:
-        what = f"a prefix ({artifacts.WEIGHTS_FILE})" if artifacts.WEIGHTS_FILE in earlier else ", ".join(earlier)
-        raise TrainingError(f"--output-dir {out} already holds {what} and no checkpoint to resume: choose another "
-                            "--output-dir, or remove the folder to train afresh")
+    if not cfg.resume and (out / artifacts.WEIGHTS_FILE).exists():
+        raise TrainingError(f"--output-dir {out} already holds a prefix ({artifacts.WEIGHTS_FILE}) and no checkpoint to "
+                            "resume: choose another --output-dir, or remove the folder to train afresh")
     if cfg.resume:
         _check_same_run(cfg, out / "config.yaml")
     return found if cfg.resume else None
