@@ -114,11 +114,17 @@ def rotated(names: list[str], shift: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
-def paired_ratio(times: dict, top: str, bottom: str) -> float | None:
-    """Median over rounds of ``times[top][i] / times[bottom][i]``; ``None`` if either arm is missing."""
+def round_ratios(times: dict, top: str, bottom: str) -> list[float] | None:
+    """``times[top][i] / times[bottom][i]`` for each round; ``None`` if either arm is missing."""
     if top not in times or bottom not in times:
         return None
-    return statistics.median(a / b for a, b in zip(times[top], times[bottom]))
+    return [a / b for a, b in zip(times[top], times[bottom])]
+
+
+def paired_ratio(times: dict, top: str, bottom: str) -> float | None:
+    """Median over rounds of ``times[top][i] / times[bottom][i]``; ``None`` if either arm is missing."""
+    ratios = round_ratios(times, top, bottom)
+    return None if ratios is None else statistics.median(ratios)
 
 
 def ratio_interval(times: dict, top: str, bottom: str, level: float = 0.95, draws: int = 2000) -> list[float] | None:
@@ -127,9 +133,9 @@ def ratio_interval(times: dict, top: str, bottom: str, level: float = 0.95, draw
     either arm is missing). On a shared machine one round's ratio can be off by several percent, and one
     run's median by about one; a ratio is read against a target only with its interval, which says how
     far this run can tell them apart. The draws use a fixed seed: the same times give the same interval."""
-    if top not in times or bottom not in times:
+    ratios = round_ratios(times, top, bottom)
+    if ratios is None:
         return None
-    ratios = [a / b for a, b in zip(times[top], times[bottom])]
     draw = random.Random(0)
     medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios))) for _ in range(draws))
     tail = int(draws * (1 - level) / 2)

@@ -326,7 +326,7 @@ class EvalConfig(DataOptions, TaskOption):
 
 def output_problems(output: str | None, **inputs: str | None):
     """``--output`` is written when the run is done: an empty name, a folder, or a file the run reads
-    (``inputs``: option name -> path) would lose the results or the input, so they are refused first."""
+    (``inputs``: option name, one word, -> path) would lose the results or the input, so they are refused first."""
     if output is None:
         return
     path = Path(output)
@@ -337,7 +337,7 @@ def output_problems(output: str | None, **inputs: str | None):
     elif path.exists():
         for option, source in inputs.items():
             if source and Path(source).is_file() and os.path.samefile(source, path):
-                yield "output", f"{output} is the --{option.replace('_', '-')} file: writing it would replace what this reads"
+                yield "output", f"{output} is the --{option} file: writing it would replace what this reads"
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..base_models import load_model
+from ..config import MAX_LR
 from ..options import split_list
 from ..recipe import RATES
 from ..train import language_model_loss
@@ -290,8 +291,6 @@ def learning_rates(text: str | None, methods: list[Method]) -> dict[str, float]:
 def _checked(rates: dict[str, float], methods: list[Method]) -> dict[str, float]:
     """``rates``, once each method that trains has one above 0 and at most ``MAX_LR`` (what ``train --lr``
     takes), so that a bad rate stops the comparison before any method runs instead of failing every row."""
-    from ..config import MAX_LR
-
     for method in methods:
         rate = rates[method.name]
         if method.build is not None and not 0 < rate <= MAX_LR:
