@@ -29,6 +29,7 @@ from .base_models import class_names
 from .config import PrefixConfig
 from .encoder import PrefixEncoder
 from .memory import MemoryPrefix
+from .messages import json_failure, not_utf8
 from .peft import lora
 from .peft.wrappers import is_peft_model
 
@@ -270,11 +271,19 @@ def read_meta(directory: str | os.PathLike) -> dict:
 
 
 def read_json(path: Path):
-    """The JSON in ``path``, or a ValueError naming the file and the line where it breaks."""
+    """The JSON in ``path``, or a ValueError naming the file and what is wrong: bytes that are not UTF-8, the
+    line where the text breaks, or nesting deeper than the parser goes."""
+    return parse_json(path.read_bytes(), path)
+
+
+def parse_json(raw: bytes, path: Path):
+    """``raw`` (UTF-8 JSON from the file ``path``) parsed, or a ValueError naming the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(not_utf8(str(path), err)) from None
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{path}: not valid JSON ({json_failure(err)})") from None
 
 
 def atomic_write(target: Path, write) -> None:

@@ -223,6 +223,7 @@ def _load(cfg):
     from .model import PrefixModel
     from .runtime import pick_device
 
+    device = pick_device(cfg.device)  # before the model loads: a machine without it is told at once
     labels = None
     if cfg.task == "classification" and cfg.prefix:
         from .artifacts import read_meta
@@ -231,7 +232,7 @@ def _load(cfg):
         if not labels:
             raise ValueError(f"{cfg.prefix}: this prefix has no task head; it was not trained with --task classification")
     model, tokenizer = load_model(cfg.model, task=cfg.task, labels=labels, attn_implementation=cfg.attn_implementation)
-    model.to(pick_device(cfg.device))
+    model.to(device)
     pm = PrefixModel.from_pretrained(model, cfg.prefix) if cfg.prefix else PrefixModel(model)
     return pm, tokenizer
 

@@ -345,11 +345,12 @@ class GenerateConfig(DataOptions, TaskOption):
     """What ``prefixtune generate`` does."""
 
     prefix: str | None = option_field(None, "folder of a saved prefix; omit to generate with the base model")
-    prompt: str | None = option_field(None, "one prompt to complete")
+    prompt: str | None = option_field(None, "one prompt to complete", min_length=1)
     input: str | None = option_field(None, "file of prompts (same formats as train; completions not needed)")
     output: str | None = option_field(None, "write {prompt, generation} JSON lines here instead of printing")
     do_sample: bool = option_field(False, "sample instead of greedy/beam decoding")
-    temperature: float = option_field(1.0, "sampling temperature (with --do-sample)", gt=0)
+    temperature: float = option_field(1.0, "sampling temperature (with --do-sample), at least 1e-4 (near-greedy; for greedy "
+                                      "decoding leave --do-sample out)", ge=1e-4)
     top_p: float = option_field(1.0, "nucleus sampling mass (with --do-sample)", gt=0, le=1)
     seed: int = option_field(0, "seed for sampling", ge=0, le=MAX_SEED)
 

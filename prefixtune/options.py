@@ -30,6 +30,7 @@ import pydantic
 import yaml
 
 from .data import location
+from .messages import not_utf8, shown, unicode_problem
 
 
 class OptionError(ValueError):
@@ -150,8 +151,12 @@ def load_file(path: str, config_cls) -> dict:
         raise FileNotFoundError(f"--config {path}: no such file")
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(not_utf8(path, err)) from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err})") from err
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a config of options") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
     try:  # configs name data files as ${PREFIXTUNE_DATA}/e2e/trainset.csv (docs/data.md)
@@ -215,7 +220,7 @@ def check(config) -> None:
             raise OptionError(name, _message(err.errors()[0], f.metadata)) from None
         problem = f.metadata.get("check", lambda v: None)(getattr(config, f.name))
         if problem:
-            raise OptionError(name, f"{problem}, got {value!r}")
+            raise OptionError(name, f"{problem}, got {shown(value)}")
     for name, message in getattr(config, "problems", lambda: ())():
         raise OptionError(name, message)
 
@@ -274,12 +279,14 @@ def _message(error: dict, metadata) -> str:
     kind = error["type"]
     if kind == "literal_error":
         text = "must be one of " + ", ".join(map(str, metadata["choices"]))
+    elif kind == "string_unicode":  # pydantic checks a text option's characters where it checks its length
+        text = unicode_problem(error["input"])
     elif kind in _MESSAGES:
         text = _MESSAGES[kind].format(**{k: metadata.get(k) for k in ("ge", "gt", "le", "lt")})
     else:
         text = error["msg"].removeprefix("Value error, ")
         text = text[0].lower() + text[1:]
-    return f"{text}, got {error['input']!r}"
+    return f"{text}, got {shown(error['input'])}"
 
 
 def _kind(annotation) -> str:

@@ -16,8 +16,16 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not hasattr(backend, "is_available"):
+        raise ValueError(f"--device {name}: not a device a model runs on; use auto, cpu, cuda or mps")
+    if not backend.is_available():
+        raise ValueError(f"--device {name}: this machine has no {device.type} device (torch {torch.__version__})")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if (device.index or 0) >= count:
+        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s), numbered from 0")
     return device
 
 

@@ -24,6 +24,12 @@ from prefixtune.options import OptionError
     (["train", "--output-dir", ""], "--output-dir: must not be empty"),
     (["eval", "--device", "cuda:x"], "--device: must be auto, cpu, cuda"),
     (["generate", "--seed", "-1", "--prompt", "hi"], "--seed: must be at least 0, got -1"),
+    (["generate", "--prompt", ""], "--prompt: must not be empty"),
+    (["generate", "--prompt", "caf\udce9"], "--prompt: holds U+DCE9 at character 4, a lone surrogate"),  # argv not UTF-8
+    (["generate", "--prompt", "hi", "--do-sample", "--temperature", "1e-300"], "--temperature: must be at least 0.0001"),
+    # the device is looked for before the model loads (--model m does not exist)
+    (["generate", "--model", "m", "--prompt", "hi", "--device", "cuda:99"], "--device cuda:99: this machine has"),
+    (["serve", "--model", "m", "--device", "meta"], "--device meta: not a device a model runs on"),
 ])
 def test_the_command_line_names_the_option(argv, message, capsys):
     assert main(argv) == 2
@@ -51,6 +57,20 @@ def test_a_yaml_true_is_not_a_step_count(tmp_path, capsys):
     config.write_text("max_steps: true\n")
     assert main(["train", "--config", str(config)]) == 2
     assert f"{config}: max_steps: must be a number, not true or false" in capsys.readouterr().err
+
+
+def test_a_huge_value_is_shown_cut_short(tmp_path, capsys):
+    """A value echoed in a message is cut to a line, however large: a 100 KB option, or a YAML list whose
+    aliases (a "billion laughs") stand for 43 million items."""
+    bomb = tmp_path / "bomb.yaml"
+    anchors = "[&a [lol, lol, lol, lol, lol, lol, lol, lol, lol]" + "".join(
+        f", &{name} [{', '.join(['*' + previous] * 9)}]" for previous, name in zip("abcdefg", "bcdefgh")) + "]"
+    bomb.write_text(f"device: {anchors}\n")
+    for argv, message in ((["train", "--device", "x" * 100_000], "--device: must be auto, cpu, cuda"),
+                          (["train", "--config", str(bomb)], f"{bomb}: device: must be text, got [['lol', ")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err) < 400, err[:400]
 
 
 def test_a_config_that_is_a_folder_says_so(tmp_path, capsys):

@@ -50,7 +50,7 @@ BAD_OPTIONS = [
     ("serve", ["--max-header-kb", "0"], "--max-header-kb: must be at least 1, got 0"),
     ("serve", ["--max-connections", "0"], "--max-connections: must be at least 1, got 0"),
     ("eval", ["--limit", "0"], "--limit: must be at least 1, got 0"),
-    ("generate", ["--temperature", "0"], "--temperature: must be more than 0, got 0.0"),
+    ("generate", ["--temperature", "0"], "--temperature: must be at least 0.0001, got 0.0"),
     ("generate", ["--top-p", "1.5"], "--top-p: must be at most 1, got 1.5"),
 ]
 
@@ -220,6 +220,40 @@ def test_text_that_is_not_utf8_names_the_file_and_the_line(name, tmp_path):
     line = 2 if name != "d.csv" else 3
     with pytest.raises(DataError, match=rf"{name}:{line}: not UTF-8 text \(byte 0xff"):
         load_examples(str(tmp_path / name))
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+"""Nested deeper than Python's JSON and YAML parsers go: they end in RecursionError."""
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("prefix_config.json", DEEP, "prefix_config.json: not valid JSON (nested too deeply)"),
+    ("prefix_config.json", '{"format": 1' + "0" * 5000 + "}", "prefix_config.json: not valid JSON (ValueError: Exceeds"),
+    ("prefix_config.json", b'{"note": "caf\xe9"}', "prefix_config.json:1: not UTF-8 text (byte 0xe9 at column 14)"),
+    ("data.jsonl", DEEP, "data.jsonl:1: malformed JSON: nested too deeply"),
+    ("data.json", DEEP, "data.json: malformed JSON: nested too deeply"),
+    ("data.jsonl", '{"prompt": "caf\\ud800", "completion": "x"}',
+     "data.jsonl:1: field 'prompt': holds U+D800 at character 4, a lone surrogate"),
+    ("data.jsonl", '{"messages": [{"role": "user", "content": "\\udc00"}]}',
+     "data.jsonl:1: field 'messages', message 1: holds U+DC00 at character 1"),
+    ("config.yaml", "max_steps: " + DEEP, "config.yaml: nested too deeply to be a config of options"),
+    ("config.yaml", b"# caf\xe9\nmax_steps: 3\n", "config.yaml:1: not UTF-8 text (byte 0xe9 at column 6)"),
+])
+def test_a_file_no_parser_reads_is_one_line_naming_it(name, content, message, tmp_path, capsys, model_dir):
+    """What the parsers give up on (nesting, huge numbers, bytes or escapes that are not text) is a bad file,
+    named, with the exit code of bad input: not an internal error."""
+    if name == "prefix_config.json":
+        folder = _saved_prefix(tmp_path, lambda meta, tensors: None)
+        argv = ["generate", "--model", model_dir, "--prefix", str(folder), "--prompt", "hi"]
+    elif name == "config.yaml":
+        folder, argv = tmp_path, ["train", "--config", str(tmp_path / name)]
+    else:
+        folder, argv = tmp_path, ["eval", "--model", model_dir, "--data", str(tmp_path / name)]
+    path = folder / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "internal error" not in err and len(err.splitlines()) == 1, err[:500]
 
 
 def test_a_pickled_adapter_is_not_loaded_and_refused_in_one_line(tmp_path, capsys, model_dir):

@@ -6,6 +6,7 @@ Records are either prompt/completion fields, a text and a label (classification)
 
 from __future__ import annotations
 
+from ..messages import unicode_problem
 from .example import DataError, Example
 from .filters import Where
 from .readers import records
@@ -93,7 +94,15 @@ def _string_field(record: dict, key: str, where: str, *, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-    return value
+    return _checked_text(value, f"{where}: field {key!r}")
+
+
+def _checked_text(text: str, what: str) -> str:
+    """``text``, unless it holds what no tokenizer takes (a lone surrogate: JSON's ``"\\ud800"``)."""
+    problem = unicode_problem(text)
+    if problem:
+        raise DataError(f"{what}: {problem}")
+    return text
 
 
 def _label_field(record: dict, key: str, where: str, required: bool) -> str | None:
@@ -128,3 +137,4 @@ def _check_messages(messages, where: str) -> None:
             raise DataError(f"{where}: field 'messages', message {i}: needs a 'role' among {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise DataError(f"{where}: field 'messages', message {i}: 'content' must be a string")
+        _checked_text(message["content"], f"{where}: field 'messages', message {i}")

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import hub
+from ..messages import json_failure, not_utf8
 from .example import DataError
 
 FIELD_LIMIT = 2**31 - 1
@@ -86,8 +87,7 @@ def _text_lines(path: Path, name: str) -> Iterator[str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{name}:{number}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                "save the file as UTF-8") from None
+                raise DataError(not_utf8(name, e, number)) from None
             yield line.removeprefix("\ufeff") if number == 1 else line
 
 
@@ -100,6 +100,8 @@ def _jsonl_records(path: Path, name: str) -> Iterator[tuple[str, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # nested thousands deep, a number of 4,300+ digits
+            raise DataError(f"{where}: malformed JSON: {json_failure(e)}") from None
         yield where, _object(record, where)
 
 
@@ -109,6 +111,8 @@ def _json_records(path: Path, name: str) -> Iterator[tuple[str, dict]]:
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{name}:{e.lineno}: malformed JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{name}: malformed JSON: {json_failure(e)}") from None
     if not isinstance(records, list):
         raise DataError(f"{name}: expected a JSON list of objects, got {type(records).__name__}")
     for number, record in enumerate(records, start=1):

@@ -11,7 +11,6 @@ that is meant to hold those positions.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import artifacts
@@ -44,12 +43,7 @@ def check_config(folder: Path, shape: ModelShape) -> None:
         raw = f.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
         raise ValueError(f"{path}: over {MAX_CONFIG_BYTES} bytes; a prefix config is a few hundred")
-    try:
-        meta = json.loads(raw)
-    except RecursionError:
-        raise ValueError(f"{path}: nested too deeply to be a prefix config") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    meta = artifacts.parse_json(raw, path)
     prefix = meta.get("prefix") if isinstance(meta, dict) else None
     length = prefix.get("prefix_length") if isinstance(prefix, dict) else None
     if type(length) is not int:

@@ -102,8 +102,9 @@ def build_batcher(cfg: ServeConfig, on_step=None, loaded=None):
     missing = [d for d in cfg.prefix_dir if not Path(d).is_dir()]
     if missing:
         raise ValueError(f"--prefix-dir {missing[0]!r}: not a folder")
+    device = pick_device(cfg.device)  # before the model loads: a machine without it is told at once
     model, tokenizer = loaded or load_model(cfg.model, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
-    model.to(pick_device(cfg.device))
+    model.to(device)
     pm = PrefixModel(model, tokenizer=tokenizer)
     for name, directory in prefixes.items():
         pm.load_prefix(directory, name=name)
