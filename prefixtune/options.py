@@ -169,9 +169,9 @@ def load_file(path: str, config_cls) -> dict:
     return data
 
 
-def dump(config, path: Path) -> None:
-    """Write ``config`` as YAML (every option, so the run can be replayed exactly)."""
-    path.write_text(yaml.safe_dump(to_flat(config), sort_keys=False), encoding="utf-8")
+def dump(config, path: Path, header: str = "") -> None:
+    """Write ``config`` as YAML (every option, so the run can be replayed exactly), after ``header`` (comment lines)."""
+    path.write_text(header + yaml.safe_dump(to_flat(config), sort_keys=False), encoding="utf-8")
 
 
 def split_list(text: str | None) -> list[str]:

@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     if dist.is_main:
         _make_folder(out)
         _forget_after(out / "metrics.jsonl", state.step)  # a fresh run starts a fresh log
-        options.dump(dataclasses.replace(cfg, resume=False), out / "config.yaml")  # replaying it starts afresh
+        options.dump(dataclasses.replace(cfg, resume=False), out / "config.yaml", CONFIG_HEADER)  # a replay starts afresh
     run = TrainingRun(RunContext(cfg, pm, runner, tokenizer, out, dist), (optimizer, scheduler), (rows, eval_examples),
                       state, total, callbacks)
     run.train()
@@ -430,11 +430,26 @@ def _make_folder(out: Path) -> None:
 
 
 def _forget_after(metrics_file: Path, step: int) -> None:
-    """Drop the log rows of steps that the checkpoint does not include (they will be redone)."""
-    if metrics_file.is_file():
-        lines = metrics_file.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    """Drop the log rows of steps that the checkpoint does not include (they will be redone); a fresh run
+    (step 0) drops them all."""
+    if step == 0:
+        metrics_file.unlink(missing_ok=True)
+    elif metrics_file.is_file():
+        kept = [line for number, line in enumerate(metrics_file.read_text(encoding="utf-8").splitlines(), start=1)
+                if line.strip() and _logged_step(line, f"{metrics_file}:{number}") <= step]
         metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _logged_step(line: str, where: str) -> int:
+    """The step of one row of a run's log, or a TrainingError naming the row."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, RecursionError, TypeError, KeyError):
+        step = None
+    if type(step) is not int:
+        raise TrainingError(f"{where}: not a row of a run's log (a JSON object with a whole-number 'step'); "
+                            "the log is cut back to the checkpoint on --resume, so it must be one")
+    return step
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -464,7 +479,32 @@ def _resume_point(cfg: TrainConfig, out: Path) -> Path | None:
                             "resume: choose another --output-dir, or remove the folder to train afresh")
     if cfg.resume:
         _check_same_run(cfg, out / "config.yaml")
+    else:
+        _refuse_files_of_no_run(out)
     return found if cfg.resume else None
+
+
+CONFIG_HEADER = "# prefixtune train: the options of the run in this folder; replay it with --config FILE\n"
+"""The first line of the ``config.yaml`` a run writes: what tells a run's own files from a user's."""
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png", "eval.json")
+"""The files a run writes into its folder besides the prefix and its checkpoint."""
+
+
+def _refuse_files_of_no_run(out: Path) -> None:
+    """A fresh run writes :data:`RUN_FILES` over what its folder holds. It may replace what a run left there
+    (one killed before its first checkpoint starts again in its own folder), never a user's own files: a run's
+    ``config.yaml`` begins with :data:`CONFIG_HEADER`, and the other files are a run's only beside one."""
+    config = out / "config.yaml"
+    if config.is_file():
+        with open(config, "rb") as f:
+            if f.read(len(CONFIG_HEADER)) == CONFIG_HEADER.encode():
+                return
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise TrainingError(f"--output-dir {out} holds {', '.join(found)}, not written there by a prefixtune run (a "
+                            f"run's config.yaml begins {CONFIG_HEADER.split(':')[0]!r}); a run would replace "
+                            f"{(them := 'it' if len(found) == 1 else 'them')}: choose another --output-dir, or move {them} away")
 
 
 RESUME_CHANGES = ("resume", "output_dir", "max_steps", "epochs", "save_every", "eval_every", "eval_generate_limit",

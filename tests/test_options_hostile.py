@@ -1,7 +1,9 @@
 """Values that must not escape the one-line validator: each input a hostile or careless user sent, and
 the one line that names the option, on the command line and in the Python API."""
 
+import json
 import math
+import shutil
 
 import pytest
 
@@ -87,6 +89,33 @@ def test_an_output_dir_holding_a_prefix_is_not_overwritten(model_dir, data_files
     assert main(argv) == 1
     assert f"--output-dir {out} already holds a prefix" in capsys.readouterr().err
     assert (out / "prefix.safetensors").read_bytes() == b"a prefix someone kept"
+
+
+def test_a_users_own_files_in_the_output_dir_are_kept_and_a_runs_are_replaced(model_dir, data_files, tmp_path, capsys):
+    """A fresh run writes config.yaml, metrics.jsonl, curves.png and eval.json. Where a user's own files by
+    those names lie (a config.yaml beside which they run, with --output-dir .), it stops and keeps them; where
+    a run left them (killed before its first checkpoint), it starts again over them."""
+    out = tmp_path / "here"
+    out.mkdir()
+    (out / "config.yaml").write_text("max_steps: 1  # my own notes\n")
+    argv = ["train", "--model", model_dir, "--data", str(data_files / "train.jsonl"), "--max-steps", "1",
+            "--output-dir", str(out)]
+    assert main([*argv, "--config", str(out / "config.yaml")]) == 1
+    assert f"--output-dir {out} holds config.yaml, not written there by a prefixtune run" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == "max_steps: 1  # my own notes\n"
+    (out / "config.yaml").unlink()
+    (out / "curves.png").write_bytes(b"my own plot")
+    assert main(argv) == 1
+    assert "holds curves.png, not written there" in capsys.readouterr().err
+    assert (out / "curves.png").read_bytes() == b"my own plot"
+    (out / "curves.png").unlink()
+    assert main(argv) == 0
+    shutil.rmtree(out / "checkpoint")  # as a run killed before its first checkpoint
+    for name in ("prefix_config.json", "prefix.safetensors"):
+        (out / name).unlink()
+    (out / "metrics.jsonl").write_text("a line a killed run half wrote")
+    assert main(argv) == 0, capsys.readouterr().err
+    assert all(json.loads(line)["step"] >= 0 for line in (out / "metrics.jsonl").read_text().splitlines())
 
 
 def test_an_output_dir_that_is_a_file_is_named(model_dir, data_files, tmp_path, capsys):

@@ -155,6 +155,11 @@ def test_a_checkpoint_step_that_is_no_count_or_past_the_run_is_refused_and_the_l
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
         assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+    state_file.write_text(saved)
+    (tmp_path / "metrics.jsonl").write_bytes(kept["metrics.jsonl"] + b"{not json\n")
+    assert _train(model_dir, data_files, tmp_path, "--max-steps", "3", "--resume") == 1
+    lines = len(kept["metrics.jsonl"].splitlines())
+    assert f"metrics.jsonl:{lines + 1}: not a row of a run's log" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ prefixes checked at load
