@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -319,3 +320,14 @@ def test_eval_sets_score_each_named_subset(model_dir, tmp_path):
         CompareConfig(eval_sets="seen=category")
     with pytest.raises(ValueError, match="not both"):
         CompareConfig(eval_sets="a:x=1", eval_where="x=2")
+
+
+def test_an_earlier_comparison_or_a_method_folder_in_the_output_dir_is_kept(tmp_path, data_files, capsys):
+    out = tmp_path / "o"
+    (out / "lora").mkdir(parents=True)
+    (out / "compare.md").write_text("an earlier comparison")
+    argv = ["compare", "--data", str(data_files / "train.jsonl"), "--eval-data", str(data_files / "eval.jsonl"),
+            "--methods", "prefix,lora", "--output-dir", str(out)]
+    assert cli.main(argv) == 2
+    assert f"--output-dir {out} already holds compare.md, lora, which this comparison would" in capsys.readouterr().err
+    assert (out / "compare.md").read_text() == "an earlier comparison" and sorted(os.listdir(out)) == ["compare.md", "lora"]

@@ -231,6 +231,10 @@ def one_line(row: dict) -> str:
             f"{spike_cell(row.get('spike_ratio'))}); {scores}")
 
 
+FILES = ("compare.json", "compare.md", "compare.png")
+"""What :func:`write` writes."""
+
+
 def write(results: dict, out: Path) -> None:
     """compare.json, compare.md and compare.png in ``out``; prints the table."""
     out.mkdir(parents=True, exist_ok=True)

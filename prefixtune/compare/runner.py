@@ -59,6 +59,7 @@ def compare(cfg: CompareConfig) -> dict:
     seeds = list(cfg.seeds or (cfg.seed,))
     examples(cfg), held_out_sets(cfg)  # bad data is one clear error now, not the same failure in every row
     out = Path(cfg.output_dir)
+    _refuse_earlier_results(out, [method.name for method in methods])
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in seeds:  # whole seeds first: a run cut short leaves every method of the seeds it finished
@@ -75,6 +76,19 @@ def compare(cfg: CompareConfig) -> dict:
                "summary": stats.summarize(rows, cfg.reference)}
     report.write(results, out)
     return results
+
+
+def _refuse_earlier_results(out: Path, methods: list[str]) -> None:
+    """A comparison writes compare.{json,md,png} and a folder per method into ``out``: one that holds any of
+    them (an earlier comparison's, or a user's) is refused before anything runs, so nothing is replaced."""
+    from .report import FILES
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out}: is a file, not a folder")
+    found = [name for name in (*FILES, *methods) if (out / name).exists()]
+    if found:
+        raise ValueError(f"--output-dir {out} already holds {', '.join(found)}, which this comparison would replace: "
+                         "choose another --output-dir, or move them away")
 
 
 def run_method(cfg: CompareConfig, name: str, lr: float, out: Path) -> dict:
