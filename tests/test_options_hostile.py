@@ -4,6 +4,7 @@ the one line that names the option, on the command line and in the Python API.""
 import json
 import math
 import shutil
+import socket
 
 import pytest
 
@@ -31,6 +32,7 @@ from prefixtune.options import OptionError
     (["generate", "--prompt", "hi", "--do-sample", "--temperature", "1e-300"], "--temperature: must be at least 0.0001"),
     # the device is looked for before the model loads (--model m does not exist)
     (["generate", "--model", "m", "--prompt", "hi", "--device", "cuda:99"], "--device cuda:99: this machine has"),
+    (["serve", "--model", "m", "--host", "192.0.2.1"], "--host 192.0.2.1 --port 8000: cannot listen there"),  # not ours
     (["serve", "--model", "m", "--device", "meta"], "--device meta: not a device a model runs on"),
 ])
 def test_the_command_line_names_the_option(argv, message, capsys):
@@ -59,6 +61,16 @@ def test_a_yaml_true_is_not_a_step_count(tmp_path, capsys):
     config.write_text("max_steps: true\n")
     assert main(["train", "--config", str(config)]) == 2
     assert f"{config}: max_steps: must be a number, not true or false" in capsys.readouterr().err
+
+
+def test_serve_on_a_port_in_use_says_so_before_the_model_loads(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "no-such-model", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--host 127.0.0.1 --port {port}: cannot listen there (Address already in use)" in err, err
 
 
 def test_a_huge_value_is_shown_cut_short(tmp_path, capsys):

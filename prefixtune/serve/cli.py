@@ -45,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
         from . import ray_serve
 
         app = ray_serve.build_front(cfg)
-    else:
+        return setup.serve(app, cfg)
+    with setup.listen(cfg.host, cfg.port) as sock:  # before the model loads: a port in use is told at once
         app = setup.build_app(cfg)
         log.info("serving %s on http://%s:%d", _shown(app.state.backend.model_names()), cfg.host, cfg.port)
-    return setup.serve(app, cfg)
+        return setup.serve(app, cfg, sock)
 
 
 def _shown(names: list[str], most: int = 8) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,8 +121,29 @@ def build_batcher(cfg: ServeConfig, on_step=None, loaded=None):
     return Batcher(pm, tokenizer, base, cfg.limits, on_step=on_step, store=store)
 
 
-def serve(app, cfg: ServeConfig) -> int:
-    """Run ``app`` with uvicorn on ``--host``/``--port`` under ``cfg.limits`` until Ctrl-C; the exit code."""
+def listen(host: str, port: int) -> socket.socket:
+    """The socket :func:`serve` answers on, bound to ``--host``/``--port`` before the model loads: an address
+    in use, or one that is not this machine's, is one line naming the options at once, not after a minute
+    of loading (uvicorn would say it in its own log, and exit)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise ValueError(f"--host {host}: not an address this machine can resolve ({err})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a restart may reuse the port
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); "
+                         "choose another --port, or stop what listens there") from None
+    return sock
+
+
+def serve(app, cfg: ServeConfig, sock: socket.socket | None = None) -> int:
+    """Run ``app`` with uvicorn on ``sock`` (:func:`listen`), else on ``--host``/``--port``, under ``cfg.limits``
+    until Ctrl-C; the exit code."""
     import contextlib
 
     import uvicorn
@@ -130,7 +152,7 @@ def serve(app, cfg: ServeConfig) -> int:
 
     server = uvicorn.Server(uvicorn_config(app, cfg.limits, cfg.host, cfg.port, log_level=cfg.log_level))
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        server.run(sockets=[sock] if sock else None)
     return 0 if server.started else 1
 
 
