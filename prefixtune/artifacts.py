@@ -247,13 +247,15 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 
 def read_prefix(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read what ``write_prefix`` wrote: ``(meta, tensors)``."""
-    meta = read_meta(directory)
-    weights_path = Path(directory) / WEIGHTS_FILE
+    return read_meta(directory), read_safetensors(Path(directory) / WEIGHTS_FILE)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path``, or a ValueError naming it (truncated, not safetensors)."""
     try:
-        tensors = load_file(str(weights_path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"{weights_path}: unreadable safetensors file ({err})") from err
-    return meta, tensors
+        raise ValueError(f"{path}: unreadable safetensors file ({err})") from err
 
 
 def read_meta(directory: str | os.PathLike) -> dict:

@@ -279,6 +279,24 @@ def test_a_pickled_adapter_is_not_loaded_and_refused_in_one_line(tmp_path, capsy
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("config, weights, message", [
+    ([], None, "adapter_config.json: not a PEFT adapter config (a JSON object with 'peft_type'), but a list"),
+    (None, b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\"", "adapter_model.safetensors: unreadable safetensors file"),
+])
+def test_a_peft_folder_of_the_wrong_shape_is_one_line_naming_the_file(config, weights, message, tmp_path, capsys,
+                                                                      model_dir):
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2} if config is None \
+        else config
+    (peft_dir / "adapter_config.json").write_text(json.dumps(config))
+    (peft_dir / "adapter_model.safetensors").write_bytes(weights or b"")  # truncated: a header cut short
+    assert main(["import-peft", str(peft_dir), str(tmp_path / "out"), "--base-model", model_dir]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "internal error" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unreachable_hub_fails_fast_with_a_message_that_says_what_to_do(monkeypatch, capsys):
     from prefixtune import hub
 

@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from .. import arch
-from ..artifacts import CONFIG_FILE, WEIGHTS_FILE, read_json, read_prefix, write_prefix, write_safetensors
+from ..artifacts import (CONFIG_FILE, WEIGHTS_FILE, read_json, read_prefix, read_safetensors, write_prefix,
+                         write_safetensors)
 from ..config import PrefixConfig
 from . import lora
 
@@ -198,6 +199,9 @@ def _read_peft_config(source: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (a PEFT adapter folder holds {PEFT_CONFIG})")
     config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a PEFT adapter config (a JSON object with 'peft_type'), but a "
+                         f"{type(config).__name__}")
     kind = config.get("peft_type")
     if kind != "PREFIX_TUNING":
         hint = (" A LoRA adapter is not a prefix: load it with peft and wrap the result, "
@@ -214,9 +218,7 @@ def _read_peft_config(source: Path) -> dict:
 
 def _read_peft_weights(source: Path) -> torch.Tensor:
     if (source / PEFT_WEIGHTS).is_file():
-        from safetensors.torch import load_file
-
-        weights = load_file(str(source / PEFT_WEIGHTS))
+        weights = read_safetensors(source / PEFT_WEIGHTS)
     elif (source / PEFT_WEIGHTS_LEGACY).is_file():
         weights = _legacy_weights(source / PEFT_WEIGHTS_LEGACY)
     else:
