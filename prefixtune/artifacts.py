@@ -29,6 +29,7 @@ from .base_models import class_names
 from .config import PrefixConfig
 from .encoder import PrefixEncoder
 from .memory import MemoryPrefix
+from . import runtime
 from .messages import json_failure, not_utf8
 from .peft import lora
 from .peft.wrappers import is_peft_model
@@ -122,19 +123,11 @@ def _check_fits(config: PrefixConfig, sites: int, shape: ModelShape) -> None:
         count, option = config.prefix_length * width + width * (width + 1) + (width + 1) * kv, "--reparam-hidden-size"
     else:
         count, option = config.prefix_length * kv, "--prefix-length"
-    needed, total = 4 * count, _memory_bytes()
-    if total and needed > total:
+    needed, free = 4 * count, runtime.free_memory()
+    if free and needed > free:
         raise ValueError(f"{option or '--prefix-kind memory'}: this prefix needs {needed / 2**30:,.1f} GiB of parameters "
                          f"(--prefix-length {config.prefix_length}, --reparam-hidden-size {config.reparam_hidden_size}), "
-                         f"more than this machine's {total / 2**30:,.1f} GiB of memory")
-
-
-def _memory_bytes() -> int | None:
-    """The machine's physical memory, where the system says (``None`` elsewhere)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
+                         f"more than the {free / 2**30:,.1f} GiB of memory this machine has free")
 
 
 def _folded(prefix) -> torch.Tensor:

@@ -205,3 +205,8 @@ def _label_kwargs(labels: list[str] | None) -> dict:
 def _looks_local(name: str) -> bool:
     """A path rather than a Hub id (``owner/name``): absolute, relative with ``.``, or existing."""
     return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+
+
+def context_length(model_config) -> int:
+    """The longest prompt + completion the model takes (no bound where its config names none)."""
+    return getattr(model_config, "max_position_embeddings", None) or 1 << 30

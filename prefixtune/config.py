@@ -29,6 +29,9 @@ EVAL_WHERE = ("evaluate only on the rows whose FIELD matches: 'FIELD=V1,V2' keep
 
 MAX_POSITIONS = 1 << 16
 """The longest prefix and the widest MLP a config accepts (65,536): longer than any supported model's context."""
+MAX_BEAMS = 64
+"""The widest beam search an option takes: each beam holds a copy of the cache, and beam search gains little
+past a few beams."""
 MAX_SEED = (1 << 63) - 1
 """The largest seed torch, Python's ``random`` and NumPy all take."""
 MAX_LR = 1e30
@@ -204,8 +207,9 @@ class DataOptions(Checked):
     first_line: bool = option_field(True, "keep only the first line of generated text (one-sentence tasks such as E2E)")
     batch_size: int = option_field(8, "examples per step (train: the global batch, however accumulation and processes split it)",
                            ge=1)
-    max_new_tokens: int = option_field(64, "generation length limit", ge=1)
-    num_beams: int = option_field(1, "beam size for generation (1 = greedy)", ge=1)
+    max_new_tokens: int = option_field(64, "generation length limit (with the prompt, within the model's context)",
+                                       ge=1, le=MAX_POSITIONS)
+    num_beams: int = option_field(1, "beam size for generation (1 = greedy)", ge=1, le=MAX_BEAMS)
     device: str = option_field("auto", "cpu, cuda, cuda:1, ... or auto", check=device_problem)
     split: str = option_field("train", "split to read where the examples come from a Hugging Face datasets name instead of a file")
     attn_implementation: str = option_field("sdpa", "attention kernel of the base model: sdpa or eager (Gemma 2 needs eager)",

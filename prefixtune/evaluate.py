@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import data, progress
-from .base_models import class_names
+from .base_models import class_names, context_length
 from .config import DataOptions
 from .metrics import compute_metrics
 from .model import PrefixModel
@@ -45,11 +45,20 @@ def generate_texts(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions
         ids = [data.prompt_ids(ex, tokenizer, template=opts.prompt_template, chat_template=opts.chat_template,
                                max_length=opts.max_length) for ex in chunk]
         batch = _left_pad(ids, tokenizer.pad_token_id, pm.device)
+        _check_context(batch["input_ids"].shape[1], opts.max_new_tokens, pm.model.config)
         out = pm.generate(**batch, prefix=prefix, max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams,
                           pad_token_id=tokenizer.pad_token_id, **{"do_sample": False, **decoding})
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         outputs.extend(_clean(t, opts.first_line) for t in texts)
     return outputs
+
+
+def _check_context(prompt_tokens: int, new_tokens: int, model_config) -> None:
+    """Refuse what the model's positions cannot hold, before the cache for it is allocated."""
+    limit = context_length(model_config)
+    if prompt_tokens + new_tokens > limit:
+        raise ValueError(f"--max-new-tokens {new_tokens}: with the longest prompt of the batch ({prompt_tokens} "
+                         f"tokens) it exceeds the model's context length ({limit} tokens)")
 
 
 def score(pm: PrefixModel, tokenizer, examples: list, opts: DataOptions, *, prefix, metrics: list[str],

@@ -7,6 +7,7 @@ thing everywhere.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -36,3 +37,19 @@ def autocast(precision: str, device: torch.device):
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 on CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def free_memory() -> int | None:
+    """Bytes of memory a new allocation can have: Linux's ``MemAvailable`` (free memory and the caches it can
+    drop), else the machine's physical memory where the system says, else ``None``."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, checkpoint, curves, data, demo, distributed, evaluate, options, progress, recipe, spikes
+from . import artifacts, checkpoint, curves, data, demo, distributed, evaluate, options, progress, recipe, runtime, spikes
 from .base_models import class_names, load_model
 from .config import StepOptions, TrainConfig
 from .data import filters
@@ -184,6 +184,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
         pm.load_prefix(resume_from)
     if cfg.gradient_checkpointing:
         pm.activation_checkpointing_enable()
+    if device.type == "cpu":
+        _check_training_fits(pm)
     total = total_steps(cfg, len(rows))
     optimizer, scheduler = optimizer_for(pm.parameter_groups(), cfg.lr, cfg, total)
     runner = dist.prepare(pm, optimizer)  # what forward passes call: `pm`, or the FSDP-sharded model around it;
@@ -420,6 +422,18 @@ class TrainingRun(Hooks):
             print(f"{label:>12}: {text}")
         print(f"\nprefix, metrics.jsonl, curves.png, eval.json and config.yaml are in {self.out}")
         return {"prefix": str(self.out), "scores": scores}
+
+
+def _check_training_fits(pm: PrefixModel) -> None:
+    """Training holds three more float32 copies of what trains than the model does (gradients, AdamW's two
+    moments): a run they cannot fit beside it is refused before its first step allocates them, where the
+    out-of-memory killer would end it without a word."""
+    count = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    needed, free = 3 * 4 * count, runtime.free_memory()
+    if free and needed > free:
+        raise TrainingError(f"--prefix-length / --reparam-hidden-size: training {count:,} parameters needs "
+                            f"{needed / 2**30:,.1f} GiB more for their gradients and AdamW's two moments, more than the "
+                            f"{free / 2**30:,.1f} GiB this machine has free")
 
 
 def _make_folder(out: Path) -> None:

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from prefixtune import PrefixConfig
+from prefixtune import PrefixConfig, PrefixModel, runtime
 from prefixtune.cli import main
 from prefixtune.config import TrainConfig
 from prefixtune.options import OptionError
@@ -28,6 +28,8 @@ from prefixtune.options import OptionError
     (["eval", "--device", "cuda:x"], "--device: must be auto, cpu, cuda"),
     (["generate", "--seed", "-1", "--prompt", "hi"], "--seed: must be at least 0, got -1"),
     (["generate", "--prompt", ""], "--prompt: must not be empty"),
+    (["generate", "--prompt", "hi", "--num-beams", "100000"], "--num-beams: must be at most 64, got 100000"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "1000000000"], "--max-new-tokens: must be at most 65536"),
     (["generate", "--prompt", "caf\udce9"], "--prompt: holds U+DCE9 at character 4, a lone surrogate"),  # argv not UTF-8
     (["generate", "--prompt", "hi", "--do-sample", "--temperature", "1e-300"], "--temperature: must be at least 0.0001"),
     # the device is looked for before the model loads (--model m does not exist)
@@ -71,6 +73,15 @@ def test_serve_on_a_port_in_use_says_so_before_the_model_loads(capsys):
         assert main(["serve", "--model", "no-such-model", "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"--host 127.0.0.1 --port {port}: cannot listen there (Address already in use)" in err, err
+
+
+def test_more_new_tokens_than_the_models_context_are_refused_before_decoding(model_dir, capsys):
+    from transformers import AutoConfig
+
+    context = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    assert main(["generate", "--model", model_dir, "--prompt", "hi", "--max-new-tokens", str(context)]) == 2
+    assert f"--max-new-tokens {context}: with the longest prompt of the batch (1 tokens) it exceeds the model's " \
+           f"context length ({context} tokens)" in capsys.readouterr().err
 
 
 def test_a_huge_value_is_shown_cut_short(tmp_path, capsys):
@@ -141,13 +152,27 @@ def test_an_output_dir_that_is_a_file_is_named(model_dir, data_files, tmp_path, 
 def test_a_prefix_larger_than_the_machine_is_refused_before_it_is_allocated(monkeypatch):
     from tiny import tiny_model
 
-    from prefixtune import PrefixModel, artifacts
-
-    monkeypatch.setattr(artifacts, "_memory_bytes", lambda: 2 ** 20)  # a machine of 1 MiB
-    with pytest.raises(ValueError, match=r"--prefix-length: this prefix needs .* GiB of parameters .* more than this "
-                                         r"machine's 0.0 GiB"):
+    monkeypatch.setattr(runtime, "free_memory", lambda: 2 ** 20)  # a machine with 1 MiB free
+    with pytest.raises(ValueError, match=r"--prefix-length: this prefix needs .* GiB of parameters .* more than the 0.0 "
+                                         r"GiB of memory this machine has free"):
         PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=60000, reparameterize=False))
     PrefixModel.wrap(tiny_model("llama"), PrefixConfig(prefix_length=10, reparameterize=False))  # a small one fits
+
+
+def test_a_prefix_whose_training_would_not_fit_is_refused_before_its_first_step(model_dir, data_files, tmp_path,
+                                                                                monkeypatch, capsys):
+    """Its parameters fit, but not their gradients and AdamW's moments too: refused, naming the options,
+    before the optimizer allocates them or the output folder is made."""
+    from prefixtune.base_models import load_model
+
+    model, _ = load_model(model_dir)
+    count = sum(p.numel() for p in PrefixModel.wrap(model, TrainConfig().prefix_config).parameters() if p.requires_grad)
+    monkeypatch.setattr(runtime, "free_memory", lambda: 8 * count)  # room for the parameters, not for 3 more copies
+    out = tmp_path / "run"
+    assert main(["train", "--model", model_dir, "--data", str(data_files / "train.jsonl"), "--output-dir", str(out)]) == 1
+    assert (f"--prefix-length / --reparam-hidden-size: training {count:,} parameters needs 0.0 GiB more for their "
+            "gradients and AdamW's two moments") in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_what_a_command_would_write_over_is_refused_and_kept(tmp_path, capsys, monkeypatch):

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..base_models import context_length
 from ..data import eos_id
 from ..prefixes import batch_for_rows
 from . import errors
@@ -486,7 +487,3 @@ def _eos_ids(model, tokenizer) -> set[int]:
         ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
     return ids
 
-
-def context_length(model_config) -> int:
-    """The longest prompt + completion the model takes (no bound where its config names none)."""
-    return getattr(model_config, "max_position_embeddings", None) or 1 << 30
