@@ -62,6 +62,13 @@ def option_field(default=dataclasses.MISSING, help: str = "", factory=dataclasse
     return field(default=default, default_factory=factory, metadata={"help": help, **extra})
 
 
+def names(what: str):
+    """The ``check`` of an option that names a file, folder, field or address: a blank one names nothing (a
+    path of ``""`` is the current folder; a host of ``""`` is every interface), so it is refused. Unlike
+    ``min_length``, it leaves the characters alone: a file name of bytes that are not UTF-8 stays usable."""
+    return lambda value: f"must name {what}" if value is not None and not value.strip() else None
+
+
 @dataclass
 class PrefixConfig:
     """How to build one trainable prefix (Li & Liang 2021, arXiv:2101.00190).
@@ -192,11 +199,14 @@ class TaskOption(Checked):
 class DataOptions(Checked):
     """Where examples come from and how they become tokens (shared by train, eval, generate and compare)."""
 
-    model: str | None = option_field(None, "Hub id or local folder of the base model (default: the bundled SmolLM2-135M-Instruct)")
-    prompt_field: str = option_field("prompt", "field/column holding the input text")
-    completion_field: str = option_field("completion", "field/column holding the target text")
-    text_field: str | None = option_field(None, "classification: field holding the text (use with --label-field)")
-    label_field: str | None = option_field(None, "classification: field holding the label, trained as the completion")
+    model: str | None = option_field(None, "Hub id or local folder of the base model (default: the bundled SmolLM2-135M-Instruct)",
+                                     check=names("a model folder or a Hub id"))
+    prompt_field: str = option_field("prompt", "field/column holding the input text", check=names("a field"))
+    completion_field: str = option_field("completion", "field/column holding the target text", check=names("a field"))
+    text_field: str | None = option_field(None, "classification: field holding the text (use with --label-field)",
+                                          check=names("a field"))
+    label_field: str | None = option_field(None, "classification: field holding the label, trained as the completion",
+                                           check=names("a field"))
     prompt_template: str | None = option_field(None, "format string for the prompt, e.g. 'Table: {prompt}\\nText:' (\\n and \\t "
                                        "typed on the command line become a line break and a tab); any field name works",
                                        unescape=True)
@@ -211,7 +221,8 @@ class DataOptions(Checked):
                                        ge=1, le=MAX_POSITIONS)
     num_beams: int = option_field(1, "beam size for generation (1 = greedy)", ge=1, le=MAX_BEAMS)
     device: str = option_field("auto", "cpu, cuda, cuda:1, ... or auto", check=device_problem)
-    split: str = option_field("train", "split to read where the examples come from a Hugging Face datasets name instead of a file")
+    split: str = option_field("train", "split to read where the examples come from a Hugging Face datasets name instead of a file",
+                              check=names("a split"))
     attn_implementation: str = option_field("sdpa", "attention kernel of the base model: sdpa or eager (Gemma 2 needs eager)",
                                     choices=("sdpa", "eager"))
 
@@ -240,10 +251,12 @@ class StepOptions(Checked):
 class TrainConfig(StepOptions, DataOptions, TaskOption):
     """Everything ``prefixtune train`` does; written next to the results and replayable with ``--config``."""
 
-    data: str | None = option_field(None, "training data: .jsonl/.json/.csv/.tsv/.parquet file or datasets name (default: the built-in demo task)")
-    eval_data: str | None = option_field(None, "held-out data for evaluation during and after training")
+    data: str | None = option_field(None, "training data: .jsonl/.json/.csv/.tsv/.parquet file or datasets name (default: the built-in demo task)",
+                                    check=names("a data file or a datasets name"))
+    eval_data: str | None = option_field(None, "held-out data for evaluation during and after training",
+                                         check=names("a data file or a datasets name"))
     output_dir: str = option_field("runs/prefix", "where the prefix, checkpoints, metrics.jsonl, curves.png and config.yaml go",
-                                   min_length=1)
+                                   check=names("a folder"))
     train_limit: int | None = option_field(None, "use only the first N training examples (the paper's low-data setting)", ge=1)
     eval_limit: int | None = option_field(None, "use only the first N evaluation examples", ge=1)
     train_where: str | None = option_field(None, TRAIN_WHERE)
@@ -310,15 +323,17 @@ class TrainConfig(StepOptions, DataOptions, TaskOption):
 class EvalConfig(DataOptions, TaskOption):
     """What ``prefixtune eval`` does."""
 
-    prefix: str | None = option_field(None, "folder of a saved prefix (a training run's --output-dir); omit to score the base model")
-    data: str | None = option_field(None, "evaluation data (same formats as train)")
+    prefix: str | None = option_field(None, "folder of a saved prefix (a training run's --output-dir); omit to score the base model",
+                                      check=names("a saved prefix's folder"))
+    data: str | None = option_field(None, "evaluation data (same formats as train)",
+                                    check=names("a data file or a datasets name"))
     metrics: str = option_field("bleu,rouge_l", "comma-separated: bleu, nist, meteor, rouge_l, cider, ter (lower is better), accuracy, "
                         "exact_match (loss and perplexity always)")
     limit: int | None = option_field(None, "score only the first N examples", ge=1)
     eval_where: str | None = option_field(None, EVAL_WHERE.replace("--eval-limit", "--limit"))
     group_by: str | None = option_field(None, "also score the rows of each value of this field of the data (e.g. category): "
                                 "a row per value, each with the corpus metrics of its own inputs, under the overall row")
-    output: str | None = option_field(None, "write the metrics (and the generations) as JSON here")
+    output: str | None = option_field(None, "write the metrics (and the generations) as JSON here", check=names("a file"))
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken (:func:`options.check`)."""
@@ -331,12 +346,10 @@ class EvalConfig(DataOptions, TaskOption):
 def output_problems(output: str | None, **inputs: str | None):
     """``--output`` is written when the run is done: an empty name, a folder, or a file the run reads
     (``inputs``: option name, one word, -> path) would lose the results or the input, so they are refused first."""
-    if output is None:
+    if output is None or not output.strip():  # a blank one: names() says
         return
     path = Path(output)
-    if not output.strip():
-        yield "output", "must name a file, got an empty string"
-    elif path.is_dir():
+    if path.is_dir():
         yield "output", f"{output} is a folder: give the name of a file to write"
     elif path.exists():
         for option, source in inputs.items():
@@ -348,10 +361,13 @@ def output_problems(output: str | None, **inputs: str | None):
 class GenerateConfig(DataOptions, TaskOption):
     """What ``prefixtune generate`` does."""
 
-    prefix: str | None = option_field(None, "folder of a saved prefix; omit to generate with the base model")
+    prefix: str | None = option_field(None, "folder of a saved prefix; omit to generate with the base model",
+                                      check=names("a saved prefix's folder"))
     prompt: str | None = option_field(None, "one prompt to complete", min_length=1)
-    input: str | None = option_field(None, "file of prompts (same formats as train; completions not needed)")
-    output: str | None = option_field(None, "write {prompt, generation} JSON lines here instead of printing")
+    input: str | None = option_field(None, "file of prompts (same formats as train; completions not needed)",
+                                     check=names("a file of prompts"))
+    output: str | None = option_field(None, "write {prompt, generation} JSON lines here instead of printing",
+                                      check=names("a file"))
     do_sample: bool = option_field(False, "sample instead of greedy/beam decoding")
     temperature: float = option_field(1.0, "sampling temperature (with --do-sample), at least 1e-4 (near-greedy; for greedy "
                                       "decoding leave --do-sample out)", ge=1e-4)

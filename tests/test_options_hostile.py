@@ -24,7 +24,11 @@ from prefixtune.options import OptionError
     (["compare", "--lr", "prefix=-1"], "--lr: prefix's rate must be above 0 and at most 1e+30, got -1"),
     (["compare", "--lr", "inf"], "rate must be above 0 and at most 1e+30, got inf"),
     (["train", "--layers", "0,0"], "--layers: names 0 more than once"),
-    (["train", "--output-dir", ""], "--output-dir: must not be empty"),
+    (["train", "--output-dir", ""], "--output-dir: must name a folder, got ''"),
+    (["train", "--data", " "], "--data: must name a data file or a datasets name, got ' '"),  # not the current folder
+    (["generate", "--prefix", "", "--prompt", "hi"], "--prefix: must name a saved prefix's folder"),  # not the base model
+    (["eval", "--model", "", "--data", "d.jsonl"], "--model: must name a model folder or a Hub id"),
+    (["compare", "--prompt-field", ""], "--prompt-field: must name a field"),
     (["eval", "--device", "cuda:x"], "--device: must be auto, cpu, cuda"),
     (["generate", "--seed", "-1", "--prompt", "hi"], "--seed: must be at least 0, got -1"),
     (["generate", "--prompt", ""], "--prompt: must not be empty"),
@@ -50,7 +54,7 @@ def test_the_command_line_names_the_option(argv, message, capsys):
     (lambda: PrefixConfig(prefix_length=True), "--prefix-length: must be a number, not true or false"),
     (lambda: PrefixConfig(layers=(0, 0)), "--layers: names 0 more than once"),
     (lambda: PrefixConfig(layers=(True, 1)), "--layers: must be a number, not true or false"),
-    (lambda: TrainConfig(output_dir=""), "--output-dir: must not be empty"),
+    (lambda: TrainConfig(output_dir=""), "--output-dir: must name a folder"),
     (lambda: TrainConfig(max_grad_norm=float("nan")), "--max-grad-norm: must be a finite number"),
 ])
 def test_python_configs_refuse_the_same_values(build, message):
@@ -204,3 +208,10 @@ def test_what_a_command_would_write_over_is_refused_and_kept(tmp_path, capsys, m
     assert data.read_text() == '{"prompt": "a", "completion": "b"}\n'
     assert all(path.read_text() == "mine" for path in kept.values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "folder", "kept"]
+
+
+def test_a_file_name_of_bytes_that_are_not_utf8_is_still_a_name():
+    """Python gives such a command-line name lone surrogates (``\\udce9`` for a Latin-1 é); it names a real file,
+    so the options that name files take it, while a prompt, which is text for the tokenizer, does not."""
+    config = TrainConfig(output_dir="run-caf\udce9", data="caf\udce9.jsonl")
+    assert config.output_dir == "run-caf\udce9" and config.data == "caf\udce9.jsonl"

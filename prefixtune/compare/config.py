@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import EVAL_WHERE, TRAIN_WHERE, DataOptions, StepOptions, option_field
+from ..config import EVAL_WHERE, TRAIN_WHERE, DataOptions, StepOptions, names, option_field
 from ..data import filters
 from ..options import split_list
 
@@ -17,10 +17,12 @@ QUICK = dict(max_steps=8, batch_size=4, train_limit=400, eval_prompts=6, max_new
 class CompareConfig(StepOptions, DataOptions):
     """The same task, data, step budget and seed under several fine-tuning methods."""
 
-    data: str | None = option_field(None, "training data (same formats as train; default: the built-in demo task)")
-    eval_data: str | None = option_field(None, "held-out data scored after training (default: the demo's held-out set)")
+    data: str | None = option_field(None, "training data (same formats as train; default: the built-in demo task)",
+                                    check=names("a data file or a datasets name"))
+    eval_data: str | None = option_field(None, "held-out data scored after training (default: the demo's held-out set)",
+                                         check=names("a data file or a datasets name"))
     output_dir: str = option_field("runs/compare", "where compare.md, compare.json, compare.png and each method's folder go",
-                                   min_length=1)
+                                   check=names("a folder"))
     methods: str = option_field("base,prefix-mup,prefix,peft-prefix,prompt,lora,adapter,full,qlora",
                         "comma-separated methods (see --list-methods); 'base' scores the untuned model")
     seeds: tuple[int, ...] | None = option_field(None, "run every method once per seed, e.g. 0,1,2 (the methods of a seed "

@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Checked, device_problem, option_field
+from ..config import Checked, device_problem, names, option_field
 from .limits import Limits
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,12 @@ class ServeConfig(Checked):
     """What ``prefixtune serve`` serves, where, and under which :class:`Limits` (checked like every
     other command's options; the limits' fields are options of their own, ``--max-batch`` and so on)."""
 
-    model: str | None = option_field(None, "base model: Hub id or folder (default: the bundled model)")
+    model: str | None = option_field(None, "base model: Hub id or folder (default: the bundled model)",
+                                     check=names("a model folder or a Hub id"))
     prefix: tuple[str, ...] = option_field((), "serve the prefix saved in DIR as model NAME (repeatable)", repeat=True,
                                    metavar="NAME=DIR")
-    host: str = option_field("127.0.0.1", "address to bind (default 127.0.0.1: this machine only)")
+    host: str = option_field("127.0.0.1", "address to bind (default 127.0.0.1: this machine only)",
+                             check=names("an address (127.0.0.1: this machine only; 0.0.0.0: every interface)"))
     port: int = option_field(8000, "port to listen on", ge=0, le=65535)
     prefix_dir: tuple[str, ...] = option_field((), "serve every prefix folder under DIR by its folder name, loaded on its "
                                        "first request (repeatable; the first DIR that has a name wins); admin "
@@ -40,7 +42,8 @@ class ServeConfig(Checked):
     api_key: tuple[str, ...] = option_field((), "an inference key: /v1 routes need 'Authorization: Bearer KEY' with one of "
                                     "them (repeatable; default: $PREFIXTUNE_API_KEY if set)", repeat=True,
                                     metavar="KEY")
-    api_key_file: str | None = option_field(None, "a file of inference keys, one per line (# starts a comment)")
+    api_key_file: str | None = option_field(None, "a file of inference keys, one per line (# starts a comment)",
+                                            check=names("a file of keys"))
     admin_key: str | None = option_field(None, "the key for prefix management (POST/DELETE /v1/prefixes/NAME); an "
                                  "inference key there gets 403 (default: $PREFIXTUNE_ADMIN_KEY if set; none: "
                                  "management is off)")
@@ -59,8 +62,6 @@ class ServeConfig(Checked):
 
     def problems(self):
         """``(option, message)`` for each rule between options that is broken."""
-        if not self.host.strip():  # uvicorn would bind every interface
-            yield "host", "must name an address (127.0.0.1: this machine only; 0.0.0.0: every interface), got an empty string"
         if self.dtype is not None and not _is_dtype(self.dtype):
             yield "dtype", f"must be auto or a torch dtype (float32, bfloat16, float16), got {self.dtype!r}"
         if self.prefix_host_cache_mb and self.device == "cpu":
