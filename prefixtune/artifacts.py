@@ -136,20 +136,24 @@ def _folded(prefix) -> torch.Tensor:
 
 def _checked(meta: dict, shape: ModelShape, directory) -> tuple[PrefixConfig, tuple[int, ...]]:
     """The saved prefix's config and sites, once its ``base`` block matches ``shape``."""
-    saved = _saved_shape(meta, directory)
+    saved = saved_shape(meta, directory)
     problems = saved.mismatches(shape)
     if problems:
         raise ValueError(f"{directory}: this prefix was made for another model: " + "; ".join(problems))
     if saved.name_or_path and shape.name_or_path and saved.name_or_path != shape.name_or_path:
         warnings.warn(f"prefix was trained on {saved.name_or_path!r}, loading onto {shape.name_or_path!r}")
-    config = PrefixConfig.from_dict(_entry(meta, "prefix", dict, directory))
-    return config, _sites(_entry(meta, "layers", list, directory), shape.num_layers, directory)
+    return saved_config(meta, directory), _sites(_entry(meta, "layers", list, directory), shape.num_layers, directory)
 
 
 def _check_finite(tensors: dict[str, torch.Tensor], directory) -> None:
     bad = sorted(name for name, tensor in tensors.items() if not torch.isfinite(tensor).all())
     if bad:
         raise ValueError(f"{directory}: tensors {bad} hold NaN or infinite values")
+
+
+def saved_config(meta: dict, directory) -> PrefixConfig:
+    """The :class:`PrefixConfig` in a saved prefix's ``prefix`` block, or one line naming the file and the key."""
+    return PrefixConfig.from_dict(_entry(meta, "prefix", dict, directory), where=f"{Path(directory) / CONFIG_FILE}: prefix")
 
 
 def _entry(meta: dict, key: str, kind: type, directory):
@@ -160,7 +164,7 @@ def _entry(meta: dict, key: str, kind: type, directory):
     return meta[key]
 
 
-def _saved_shape(meta: dict, directory) -> ModelShape:
+def saved_shape(meta: dict, directory) -> ModelShape:
     """The model facts the prefix was saved with (its ``base`` block), checked key by key."""
     base = _entry(meta, "base", dict, directory)
     known = {f.name for f in dataclasses.fields(ModelShape)}

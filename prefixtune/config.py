@@ -166,13 +166,17 @@ class PrefixConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PrefixConfig":
-        """Build from ``to_dict`` output; unknown keys are an error, not silently dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict, where: str = "PrefixConfig") -> "PrefixConfig":
+        """Build from ``to_dict`` output read from ``where`` (a saved prefix's config file, for messages); an
+        unknown key is an error, not silently dropped, and a bad value is named by its key, not as an option."""
+        fields = {f.metadata.get("option", f.name): f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields.values()))
         if unknown:
-            raise ValueError(f"unknown PrefixConfig field(s): {', '.join(unknown)}")
-        return cls(**data)
+            raise ValueError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}")
+        try:
+            return cls(**data)
+        except options.OptionError as err:
+            raise ValueError(f"{where}: {fields.get(err.option, err.option)}: {err.message}") from None
 
     def replace(self, **changes) -> "PrefixConfig":
         """A copy with some fields changed (validated again)."""

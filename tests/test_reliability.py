@@ -184,11 +184,24 @@ def _nan(meta, tensors):
     (_nan, r"tensors \['key_values'\] hold NaN or infinite values"),
     (lambda meta, t: meta["base"].update(colour="red"), r"unknown key\(s\) \['colour'\] in its 'base' block"),
     (lambda meta, t: meta.update(base="llama"), "'base' must be a dict"),
+    # the saved keys are named as saved, in their file, not as command-line options
+    (lambda meta, t: meta["prefix"].update(prefix_length=-2), r"prefix_config.json: prefix: prefix_length: must be at "
+                                                               r"least 1, got -2"),
+    (lambda meta, t: meta["prefix"].update(dropout=3), r"prefix_config.json: prefix: dropout: must be less than 1"),
+    (lambda meta, t: meta["prefix"].update(colour=1), r"prefix_config.json: prefix: unknown field\(s\) colour"),
 ])
 def test_a_broken_prefix_is_refused_at_load_in_one_line(change, message, tmp_path):
     folder = _saved_prefix(tmp_path, change)
     with pytest.raises(ValueError, match=message):
         PrefixModel.from_pretrained(tiny_model("llama"), folder)
+
+
+def test_export_peft_names_what_is_broken_in_a_saved_prefix(tmp_path, capsys):
+    for key in ("prefix", "base"):
+        folder = _saved_prefix(tmp_path / key, lambda meta, t: meta.pop(key))
+        assert main(["export-peft", str(folder), str(tmp_path / key / "peft")]) == 2
+        err = capsys.readouterr().err
+        assert f"prefix_config.json: '{key}' must be a dict, got NoneType" in err and "internal" not in err, err
 
 
 def test_the_server_refuses_a_broken_prefix_with_a_400_and_serves_on(tmp_path):

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from .. import arch
-from ..artifacts import (CONFIG_FILE, WEIGHTS_FILE, read_json, read_prefix, read_safetensors, write_prefix,
-                         write_safetensors)
+from ..artifacts import (CONFIG_FILE, WEIGHTS_FILE, read_json, read_prefix, read_safetensors, saved_config,
+                         saved_shape, write_prefix, write_safetensors)
 from ..config import PrefixConfig
 from . import lora
 
@@ -87,8 +87,7 @@ def export_peft(prefix_dir: str | os.PathLike, peft_dir: str | os.PathLike, base
     import peft  # noqa: F401 - fail early and clearly when PEFT is missing
 
     meta, tensors = read_prefix(prefix_dir)
-    config = PrefixConfig.from_dict(meta["prefix"])
-    shape = arch.ModelShape(**meta["base"])
+    config, shape = saved_config(meta, prefix_dir), saved_shape(meta, prefix_dir)
     _check_exportable(prefix_dir, meta, tensors, config, shape)
     key_values = tensors["key_values"]  # [num_layers, 2, kv_heads, L_p, head_dim], MLP already folded
     token_dim = shape.num_kv_heads * shape.head_dim
