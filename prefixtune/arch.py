@@ -236,12 +236,16 @@ def resolve_sites(layers: tuple[int, ...] | None, targets: tuple[str, ...], shap
 
 
 def resolve_layers(layers: tuple[int, ...] | None, num_layers: int) -> tuple[int, ...]:
-    """Normalise a layer selection (negative indices allowed) to sorted, unique indices."""
+    """Normalise a layer selection (negative indices allowed) to sorted indices; two that name one layer
+    (``-1`` and ``1`` of two) are refused, as the same index twice is, so a selection means what it says."""
     if layers is None:
         return tuple(range(num_layers))
-    out = set()
+    out: dict[int, int] = {}
     for index in layers:
         if not -num_layers <= index < num_layers:
-            raise ValueError(f"layer {index} is out of range for a model with {num_layers} layers")
-        out.add(index % num_layers)
+            raise ValueError(f"--layers: layer {index} is out of range for a model with {num_layers} layers")
+        if index % num_layers in out:
+            raise ValueError(f"--layers: {out[index % num_layers]} and {index} name the same layer of this model's "
+                             f"{num_layers}")
+        out[index % num_layers] = index
     return tuple(sorted(out))

@@ -58,6 +58,8 @@ def test_invalid_config_fields_are_named(config, message):
 def test_out_of_range_layer_is_named():
     with pytest.raises(ValueError, match="layer 5 is out of range for a model with 2 layers"):
         PrefixModel.wrap(tiny_model("llama"), PrefixConfig(layers=(5,)))
+    with pytest.raises(ValueError, match="--layers: -1 and 1 name the same layer of this model's 2"):
+        PrefixModel.wrap(tiny_model("llama"), PrefixConfig(layers=(-1, 1)))  # distinct as typed, one layer here
 
 
 def test_bad_prefix_arguments_are_named():
