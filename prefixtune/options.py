@@ -30,7 +30,7 @@ import pydantic
 import yaml
 
 from .data import location
-from .messages import not_utf8, shown, unicode_problem
+from .messages import first_line, not_utf8, shown, unicode_problem
 
 
 class OptionError(ValueError):
@@ -150,11 +150,14 @@ def load_file(path: str, config_cls) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}
     except UnicodeDecodeError as err:
         raise ValueError(not_utf8(path, err)) from None
+    except yaml.MarkedYAMLError as err:  # one line: the file's line, and what is wrong there
+        where = f"{path}:{err.problem_mark.line + 1}" if err.problem_mark else path
+        raise ValueError(f"{where}: not valid YAML ({err.problem})") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from err
+        raise ValueError(f"{path}: not valid YAML ({first_line(err)})") from None
     except RecursionError:
         raise ValueError(f"{path}: nested too deeply to be a config of options") from None
     if not isinstance(data, dict):
@@ -167,6 +170,20 @@ def load_file(path: str, config_cls) -> dict:
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
     return data
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (it would keep the last silently: a
+    config edited in two places would run with whichever came last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def dump(config, path: Path, header: str = "") -> None:

@@ -256,6 +256,8 @@ DEEP = "[" * 100_000 + "]" * 100_000
      "data.jsonl:1: field 'messages', message 1: holds U+DC00 at character 1"),
     ("config.yaml", "max_steps: " + DEEP, "config.yaml: nested too deeply to be a config of options"),
     ("config.yaml", b"# caf\xe9\nmax_steps: 3\n", "config.yaml:1: not UTF-8 text (byte 0xe9 at column 6)"),
+    ("config.yaml", "max_steps: 3\nlr: 0.1\nmax_steps: 5\n", "config.yaml:3: not valid YAML ('max_steps' is given twice)"),
+    ("config.yaml", "max_steps: [1\n", "config.yaml:2: not valid YAML (expected ',' or ']', but got '<stream end>')"),
 ])
 def test_a_file_no_parser_reads_is_one_line_naming_it(name, content, message, tmp_path, capsys, model_dir):
     """What the parsers give up on (nesting, huge numbers, bytes or escapes that are not text) is a bad file,
