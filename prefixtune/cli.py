@@ -89,8 +89,16 @@ def _internal_error(command: str, err: Exception) -> int:
     return 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, telling a mistake in two lines: the error, and where to read more. Its own usage
+    line lists every option of a command (about 40 lines for ``train``), which buries the one that was wrong."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="prefixtune",
         description="Prefix tuning (Li & Liang 2021) for Hugging Face transformers models: the base model stays "
         "frozen; each attention layer gets a few trainable key/value positions.",
