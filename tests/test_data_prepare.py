@@ -2,6 +2,7 @@
 and studies read (compared with the real data under $PREFIXTUNE_DATA), idempotently, with one-line errors."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -206,3 +207,25 @@ def test_a_release_file_of_another_format_is_named_with_its_line(tmp_path, capsy
     (release / "dev.tsv").write_text("sentence\tlabel\n")
     assert main(["data", "prepare", "sst2", "--from", str(release), "--out", str(tmp_path)]) == 2
     assert _one_line(capsys) == f"prefixtune data: error: {release / 'train.tsv'}:3: label must be 0 or 1, got 'negative'"
+
+
+@pytest.mark.parametrize("name, files, bad", [
+    ("e2e", {"trainset.csv": b"mr,ref\nname[Caf\xe9],A cafe.\n", "devset.csv": b"mr,ref\n"}, "trainset.csv:2"),
+    ("sst2", {"train.tsv": b"sentence\tlabel\ngood\t1\nna\xefve\t0\n", "dev.tsv": b"sentence\tlabel\n"}, "train.tsv:3"),
+])
+def test_a_release_file_that_is_not_utf8_is_named_with_its_line(name, files, bad, tmp_path, capsys):
+    release = tmp_path / "release"
+    release.mkdir()
+    for file, content in files.items():
+        (release / file).write_bytes(content)
+    assert main(["data", "prepare", name, "--from", str(release), "--out", str(tmp_path / "out")]) == 2
+    assert _one_line(capsys).startswith(f"prefixtune data: error: {release / bad}: not UTF-8 text (byte 0x")
+
+
+def test_a_file_named_parquet_that_is_not_is_named(tmp_path):
+    from prefixtune.data import DataError, load_examples
+
+    fake = tmp_path / "rows.parquet"
+    fake.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=rf"{re.escape(str(fake))}:#1: not readable as Parquet \(ArrowInvalid"):
+        load_examples(str(fake))

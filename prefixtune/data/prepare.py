@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import hub
+from ..messages import not_utf8
 from .example import DataError
 from .readers import require
 
@@ -74,11 +75,19 @@ def _e2e_release(folder: Path) -> dict[str, list]:
 
 
 def _e2e_csv(path: Path) -> list[tuple[str, str]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        if next(reader, None) != ["mr", "ref"]:
-            raise DataError(f"{path}:1: expected the header mr,ref of the E2E release")
-        return [_pair(row, path, reader.line_num) for row in reader]
+    reader = csv.reader(io.StringIO(_release_text(path), newline=""))
+    if next(reader, None) != ["mr", "ref"]:
+        raise DataError(f"{path}:1: expected the header mr,ref of the E2E release")
+    return [_pair(row, path, reader.line_num) for row in reader]
+
+
+def _release_text(path: Path) -> str:
+    """A release file's text (UTF-8, as each release is), or a DataError naming the file, line and byte."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(not_utf8(str(path), err)) from None
 
 
 def _e2e_hub(records: Iterable[dict]) -> list[tuple[str, str]]:
@@ -133,8 +142,8 @@ def _sst2_release(folder: Path) -> dict[str, list]:
 
 
 def _sst2_tsv(path: Path) -> list[tuple[str, str]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = [line.removesuffix("\n") for line in f]
+    lines = _release_text(path).split("\n")
+    lines = lines[:-1] if lines and lines[-1] == "" else lines
     if not lines or lines[0] != "sentence\tlabel":
         raise DataError(f"{path}:1: expected the header sentence<TAB>label of GLUE's SST-2")
     return [_label(_pair(line.split("\t"), path, number), path, number)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import hub
-from ..messages import json_failure, not_utf8
+from ..messages import first_line, json_failure, not_utf8
 from .example import DataError
 
 FIELD_LIMIT = 2**31 - 1
@@ -165,10 +165,13 @@ def _delimited_records(path: Path, name: str, dialect: dict) -> Iterator[tuple[s
 def _parquet_records(path: Path, name: str) -> Iterator[tuple[str, dict]]:
     parquet = require("pyarrow.parquet", "pyarrow", "to read .parquet files")
     number = 0
-    for batch in parquet.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            number += 1
-            yield f"{name}:#{number}", record
+    try:  # what the consumer raises between two rows happens in its own frame, not here
+        for batch in parquet.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                number += 1
+                yield f"{name}:#{number}", record
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError: not Parquet, or damaged
+        raise DataError(f"{name}:#{number + 1}: not readable as Parquet ({first_line(e)})") from None
 
 
 READERS = {".jsonl": _jsonl_records, ".json": _json_records, ".csv": _csv_records, ".tsv": _tsv_records,
