@@ -29,6 +29,7 @@ from prefixtune.options import OptionError
     (["generate", "--prefix", "", "--prompt", "hi"], "--prefix: must name a saved prefix's folder"),  # not the base model
     (["eval", "--model", "", "--data", "d.jsonl"], "--model: must name a model folder or a Hub id"),
     (["compare", "--prompt-field", ""], "--prompt-field: must name a field"),
+    (["compare", "--threads", "100000"], "--threads: must be at most 1024, got 100000"),
     (["eval", "--device", "cuda:x"], "--device: must be auto, cpu, cuda"),
     (["generate", "--seed", "-1", "--prompt", "hi"], "--seed: must be at least 0, got -1"),
     (["generate", "--prompt", ""], "--prompt: must not be empty"),

@@ -12,6 +12,9 @@ from ..options import split_list
 QUICK = dict(max_steps=8, batch_size=4, train_limit=400, eval_prompts=6, max_new_tokens=40, warmup_steps=2)
 """What ``--quick`` changes (options given explicitly on the command line or in --config win)."""
 
+MAX_THREADS = 1024
+"""The most torch threads a method takes: more than any CPU's cores (torch would start them all, for each method,
+and fail late)."""
 
 @dataclass
 class CompareConfig(StepOptions, DataOptions):
@@ -61,7 +64,8 @@ class CompareConfig(StepOptions, DataOptions):
     lora_targets: str = option_field("q_proj,v_proj", "modules LoRA adapts (lora, qlora)")
     adapter_size: int = option_field(64, "bottleneck width of the Houlsby adapters", ge=1)
     threads: int | None = option_field(None, "torch CPU threads per method (default: torch's choice; on a machine shared with "
-                                "other jobs, 1 can be several times faster than oversubscribed threads)", ge=1)
+                                "other jobs, 1 can be several times faster than oversubscribed threads)", ge=1,
+                                le=MAX_THREADS)
     isolate: bool = option_field(True, "run each method in its own process (clean peak-memory numbers; a crash "
                          "costs one row, not the run)")
     keep_checkpoints: bool = option_field(False, "keep checkpoints over 100 MB (full fine-tuning) instead of deleting "
