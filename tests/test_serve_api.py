@@ -543,38 +543,9 @@ def test_playground_shows_errors(running, browser):
 def test_the_command_a_user_types_serves_a_prefix_and_stops_on_ctrl_c(folders, until):
     """``prefixtune serve --model M --prefix alpha=DIR --port P`` as a process, with the default device: it
     listens on the port it bound before loading the model, answers with the prefix, and exits 0 on Ctrl-C."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
+    from launched import served
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [str(Path(sys.executable).with_name("prefixtune")), "serve", "--model", str(folders / "model"),
-               "--prefix", f"alpha={folders / 'alpha'}", "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return urllib.request.urlopen(url + "/health", timeout=5).status == 200
-        except OSError:
-            return process.poll() is not None  # stop waiting if it died
-
-    try:
-        assert until(up, timeout=120) and process.poll() is None, process.stdout.read() if process.poll() else ""
-        body = json.dumps({"model": "alpha", "prompt": "hi", "max_tokens": 3}).encode()
-        request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            assert json.load(response)["choices"][0]["finish_reason"] in ("stop", "length")
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            code = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    output = process.stdout.read()
-    assert code == 0 and f"alpha on http://127.0.0.1:{port}" in output, output
+    with served(["--model", str(folders / "model"), "--prefix", f"alpha={folders / 'alpha'}"], until, 120) as server:
+        body, _ = server.complete("alpha", "hi", 3)
+        assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert server.code == 0 and f"alpha on {server.url}" in server.output, server.output

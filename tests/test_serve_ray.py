@@ -131,40 +131,12 @@ def test_errors_are_those_of_one_server(ray_server):
 def test_the_command_a_user_types_serves_and_stops(folders, until):
     """``prefixtune serve --ray --replicas 2 ...`` as a process: it comes up, serves a prefix from
     --prefix-dir, and exits cleanly (Ray with it) on Ctrl-C."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
+    from launched import served
 
     pytest.importorskip("ray")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [str(Path(sys.executable).with_name("prefixtune")), "serve", "--ray", "--replicas", "2",
-               "--model", str(folders / "model"), "--device", "cpu", "--prefix-dir", str(folders / "lib"),
-               "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        try:
-            return urllib.request.urlopen(url + "/health", timeout=5).status == 200
-        except OSError:
-            return process.poll() is not None  # stop waiting if it died
-
-    try:
-        assert until(up, timeout=300) and process.poll() is None, process.stdout.read() if process.poll() else ""
-        body = json.dumps({"model": "p1", "prompt": "hi", "max_tokens": 3}).encode()
-        request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            assert json.load(response)["choices"][0]["finish_reason"] in ("stop", "length")
-            assert response.headers["X-Prefix-Cache"] == "miss"
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            code = process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-    assert code == 0, process.stdout.read()
+    argv = ["--ray", "--replicas", "2", "--model", str(folders / "model"), "--device", "cpu", "--prefix-dir",
+            str(folders / "lib"), "--log-level", "warning"]
+    with served(argv, until) as server:
+        body, headers = server.complete("p1", "hi", 3)
+        assert body["choices"][0]["finish_reason"] in ("stop", "length") and headers["X-Prefix-Cache"] == "miss"
+    assert server.code == 0, server.output
