@@ -354,5 +354,23 @@ def test_generate_with_a_prefix_for_missing_layers_is_one_line(tmp_path, capsys,
     assert "not layers of this model" in err and "Traceback" not in err
 
 
+def test_exit_codes_tell_bad_input_from_a_refused_run_a_bug_and_ctrl_c(model_dir, data_files, tmp_path, capsys,
+                                                                       monkeypatch):
+    from prefixtune import cli
+
+    run = ["train", "--model", model_dir, "--data", str(data_files / "train.jsonl"), "--max-steps", "1"]
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "curves.png").write_bytes(b"mine")
+    assert main([*run, "--output-dir", str(tmp_path / "kept")]) == 1  # a run refused: the folder holds a user's file
+    assert main([*run, "--output-dir", str(tmp_path / "run"), "--lr", "-1"]) == 2  # bad input
+    for error, code in ((ZeroDivisionError("a bug"), 3), (KeyboardInterrupt(), 130)):
+        def raising(cfg, error=error):
+            raise error
+        monkeypatch.setitem(cli.RUNNERS, "train", raising)
+        assert main([*run, "--output-dir", str(tmp_path / "run")]) == code
+    err = capsys.readouterr().err
+    assert "internal error: ZeroDivisionError: a bug" in err and err.rstrip().endswith("prefixtune train: interrupted")
+
+
 def test_tokens_helper_is_deterministic():
     assert torch.equal(tokens(1, 3), tokens(1, 3))
