@@ -19,11 +19,11 @@ def shown(value, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def not_utf8(name: str, err: UnicodeDecodeError, first_line: int = 1) -> str:
+def not_utf8(name: str, err: UnicodeDecodeError, start_line: int = 1) -> str:
     """``name:LINE: not UTF-8 text (byte 0x.. at column C)``: where a decoding failed, in the file's own lines
-    (``err.object`` holds the bytes from line ``first_line`` on)."""
+    (``err.object`` holds the bytes from line ``start_line`` on)."""
     data = err.object
-    line = first_line + data.count(b"\n", 0, err.start)
+    line = start_line + data.count(b"\n", 0, err.start)
     column = err.start - data.rfind(b"\n", 0, err.start)
     return f"{name}:{line}: not UTF-8 text (byte {data[err.start]:#04x} at column {column}); save the file as UTF-8"
 

@@ -516,9 +516,10 @@ def _refuse_files_of_no_run(out: Path) -> None:
                 return
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found:
+        them = "it" if len(found) == 1 else "them"
         raise TrainingError(f"--output-dir {out} holds {', '.join(found)}, not written there by a prefixtune run (a "
-                            f"run's config.yaml begins {CONFIG_HEADER.split(':')[0]!r}); a run would replace "
-                            f"{(them := 'it' if len(found) == 1 else 'them')}: choose another --output-dir, or move {them} away")
+                            f"run's config.yaml begins {CONFIG_HEADER.split(':')[0]!r}); a run would replace {them}: "
+                            f"choose another --output-dir, or move {them} away")
 
 
 RESUME_CHANGES = ("resume", "output_dir", "max_steps", "epochs", "save_every", "eval_every", "eval_generate_limit",

@@ -16,6 +16,7 @@ MAX_THREADS = 1024
 """The most torch threads a method takes: more than any CPU's cores (torch would start them all, for each method,
 and fail late)."""
 
+
 @dataclass
 class CompareConfig(StepOptions, DataOptions):
     """The same task, data, step budget and seed under several fine-tuning methods."""

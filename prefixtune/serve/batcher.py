@@ -486,4 +486,3 @@ def _eos_ids(model, tokenizer) -> set[int]:
         value = getattr(source, "eos_token_id", None)
         ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
     return ids
-
