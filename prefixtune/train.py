@@ -171,6 +171,8 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     device = dist.device if isinstance(dist, distributed.Processes) else pick_device(cfg.device)
     autocast(cfg.precision, device)  # refuses now, not at step 1, what the device cannot do
     train_examples, eval_examples = _examples(cfg)
+    if resume_from:  # before the model loads: the steps come from the data, one row per example
+        _check_resumable(resume_from, total_steps(cfg, len(train_examples)))
     labels = data.label_names(train_examples) if cfg.task == "classification" else None
     model, tokenizer = load_model(cfg.model, task=cfg.task, labels=labels, attn_implementation=cfg.attn_implementation)
     model.to(device)
@@ -193,9 +195,6 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     state = TrainState()
     if resume_from:
         state = TrainState(**checkpoint.load_state(resume_from))
-        if state.step > total:
-            raise ValueError(f"--max-steps: the checkpoint in {resume_from} is at step {state.step}, past the {total} "
-                             f"steps of this run; give more steps to go on from it")
         checkpoint.restore(resume_from, optimizer, scheduler, rng=not isinstance(dist, distributed.Processes))
         log.info("resumed from %s at step %d of %d", resume_from, state.step, total)
     dist.seed(cfg.seed, state.step)
@@ -422,6 +421,14 @@ class TrainingRun(Hooks):
             print(f"{label:>12}: {text}")
         print(f"\nprefix, metrics.jsonl, curves.png, eval.json and config.yaml are in {self.out}")
         return {"prefix": str(self.out), "scores": scores}
+
+
+def _check_resumable(checkpoint_dir: Path, total: int) -> None:
+    """Refuse to resume from a checkpoint past the ``total`` steps of this run (``--max-steps`` lowered)."""
+    step = checkpoint.load_state(checkpoint_dir)["step"]
+    if step > total:
+        raise ValueError(f"--max-steps: the checkpoint in {checkpoint_dir} is at step {step}, past the {total} "
+                         f"steps of this run; give more steps to go on from it")
 
 
 def _check_training_fits(pm: PrefixModel) -> None:

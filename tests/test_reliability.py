@@ -140,10 +140,14 @@ def test_a_damaged_optimizer_checkpoint_is_one_line_on_resume(model_dir, data_fi
 
 
 def test_a_checkpoint_step_that_is_no_count_or_past_the_run_is_refused_and_the_log_kept(model_dir, data_files,
-                                                                                     tmp_path, capsys):
+                                                                                     tmp_path, capsys, monkeypatch):
     """A resumed run counts on from the checkpoint's step and cuts its log back to it: a step that is not a
-    count (negative, text) or lies past ``--max-steps`` is refused before the log or config.yaml change."""
+    count (negative, text) or lies past ``--max-steps`` is refused before the model loads, and so before the
+    log or config.yaml change."""
+    from prefixtune import train
+
     assert _train(model_dir, data_files, tmp_path, "--max-steps", "2") == 0
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     state_file = tmp_path / "checkpoint" / "trainer_state.json"
     saved = state_file.read_text()
     kept = {name: (tmp_path / name).read_bytes() for name in ("metrics.jsonl", "config.yaml")}
@@ -158,6 +162,7 @@ def test_a_checkpoint_step_that_is_no_count_or_past_the_run_is_refused_and_the_l
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
         assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+    monkeypatch.undo()  # a damaged log is found where it is cut back, after the model loads
     state_file.write_text(saved)
     (tmp_path / "metrics.jsonl").write_bytes(kept["metrics.jsonl"] + b"{not json\n")
     assert _train(model_dir, data_files, tmp_path, "--max-steps", "3", "--resume") == 1
