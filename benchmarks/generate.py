@@ -22,7 +22,8 @@ prompts of ``--prompt-len`` tokens (fixed seed, no padding), so every arm produc
   ``sequential`` serves them one after another, eight batch-1 calls with one prefix each.
 
 Each arm has its own model instance (``mixed`` and ``sequential`` get identical prefixes
-from the same seed). Arms are interleaved (each repeat runs every arm once, rotating the
+from the same seed); with ``--one-model``, ``plain``, ``prefixtune`` and ``memory`` share one, so that a
+ratio holds the prefix's cost and nothing of where two instances' weights landed in memory. Arms are interleaved (each repeat runs every arm once, rotating the
 order) on the same prompts; the table shows median seconds per call (for ``sequential``:
 its eight calls together), new tokens per second, and the median of the per-repeat ratios
 of throughput to ``plain``, with its 95 % bootstrap interval over the repeats
@@ -69,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--summarize", type=Path, metavar="PATH",
                         help="print the tables of a results file written by --json (from its per-call seconds) "
                         "and run nothing")
+    parser.add_argument("--one-model", action="store_true",
+                        help="run plain, prefixtune and memory on one model instance (plain with the model's own "
+                        "attention switched back in), so that no difference between instances enters a ratio")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
                         help="arms to run (default: all); e.g. --arms plain prefixtune for more repeats of the "
                         "ratio that matters in the same time")
@@ -91,11 +95,38 @@ def prefixtune_arm(model):
 
 def memory_arm(model, seed: int = 0):
     wrapped = PrefixModel.wrap(model, PrefixConfig(kind="memory")).eval()
+    _random_memory(wrapped, "default", seed)
+    return (lambda ids, mask, kw: wrapped.generate(input_ids=ids, attention_mask=mask, **kw)), wrapped
+
+
+def _random_memory(wrapped: PrefixModel, name: str, seed: int) -> None:
+    """Draw the memory of prefix ``name`` at random (std 0.01), so that it changes the output."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        memory = wrapped.prefixes["default"].memory
+        memory = wrapped.prefixes[name].memory
         memory.copy_(torch.randn(memory.shape, generator=generator) * 0.01)
-    return (lambda ids, mask, kw: wrapped.generate(input_ids=ids, attention_mask=mask, **kw)), wrapped
+
+
+def one_model_arms(model, seed: int = 0) -> dict:
+    """``plain``, ``prefixtune`` and ``memory`` on one model instance (``--one-model``): one ``PrefixModel``
+    holding both prefixes, and ``plain`` calling the model with its own attention kernel switched back in
+    (0.2 ms a switch). Two instances of one model can differ in speed by a few percent (where their weights
+    landed in memory); on one instance a ratio is the prefix's cost alone."""
+    wrapped = PrefixModel.wrap(model, prefix_config(), name="kv").eval()
+    wrapped.materialize()
+    wrapped.add_prefix("memory", PrefixConfig(kind="memory"))
+    _random_memory(wrapped, "memory", seed)
+    own, prefixed = wrapped._base_attention, model.config._attn_implementation
+
+    def call(attention: str, prefix: str | None):
+        def run(ids, mask, kw):
+            model.set_attn_implementation(attention)
+            if prefix is None:
+                return model.generate(input_ids=ids, attention_mask=mask, **kw)
+            return wrapped.generate(input_ids=ids, attention_mask=mask, prefix=prefix, **kw)
+        return run, wrapped
+
+    return {"plain": call(own, None), "prefixtune": call(prefixed, "kv"), "memory": call(prefixed, "memory")}
 
 
 def peft_arm(model):
@@ -137,9 +168,14 @@ def sequential_arm(model, seed: int):
     return run, wrapped
 
 
-def build_arms(batch_sizes: list[int], seed: int, wanted, new_model=lambda: load_model()[0]) -> tuple[dict, dict]:
+def build_arms(batch_sizes: list[int], seed: int, wanted, new_model=lambda: load_model()[0],
+               one_model: bool = False) -> tuple[dict, dict]:
     """``({name: (run, module)}, {name: error line})`` for the ``wanted`` arms that built / failed,
-    each on its own ``new_model()``."""
+    each on its own ``new_model()`` (``one_model``: ``plain``, ``prefixtune`` and ``memory`` on one)."""
+    if one_model:
+        shared = one_model_arms(new_model(), seed)
+        arms, failed = build_arms(batch_sizes, seed, [n for n in wanted if n not in shared], new_model)
+        return {**{n: arm for n, arm in shared.items() if n in wanted}, **arms}, failed
     builders = {"plain": plain_arm, "prefixtune": prefixtune_arm, "memory": memory_arm, "peft": peft_arm}
     if NUM_MIXED in batch_sizes:
         builders.update(mixed=lambda model: mixed_arm(model, seed), sequential=lambda model: sequential_arm(model, seed))
@@ -283,7 +319,7 @@ def main(argv=None) -> None:
     results = start(__file__, argv, args.threads)
     print(f"warmup={args.warmup} repeats={args.repeats} prefix_length={PREFIX_LENGTH} hidden={HIDDEN} "
           f"greedy, min_new_tokens=max_new_tokens={args.new_tokens}")
-    arms, failed = build_arms(args.batch_sizes, args.seed, args.arms)
+    arms, failed = build_arms(args.batch_sizes, args.seed, args.arms, one_model=args.one_model)
     if not arms:
         raise SystemExit(f"every arm failed: {failed}")
     _, tokenizer = load_model()

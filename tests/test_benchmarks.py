@@ -44,3 +44,25 @@ def test_a_saved_generate_run_prints_its_tables_again_with_intervals(tmp_path, c
     path.write_text("{}")
     with pytest.raises(SystemExit, match="not a results file"):
         generate.main(["--summarize", str(path)])
+
+
+def test_one_model_arms_share_the_instance_and_plain_runs_the_models_own_kernel():
+    """``--one-model``: plain, prefixtune and memory on one instance; plain's output is the untouched
+    model's, and each prefix changes it."""
+    import copy
+
+    import torch
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    untouched = copy.deepcopy(model).eval()
+    arms = generate.one_model_arms(model, seed=0)
+    ids = torch.randint(0, untouched.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        outputs = {name: run(ids, torch.ones_like(ids), kw) for name, (run, _) in arms.items()}
+        expected = untouched.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    assert {module for _, module in arms.values()} == {arms["plain"][1]}  # one PrefixModel, one model under it
+    assert torch.equal(outputs["plain"], expected)
+    assert model.config._attn_implementation == "prefixtune_sdpa"  # the last arm run was a prefixed one
+    assert not torch.equal(outputs["prefixtune"], expected) and not torch.equal(outputs["memory"], expected)
