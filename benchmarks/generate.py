@@ -22,8 +22,8 @@ prompts of ``--prompt-len`` tokens (fixed seed, no padding), so every arm produc
   ``sequential`` serves them one after another, eight batch-1 calls with one prefix each.
 
 Each arm has its own model instance (``mixed`` and ``sequential`` get identical prefixes
-from the same seed); with ``--one-model``, ``plain``, ``prefixtune`` and ``memory`` share one, so that a
-ratio holds the prefix's cost and nothing of where two instances' weights landed in memory. Arms are interleaved (each repeat runs every arm once, rotating the
+from the same seed); with ``--one-model``, ``plain``, ``prefixtune`` and ``memory`` share one, so that
+nothing but the prefix differs between them. Arms are interleaved (each repeat runs every arm once, rotating the
 order) on the same prompts; the table shows median seconds per call (for ``sequential``:
 its eight calls together), new tokens per second, and the median of the per-repeat ratios
 of throughput to ``plain``, with its 95 % bootstrap interval over the repeats
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and run nothing")
     parser.add_argument("--one-model", action="store_true",
                         help="run plain, prefixtune and memory on one model instance (plain with the model's own "
-                        "attention switched back in), so that no difference between instances enters a ratio")
+                        "attention switched back in), so that nothing but the prefix differs between them")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
                         help="arms to run (default: all); e.g. --arms plain prefixtune for more repeats of the "
                         "ratio that matters in the same time")
@@ -110,8 +110,8 @@ def _random_memory(wrapped: PrefixModel, name: str, seed: int) -> None:
 def one_model_arms(model, seed: int = 0) -> dict:
     """``plain``, ``prefixtune`` and ``memory`` on one model instance (``--one-model``): one ``PrefixModel``
     holding both prefixes, and ``plain`` calling the model with its own attention kernel switched back in
-    (0.2 ms a switch). Two instances of one model can differ in speed by a few percent (where their weights
-    landed in memory); on one instance a ratio is the prefix's cost alone."""
+    (0.2 ms a switch, every arm switching once per call). Nothing but the prefix then differs between
+    the arms: not the weights' place in memory, not the model's own state."""
     wrapped = PrefixModel.wrap(model, prefix_config(), name="kv").eval()
     wrapped.materialize()
     wrapped.add_prefix("memory", PrefixConfig(kind="memory"))
