@@ -9,6 +9,8 @@ prompts of ``--prompt-len`` tokens (fixed seed, no padding), so every arm produc
 ``N`` new tokens per row. Arms:
 
 * ``plain``: the base model's own ``model.generate``.
+* ``plain_copy``: the same on a second instance of the base model: how far two instances of one
+  model differ, which every ratio between arms on separate instances carries.
 * ``prefixtune``: ``PrefixModel.wrap(model, PrefixConfig(10, reparameterize=True, 512))``
   (the prefix of ``benchmarks/arms.py``), materialized (the MLP folded into fixed key/values),
   every row the same prefix.
@@ -53,7 +55,7 @@ from .common import (build_each, first_line, interval_text, paired_ratio, print_
                      ratio_interval, ratio_text, rotated, settings, start, sync, write_json)
 
 NUM_MIXED = 8
-ARMS = ("plain", "prefixtune", "memory", "peft", "mixed", "sequential")
+ARMS = ("plain", "plain_copy", "prefixtune", "memory", "peft", "mixed", "sequential")
 MULTI_ARMS = ("mixed", "sequential")  # only at batch NUM_MIXED
 
 
@@ -176,7 +178,8 @@ def build_arms(batch_sizes: list[int], seed: int, wanted, new_model=lambda: load
         shared = one_model_arms(new_model(), seed)
         arms, failed = build_arms(batch_sizes, seed, [n for n in wanted if n not in shared], new_model)
         return {**{n: arm for n, arm in shared.items() if n in wanted}, **arms}, failed
-    builders = {"plain": plain_arm, "prefixtune": prefixtune_arm, "memory": memory_arm, "peft": peft_arm}
+    builders = {"plain": plain_arm, "plain_copy": plain_arm, "prefixtune": prefixtune_arm, "memory": memory_arm,
+                "peft": peft_arm}
     if NUM_MIXED in batch_sizes:
         builders.update(mixed=lambda model: mixed_arm(model, seed), sequential=lambda model: sequential_arm(model, seed))
     return build_each({name: lambda build=build: build(new_model()) for name, build in builders.items() if name in wanted})
