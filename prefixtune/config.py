@@ -348,8 +348,9 @@ class EvalConfig(DataOptions, TaskOption):
 
 
 def output_problems(output: str | None, **inputs: str | None):
-    """``--output`` is written when the run is done: an empty name, a folder, or a file the run reads
-    (``inputs``: option name, one word, -> path) would lose the results or the input, so they are refused first."""
+    """``--output`` is written when the run is done: a folder, or a file the run reads (``inputs``: option name,
+    one word, -> path) would lose the results or the input, so they are refused first (a blank name: by
+    :func:`names`)."""
     if output is None or not output.strip():  # a blank one: names() says
         return
     path = Path(output)

@@ -171,8 +171,9 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     device = dist.device if isinstance(dist, distributed.Processes) else pick_device(cfg.device)
     autocast(cfg.precision, device)  # refuses now, not at step 1, what the device cannot do
     train_examples, eval_examples = _examples(cfg)
+    saved_state = None
     if resume_from:  # before the model loads: the steps come from the data, one row per example
-        _check_resumable(resume_from, total_steps(cfg, len(train_examples)))
+        saved_state = _resumable_state(resume_from, total_steps(cfg, len(train_examples)))
     labels = data.label_names(train_examples) if cfg.task == "classification" else None
     model, tokenizer = load_model(cfg.model, task=cfg.task, labels=labels, attn_implementation=cfg.attn_implementation)
     model.to(device)
@@ -194,7 +195,7 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[int, float], None]] = ()) 
     # under DeepSpeed ZeRO-3 `pm` itself, its base partitioned
     state = TrainState()
     if resume_from:
-        state = TrainState(**checkpoint.load_state(resume_from))
+        state = TrainState(**saved_state)
         checkpoint.restore(resume_from, optimizer, scheduler, rng=not isinstance(dist, distributed.Processes))
         log.info("resumed from %s at step %d of %d", resume_from, state.step, total)
     dist.seed(cfg.seed, state.step)
@@ -423,12 +424,15 @@ class TrainingRun(Hooks):
         return {"prefix": str(self.out), "scores": scores}
 
 
-def _check_resumable(checkpoint_dir: Path, total: int) -> None:
-    """Refuse to resume from a checkpoint past the ``total`` steps of this run (``--max-steps`` lowered)."""
-    step = checkpoint.load_state(checkpoint_dir)["step"]
+def _resumable_state(checkpoint_dir: Path, total: int) -> dict:
+    """The checkpoint's training state, unless it lies past the ``total`` steps of this run (``--max-steps``
+    lowered): then it is refused."""
+    state = checkpoint.load_state(checkpoint_dir)
+    step = state["step"]
     if step > total:
         raise ValueError(f"--max-steps: the checkpoint in {checkpoint_dir} is at step {step}, past the {total} "
                          f"steps of this run; give more steps to go on from it")
+    return state
 
 
 def _check_training_fits(pm: PrefixModel) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+from ..config import names
+
 PREFIX_HELP = "folder of a saved prefix (a training run's --output-dir)"
 PEFT_HELP = "folder of a PEFT prefix-tuning adapter"
 
@@ -33,8 +35,9 @@ def _command(summary: str, description: str, source: tuple[str, str, str], targe
 def _refuse_to_overwrite(folder: str, metavar: str, files: tuple[str, ...]) -> None:
     """A conversion writes into a folder of its own: an empty name (the current folder) or a folder that
     already holds what it would write (a trained prefix, someone's adapter) is refused, so nothing is lost."""
-    if not folder.strip():
-        raise ValueError(f"{metavar}: must name a folder, got an empty string")
+    blank = names("a folder")(folder)
+    if blank:
+        raise ValueError(f"{metavar}: {blank}, got {folder!r}")
     there = [name for name in files if (Path(folder) / name).exists()]
     if there:
         raise ValueError(f"{metavar}: {folder} already holds {', '.join(there)}; remove it or choose another folder")
